@@ -1,0 +1,3 @@
+from bulkmail.cli import main
+
+main()

@@ -1,0 +1,248 @@
+"""Settings: built-in defaults < config file (TOML) < BULKMAIL_* environment < flags.
+
+Secrets (SMTP password, Mailtrap token) come only from the environment or the config file,
+never from a flag, and are never written to the job store. Nothing here runs at import time:
+``load_settings`` is called by the CLI with the environment it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from bulkmail.errors import ConfigError
+
+PROVIDERS = ("smtp", "mailtrap", "outbox")
+SMTP_SECURITY = ("none", "starttls", "tls")
+OUTBOX_FALLBACK_SENDER = "bulkmail@localhost"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "localhost"
+    port: int = 587
+    security: str = "starttls"  # none | starttls | tls
+    username: str = ""
+    password: str = ""  # secret: env or config file only
+    max_per_connection: int = 100
+    timeout: float = 30.0
+
+    def public(self) -> dict[str, Any]:
+        """The non-secret settings, recorded on the job so resume uses the same transport."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "security": self.security,
+            "username": self.username,
+            "max_per_connection": self.max_per_connection,
+            "timeout": self.timeout,
+        }
+
+
+@dataclass(frozen=True)
+class MailtrapSettings:
+    token: str = ""  # secret: env or config file only
+    api_url: str = "https://send.api.mailtrap.io"
+    inbox_id: str = ""  # set: sandbox path /api/send/{inbox_id}
+    category: str = ""
+    timeout: float = 30.0
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "api_url": self.api_url,
+            "inbox_id": self.inbox_id,
+            "category": self.category,
+            "timeout": self.timeout,
+        }
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    dir: str = ""  # empty: outbox/ in the user data directory
+
+    def public(self) -> dict[str, Any]:
+        return {"dir": self.dir}
+
+
+@dataclass(frozen=True)
+class Settings:
+    provider: str = ""  # empty: nothing configured -> outbox
+    sender: str = ""  # the "from" key
+    rate: float | None = None  # None: the provider's default
+    burst: int = 1
+    store: str = ""  # empty: bulkmail.db in the user data directory
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    mailtrap: MailtrapSettings = field(default_factory=MailtrapSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    warnings: tuple[str, ...] = ()
+    config_path: str = ""
+
+    @property
+    def provider_name(self) -> str:
+        return self.provider or "outbox"
+
+    def default_rate(self, provider: str) -> float:
+        """Emails per second when no rate is given: 0.1 for real transports, unlimited (0)
+        for the outbox."""
+        if self.rate is not None:
+            return self.rate
+        return 0.0 if provider == "outbox" else 0.1
+
+    def sender_for(self, provider: str) -> str:
+        if self.sender:
+            return self.sender
+        if provider == "outbox":
+            return OUTBOX_FALLBACK_SENDER
+        raise ConfigError(
+            f"the {provider} provider needs a sender: pass --from ADDR or set BULKMAIL_FROM "
+            "(or `from` under [defaults] in the config file)"
+        )
+
+    def provider_public(self, provider: str) -> dict[str, Any]:
+        section: SmtpSettings | MailtrapSettings | OutboxSettings = getattr(self, provider)
+        return section.public()
+
+    def with_provider_public(self, provider: str, public: Mapping[str, Any]) -> Settings:
+        """These settings with a job's recorded non-secret provider settings on top (resume)."""
+        section = getattr(self, provider)
+        known = {f.name for f in fields(section)}
+        values = {k: v for k, v in public.items() if k in known}
+        return replace(self, provider=provider, **{provider: replace(section, **values)})
+
+
+# key in [defaults] -> Settings attribute
+_DEFAULT_KEYS = {"provider": "provider", "from": "sender", "rate": "rate", "burst": "burst",
+                 "store": "store"}
+_SECTIONS: dict[str, type[SmtpSettings] | type[MailtrapSettings] | type[OutboxSettings]] = {
+    "smtp": SmtpSettings,
+    "mailtrap": MailtrapSettings,
+    "outbox": OutboxSettings,
+}
+_SECRETS = {("smtp", "password"), ("mailtrap", "token")}
+
+
+def user_config_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("bulkmail")) / "bulkmail.toml"
+
+
+def find_config(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read: --config, else BULKMAIL_CONFIG, else ./bulkmail.toml, else
+    the user config directory's bulkmail.toml; None when none exists (an explicit path that
+    does not exist is an error)."""
+    named = explicit or env.get("BULKMAIL_CONFIG")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    for candidate in (Path("bulkmail.toml"), user_config_path()):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _coerce(where: str, value: Any, to: type | str) -> Any:
+    kind = to if isinstance(to, str) else to.__name__
+    try:
+        if "float" in kind:
+            return float(value)
+        if "int" in kind:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if "str" in kind:
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a {kind.split('|')[0].strip()}, got {value!r}") from None
+    return value
+
+
+def load_settings(
+    *, config: str | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults < config file < environment. Flags are applied by the caller on top."""
+    env = os.environ if env is None else env
+    path = find_config(config, env)
+    warnings: list[str] = []
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+    top: dict[str, Any] = {}
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: [defaults] must be a table")
+    for key, value in defaults.items():
+        if key not in _DEFAULT_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r} in [defaults]")
+        top[_DEFAULT_KEYS[key]] = value
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    has_secret = False
+    for name, cls in _SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        known = {f.name: f.type for f in fields(cls)}
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{name}]")
+            sections[name][key] = _coerce(f"{path}: [{name}] {key}", value, known[key])
+            has_secret = has_secret or ((name, key) in _SECRETS and bool(value))
+    unknown = set(data) - {"defaults", *_SECTIONS}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
+    if path is not None and has_secret and os.name == "posix":
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            warnings.append(
+                f"{path} holds a secret and other users can read it: chmod 600 {path}"
+            )
+
+    # environment: BULKMAIL_<KEY> for [defaults], BULKMAIL_<SECTION>_<KEY> otherwise
+    for key, attr in _DEFAULT_KEYS.items():
+        value = env.get(f"BULKMAIL_{key.upper()}")
+        if value is not None and value != "":
+            top[attr] = value
+    for name, cls in _SECTIONS.items():
+        known = {f.name: f.type for f in fields(cls)}
+        for key, typ in known.items():
+            var = f"BULKMAIL_{name.upper()}_{key.upper()}"
+            if env.get(var) is not None:
+                sections[name][key] = _coerce(var, env[var], typ)
+
+    where = f"{path}: [defaults]" if path else "BULKMAIL_*"
+    provider = str(top.get("provider", "") or "")
+    if provider and provider not in PROVIDERS:
+        raise ConfigError(f"{where} provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    rate = top.get("rate")
+    settings = Settings(
+        provider=provider,
+        sender=str(top.get("sender", "") or ""),
+        rate=None if rate is None else _coerce(f"{where} rate", rate, "float"),
+        burst=_coerce(f"{where} burst", top.get("burst", 1), "int"),
+        store=str(top.get("store", "") or ""),
+        smtp=SmtpSettings(**sections["smtp"]),
+        mailtrap=MailtrapSettings(**sections["mailtrap"]),
+        outbox=OutboxSettings(**sections["outbox"]),
+        warnings=tuple(warnings),
+        config_path=str(path or ""),
+    )
+    if settings.smtp.security not in SMTP_SECURITY:
+        raise ConfigError(
+            f"smtp security: must be one of {', '.join(SMTP_SECURITY)}, got {settings.smtp.security!r}"
+        )
+    return settings

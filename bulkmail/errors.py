@@ -1,0 +1,52 @@
+"""The domain's exceptions and the exit codes they map to (one place, used by the CLI)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes, as the design fixes them."""
+
+    OK = 0  # done with no failed delivery; dry run ok; worker started; status printed
+    SOME_FAILED = 1  # job finished but some deliveries failed
+    BAD_INPUT = 2  # bad usage or input: nothing sent, no job created
+    STOPPED = 3  # job stopped before finishing (fatal provider error, too many transient)
+    INTERRUPTED = 130  # Ctrl-C: job paused, resumable
+
+
+class BulkmailError(Exception):
+    """Base of every error a user can cause or fix; printed as one line, never a traceback."""
+
+    exit_code: ExitCode = ExitCode.BAD_INPUT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(BulkmailError):
+    """Bad input: a file, row, column, template variable or option value at fault."""
+
+
+class ConfigError(BulkmailError):
+    """Bad or missing configuration (a setting, a secret, a sender)."""
+
+
+class JobNotFound(BulkmailError):
+    """No job with that id in the store."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"no job {job_id} in the store (see `bulkmail recent`)")
+        self.job_id = job_id
+
+
+class JobStateError(BulkmailError):
+    """The job cannot do that in its current state (e.g. resume while a live worker holds it)."""
+
+
+class StoreError(BulkmailError):
+    """The job store cannot be opened or is not a bulkmail store."""

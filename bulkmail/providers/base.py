@@ -1,0 +1,59 @@
+"""The one small protocol every transport implements, and the three error classes.
+
+The manager never looks at SMTP codes or HTTP statuses: each provider classifies its own
+failures into one of these, and the manager acts on the class.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from bulkmail.models import Message
+
+
+class ProviderError(Exception):
+    """A failure to deliver one message. ``str(err)`` is the server's text, for the store."""
+
+
+class TransientError(ProviderError):
+    """Try this message again later: SMTP 4xx, dropped connection, timeout, HTTP 429/5xx.
+
+    ``retry_after`` is the server's requested delay in seconds, when it gave one.
+    ``outcome_unknown`` is true when the connection was lost after the message data was
+    handed over: the server may have accepted it, so the retry carries the same Message-ID.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, outcome_unknown: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.outcome_unknown = outcome_unknown
+
+
+class PermanentError(ProviderError):
+    """This message will never be accepted as it is: SMTP 5xx, HTTP 4xx for this message."""
+
+
+class FatalError(ProviderError):
+    """Nothing can be sent with this configuration: authentication rejected, TLS or
+    configuration failure. The job is aborted; remaining deliveries stay pending."""
+
+
+class Provider(Protocol):
+    """A transport. One instance is used by one thread at a time; it may keep a connection
+    open between messages and must re-open it when it was dropped."""
+
+    name: str
+
+    def send(self, message: Message) -> str | None:
+        """Deliver one message; return the provider's message id if it gives one.
+
+        Raises TransientError, PermanentError or FatalError; never anything else for a
+        delivery failure (unexpected exceptions are bugs and propagate).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release any connection. Safe to call more than once."""
+        ...
