@@ -28,7 +28,7 @@ class SmtpSettings:
     port: int = 587
     security: str = "starttls"  # none | starttls | tls
     username: str = ""
-    password: str = ""  # secret: env or config file only
+    password: str = field(default="", repr=False)  # secret: env or config file only
     max_per_connection: int = 100
     timeout: float = 30.0
 
@@ -46,7 +46,7 @@ class SmtpSettings:
 
 @dataclass(frozen=True)
 class MailtrapSettings:
-    token: str = ""  # secret: env or config file only
+    token: str = field(default="", repr=False)  # secret: env or config file only
     api_url: str = "https://send.api.mailtrap.io"
     inbox_id: str = ""  # set: sandbox path /api/send/{inbox_id}
     category: str = ""

@@ -22,3 +22,6 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     monkeypatch.chdir(tmp_path)
     yield home
+
+
+from tests.smtp_sink import smtp_sink  # noqa: E402, F401

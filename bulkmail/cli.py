@@ -1,0 +1,509 @@
+"""The command line: options in, one call into the core (``bulkmail.jobs``), Rich out.
+
+Every domain error (``BulkmailError``) becomes one line on stderr and its exit code; the
+mapping lives in ``main`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from bulkmail import __version__
+from bulkmail.errors import BulkmailError, ExitCode, InputError
+
+app = typer.Typer(
+    name="bulkmail",
+    help="Send personalised, rate-limited reminder emails and track every delivery.\n\n"
+    "Example: bulkmail send-reminders --csv examples/instructors.csv "
+    "--template examples/reminder.txt --subject 'Reminder: {{ course }}'",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+# -- shared options, defined once
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="BULKMAIL_STORE",
+        help="Job store: a path or SQLAlchemy URL (default: bulkmail.db in the user data dir).",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", envvar="BULKMAIL_CONFIG", help="TOML config file.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DetachOpt = Annotated[
+    bool, typer.Option("--detach", help="Run in a background worker and return at once.")
+]
+JobArg = Annotated[int, typer.Argument(help="The job id (see `bulkmail recent`).", min=1)]
+
+CsvOpt = Annotated[
+    Path | None, typer.Option("--csv", help="CSV file of recipients (email, name, ...).")
+]
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help="Course database: any SQLAlchemy URL.", show_default=False)
+]
+QueryOpt = Annotated[
+    str | None,
+    typer.Option("--query", help="SELECT for --db (default: SELECT name, email FROM instructors)."),
+]
+TemplateOpt = Annotated[Path, typer.Option("--template", help="Text body template (Jinja2).")]
+HtmlOpt = Annotated[
+    Path | None, typer.Option("--html-template", help="HTML body template (autoescaped).")
+]
+SubjectOpt = Annotated[str, typer.Option("--subject", help="Subject template (Jinja2).")]
+AttachOpt = Annotated[
+    list[str] | None,
+    typer.Option("--attach", help="Attachment path, may be a template (repeatable)."),
+]
+FromOpt = Annotated[
+    str | None,
+    typer.Option("--from", envvar="BULKMAIL_FROM", help="Sender, e.g. 'Office <o@x.edu>'."),
+]
+OnlyOpt = Annotated[
+    list[str] | None, typer.Option("--only", help="Send only to this address (repeatable).")
+]
+ExcludeOpt = Annotated[
+    list[str] | None, typer.Option("--exclude", help="Leave this address out (repeatable).")
+]
+
+T = TypeVar("T")
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
+    _stderr().print(f"bulkmail: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(int(code))
+
+
+def handles_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn domain errors into one line on stderr and the design's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except BulkmailError as exc:
+            fail(exc.message, exc.exit_code)
+
+    return wrapper
+
+
+def _settings(config: str | None) -> Any:
+    from bulkmail.config import load_settings
+
+    settings = load_settings(config=config)
+    for warning in settings.warnings:
+        _stderr().print(f"bulkmail: warning: {warning}", markup=False, highlight=False)
+    return settings
+
+
+def _store(store: str | None, settings: Any = None) -> Any:
+    from bulkmail.store import open_store
+
+    return open_store(store or (settings.store if settings is not None else None) or None)
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    logger = logging.getLogger("bulkmail")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bulkmail: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+
+
+def _run_job(
+    store: Any, job_id: int, settings: Any, *, as_json: bool, detach: bool, config: str | None
+) -> None:
+    """Run (or detach) a job and report the outcome with the design's exit code."""
+    from bulkmail import jobs, ui
+
+    out = Console()
+    if detach:
+        started = jobs.start_detached(store, job_id, config=config)
+        if as_json:
+            doc = jobs.job_document(store.view(job_id))
+            doc.update(worker_pid=started.pid, log_path=started.log_path)
+            _print_json(doc)
+        else:
+            out.print(
+                f"job {job_id} started in the background: worker pid {started.pid}, "
+                f"log {started.log_path}\nwatch it with: bulkmail status {job_id} --watch",
+                markup=False,
+                highlight=False,
+            )
+        raise typer.Exit(0)
+
+    _setup_logging(quiet=as_json)
+    view = store.view(job_id)
+    c = view.counts
+    err = _stderr()
+    display = ui.RunDisplay(
+        err,
+        job_id=job_id,
+        total=view.job.total,
+        done=c.sent + c.failed + c.skipped + c.cancelled,
+        failed=c.failed,
+        live=err.is_terminal and not as_json,
+    )
+    mgr = jobs.manager(store, job_id, settings, on_event=display.handle)
+    with display.running():
+        result = mgr.run()
+    doc = jobs.job_document(store.view(job_id))
+    if as_json:
+        _print_json(doc)
+    else:
+        out.print(ui.summary(doc))
+    if result.interrupted:
+        err.print(f"interrupted: job {job_id} paused; continue with: bulkmail resume {job_id}",
+                  markup=False, highlight=False)  # fmt: skip
+    elif result.state in ("paused", "aborted"):
+        err.print(f"job {job_id} {result.state}: {result.error}; "
+                  f"after fixing it: bulkmail resume {job_id}", markup=False, highlight=False)  # fmt: skip
+    raise typer.Exit(int(result.exit_code))
+
+
+def _confirm(plan: Any, summary: Any) -> bool:
+    """Ask on a terminal only; --yes and non-terminals never ask."""
+    err = _stderr()
+    line = (
+        f"Send {summary.to_send} reminders via {plan.provider} from {plan.sender} "
+        f"({len(summary.skipped)} skipped)"
+    )
+    if plan.rate > 0:
+        line += f", about {summary.estimated_seconds / 60:.1f} min at {plan.rate:g}/s"
+    err.print(line, markup=False, highlight=False)
+    return typer.confirm("Continue?", default=False, err=True)
+
+
+@app.command("send-reminders")
+@handles_errors
+def send_reminders(
+    template: TemplateOpt,
+    subject: SubjectOpt,
+    csv: CsvOpt = None,
+    db: DbOpt = None,
+    query: QueryOpt = None,
+    html_template: HtmlOpt = None,
+    attach: AttachOpt = None,
+    sender: FromOpt = None,
+    provider: Annotated[
+        str | None,
+        typer.Option("--provider", help="smtp | mailtrap | outbox (default: config, else outbox)."),
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option("--rate", help="Emails per second; 0 = unlimited.")
+    ] = None,
+    burst: Annotated[int | None, typer.Option("--burst", help="Token bucket capacity.")] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="Parallel connections, one shared rate limit.")
+    ] = 1,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", help="Retries of a transient failure.")
+    ] = 3,
+    backoff: Annotated[
+        float, typer.Option("--backoff", help="First retry delay in seconds, doubling.")
+    ] = 5.0,
+    only: OnlyOpt = None,
+    exclude: ExcludeOpt = None,
+    select: Annotated[
+        bool, typer.Option("--select", help="Pick recipients from a numbered list (terminal).")
+    ] = False,
+    dedupe_key: Annotated[
+        str | None,
+        typer.Option("--dedupe-key", help="Skip addresses already sent under this key (cron)."),
+    ] = None,
+    detach: DetachOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and summarise; send nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create a reminder job from a CSV or the course DB and send it.
+
+    Example: bulkmail send-reminders --csv examples/instructors.csv
+    --template examples/reminder.txt --subject "Reminder: {{ course }}" --yes
+    """
+    from bulkmail import jobs, ui
+
+    settings = _settings(config)
+    plan = jobs.plan(
+        jobs.SourceOptions(
+            csv=str(csv) if csv else None, db=db, query=query, template=str(template),
+            html_template=str(html_template) if html_template else None, subject=subject,
+            attach=attach or (), sender=sender, only=only or (), exclude=exclude or (),
+        ),
+        jobs.SendOptions(
+            provider=provider, rate=rate, burst=burst, concurrency=concurrency,
+            max_retries=max_retries, backoff=backoff, dedupe_key=dedupe_key,
+        ),
+        settings,
+    )  # fmt: skip
+    interactive = sys.stdin.isatty()
+    if select:
+        if not interactive:
+            raise InputError("--select needs a terminal; use --only/--exclude in scripts")
+        plan.chosen = ui.select_rows(_stderr(), list(plan.recipients()))
+    if dry_run:
+        summary = jobs.dry_run(plan)
+        if as_json:
+            _print_json(ui.dry_run_document(summary))
+        else:
+            Console().print(ui.dry_run_view(summary))
+        raise typer.Exit(0)
+    if interactive and not yes:
+        summary = jobs.dry_run(plan)
+        if not _confirm(plan, summary):
+            fail("nothing sent", ExitCode.OK)
+    db_store = _store(store, settings)
+    job_id = jobs.create_job(db_store, plan)
+    _run_job(db_store, job_id, settings, as_json=as_json, detach=detach, config=config)
+
+
+@app.command()
+@handles_errors
+def status(
+    job_id: JobArg,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the job live until it ends.")] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="List failed deliveries.")] = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show a job's state and counts.  Example: bulkmail status 1 --failed"""
+    from bulkmail import jobs, ui
+
+    db = _store(store)
+    doc = jobs.job_document(db.view(job_id))
+    if watch:
+        err = _stderr()
+        doc = ui.watch(err, lambda: jobs.job_document(db.view(job_id)), live=err.is_terminal)
+    if failed:
+        doc["failures"] = jobs.failures(db, job_id)
+    if as_json:
+        _print_json(doc)
+        return
+    out = Console()
+    out.print(ui.status_panel(doc))
+    table = ui.workers_table(doc)
+    if table is not None:
+        out.print(table)
+    if failed:
+        out.print(ui.failures_table(doc["failures"]))
+
+
+@app.command()
+@handles_errors
+def recent(
+    limit: Annotated[int, typer.Option("--limit", help="How many jobs.", min=1)] = 10,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List the newest jobs.  Example: bulkmail recent --limit 5"""
+    from bulkmail import jobs, ui
+
+    docs = [jobs.job_document(v) for v in _store(store).recent(limit)]
+    if as_json:
+        _print_json(docs)
+    elif not docs:
+        Console().print("no jobs yet", markup=False)
+    else:
+        Console().print(ui.recent_table(docs))
+
+
+@app.command()
+@handles_errors
+def resume(
+    job_id: JobArg,
+    detach: DetachOpt = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Continue a paused, aborted or stalled job.  Example: bulkmail resume 3"""
+    settings = _settings(config)
+    db = _store(store, settings)
+    job = db.get_job(job_id)
+    if job.state in ("completed", "cancelled"):
+        from bulkmail import jobs
+
+        view = db.view(job_id)
+        if as_json:
+            _print_json(jobs.job_document(view))
+        else:
+            Console().print(f"job {job_id} is {job.state}; nothing to resume", markup=False)
+        raise typer.Exit(int(jobs.exit_code_of(view)))
+    _run_job(db, job_id, settings, as_json=as_json, detach=detach, config=config)
+
+
+@app.command()
+@handles_errors
+def cancel(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> None:
+    """Cancel a job: pending deliveries are cancelled; a running worker stops.
+    Example: bulkmail cancel 3"""
+    count = _store(store).cancel(job_id, now=time.time())
+    Console().print(f"job {job_id} cancelled: {count} pending deliveries will not be sent",
+                    markup=False, highlight=False)  # fmt: skip
+
+
+@app.command()
+@handles_errors
+def retry(
+    job_id: JobArg,
+    detach: DetachOpt = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Put failed deliveries back to pending and run the job.  Example: bulkmail retry 3"""
+    settings = _settings(config)
+    db = _store(store, settings)
+    count = db.retry_failed(job_id)
+    if not as_json:
+        _stderr().print(f"job {job_id}: {count} failed deliveries back to pending",
+                        markup=False, highlight=False)  # fmt: skip
+    _run_job(db, job_id, settings, as_json=as_json, detach=detach, config=config)
+
+
+@app.command()
+@handles_errors
+def preview(
+    template: TemplateOpt,
+    subject: SubjectOpt,
+    csv: CsvOpt = None,
+    db: DbOpt = None,
+    query: QueryOpt = None,
+    html_template: HtmlOpt = None,
+    attach: AttachOpt = None,
+    sender: FromOpt = None,
+    provider: Annotated[str | None, typer.Option("--provider", help="As for sending.")] = None,
+    only: OnlyOpt = None,
+    exclude: ExcludeOpt = None,
+    count: Annotated[int, typer.Option("--count", help="How many messages.", min=1)] = 3,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Render the first messages as they will be sent; sends and creates nothing.
+    Example: bulkmail preview --csv examples/instructors.csv --template examples/reminder.txt
+    --subject "Reminder: {{ course }}" --count 2"""
+    from bulkmail import jobs, ui
+
+    settings = _settings(config)
+    plan = jobs.plan(
+        jobs.SourceOptions(
+            csv=str(csv) if csv else None, db=db, query=query, template=str(template),
+            html_template=str(html_template) if html_template else None, subject=subject,
+            attach=attach or (), sender=sender, only=only or (), exclude=exclude or (),
+        ),
+        jobs.SendOptions(provider=provider),
+        settings,
+    )  # fmt: skip
+    out = Console()
+    for n, message in enumerate(jobs.preview(plan, count), 1):
+        out.print(ui.message_panel(message, n))
+
+
+@app.command()
+@handles_errors
+def report(
+    job_id: JobArg,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="CSV file to write (default: stdout).")
+    ] = None,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Per-recipient outcomes as CSV.  Example: bulkmail report 3 --output job3.csv"""
+    from bulkmail import jobs
+
+    db = _store(store)
+    if output is None:
+        jobs.write_report(db, job_id, sys.stdout)
+        return
+    try:
+        with output.open("w", encoding="utf-8", newline="") as f:
+            rows = jobs.write_report(db, job_id, f)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write: {exc.strerror}") from None
+    _stderr().print(f"wrote {rows} rows to {output}", markup=False, highlight=False)
+
+
+@app.command(hidden=False)
+@handles_errors
+def worker(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> None:
+    """Internal: run a job's send loop headless (what --detach starts).
+    Example: bulkmail worker 3"""
+    from bulkmail import jobs
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    settings = _settings(config)
+    db = _store(store, settings)
+    _setup_logging()
+    log = logging.getLogger("bulkmail")
+    log.setLevel(logging.INFO)
+    print(f"worker pid {os.getpid()} starting job {job_id}", flush=True)
+
+    def on_event(event: Any) -> None:
+        if event.kind in ("sent", "failed", "retry"):
+            suffix = f": {event.error}" if event.error else ""
+            print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event.kind} {event.email}{suffix}",
+                  flush=True)  # fmt: skip
+
+    result = jobs.manager(db, job_id, settings, on_event=on_event).run()
+    print(f"worker pid {os.getpid()} stopped: job {job_id} {result.state}"
+          + (f" ({result.error})" if result.error else ""), flush=True)  # fmt: skip
+    raise typer.Exit(int(result.exit_code))
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"bulkmail {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=version_callback, is_eager=True, help="Show version."),
+    ] = None,
+) -> None:
+    """Send personalised, rate-limited reminder emails and track every delivery."""
+
+
+def main() -> None:
+    app()

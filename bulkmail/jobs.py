@@ -1,0 +1,410 @@
+"""The core operations the CLI calls: plan a job from options, create it, run it in the
+foreground or detached, and describe it. No terminal I/O here: results are returned as data
+and the CLI renders them."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any, TextIO
+
+from bulkmail.compose import Composer, Templates
+from bulkmail.config import PROVIDERS, OutboxSettings, Settings
+from bulkmail.errors import BulkmailError, ExitCode, InputError
+from bulkmail.manager import EmailManager, Event, exit_code_for
+from bulkmail.models import Message, Recipient
+from bulkmail.procs import STALE_AFTER, this_host, worker_alive
+from bulkmail.providers import Provider, account_key, make_provider
+from bulkmail.sources import Source, open_csv, open_db, select
+from bulkmail.store import JobRecord, JobView, NewDelivery, NewJob, Store
+
+TERMINAL_STATES = ("completed", "cancelled", "paused", "aborted")
+
+
+def data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("bulkmail"))
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    csv: str | None = None
+    db: str | None = None
+    query: str | None = None
+    template: str = ""
+    html_template: str | None = None
+    subject: str = ""
+    attach: Sequence[str] = ()
+    sender: str | None = None
+    only: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    provider: str | None = None
+    rate: float | None = None
+    burst: int | None = None
+    concurrency: int = 1
+    max_retries: int = 3
+    backoff: float = 5.0
+    dedupe_key: str | None = None
+
+
+@dataclass
+class Plan:
+    """Everything needed to create a job, validated."""
+
+    settings: Settings
+    provider: str
+    sender: str
+    source: Source
+    templates: Templates
+    composer: Composer
+    only: Sequence[str]
+    exclude: Sequence[str]
+    rate: float
+    burst: int
+    send: SendOptions
+    chosen: set[int] | None = None  # rows picked with --select
+
+    def recipients(self) -> Iterator[Recipient]:
+        rows = select(self.source, self.only, self.exclude)
+        if self.chosen is None:
+            return rows
+        chosen = self.chosen
+        return (r for r in rows if r.row in chosen)
+
+
+def open_source(opts: SourceOptions) -> Source:
+    if bool(opts.csv) == bool(opts.db):
+        raise InputError("give exactly one recipient source: --csv PATH or --db URL")
+    if opts.query and not opts.db:
+        raise InputError("--query needs --db URL")
+    if opts.csv:
+        return open_csv(opts.csv)
+    assert opts.db is not None
+    return open_db(opts.db, opts.query)
+
+
+def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
+    """Check options, read the templates, open the source and check that every variable the
+    templates use exists in the source. Raises InputError/ConfigError (exit 2)."""
+    provider = send.provider or settings.provider_name
+    if provider not in PROVIDERS:
+        raise InputError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if send.rate is not None and send.rate < 0:
+        raise InputError("--rate: must be 0 (unlimited) or a positive number of emails per second")
+    if send.burst is not None and send.burst < 1:
+        raise InputError("--burst: must be at least 1")
+    if send.concurrency < 1:
+        raise InputError("--concurrency: must be at least 1")
+    if send.max_retries < 0 or send.backoff < 0:
+        raise InputError("--max-retries and --backoff must not be negative")
+    if provider == "outbox" and not settings.outbox.dir:
+        settings = replace(settings, outbox=OutboxSettings(dir=str(data_dir() / "outbox")))
+    sender = opts.sender or settings.sender_for(provider)
+    templates = Templates.load(
+        subject=opts.subject,
+        text_path=opts.template,
+        html_path=opts.html_template,
+        attach=opts.attach,
+    )
+    composer = Composer(templates, sender=sender)
+    source = open_source(opts)
+    available = {*source.columns, "name", "email", "row"}
+    missing = sorted(composer.variables - available)
+    if missing:
+        raise InputError(
+            f"{source.description}: template uses {', '.join(repr(m) for m in missing)} "
+            f"but the source has no such column (columns: {', '.join(source.columns)})"
+        )
+    return Plan(
+        settings=settings,
+        provider=provider,
+        sender=sender,
+        source=source,
+        templates=templates,
+        composer=composer,
+        only=opts.only,
+        exclude=opts.exclude,
+        rate=send.rate if send.rate is not None else settings.default_rate(provider),
+        burst=send.burst if send.burst is not None else settings.burst,
+        send=send,
+    )
+
+
+def _checked(plan: Plan, on_row: Callable[[Recipient], None] | None = None) -> Iterator[Recipient]:
+    """The plan's recipients, each rendered once as it will be sent (exit 2 on the first
+    template problem); raises when there is no recipient at all."""
+    count = 0
+    for r in plan.recipients():
+        if r.skip_reason is None:
+            plan.composer.check(r, plan.source.description)
+        count += 1
+        if on_row is not None:
+            on_row(r)
+        yield r
+    if count == 0:
+        raise InputError(f"{plan.source.description}: no recipients")
+
+
+def create_job(store: Store, plan: Plan, *, now: float | None = None) -> int:
+    """Create the job and its deliveries in one transaction (nothing is left behind when a
+    row or template fails)."""
+    t = plan.templates
+    new = NewJob(
+        provider=plan.provider,
+        provider_settings=plan.settings.provider_public(plan.provider),
+        account=account_key(plan.provider, plan.settings),
+        sender=plan.sender,
+        subject=t.subject,
+        templates={
+            "text": t.text,
+            "html": t.html,
+            "attachments": list(t.attachments),
+            "text_name": t.text_name,
+            "html_name": t.html_name,
+        },
+        source=plan.source.description,
+        rate=plan.rate,
+        burst=plan.burst,
+        concurrency=plan.send.concurrency,
+        max_retries=plan.send.max_retries,
+        backoff=plan.send.backoff,
+        dedupe_key=plan.send.dedupe_key,
+    )
+    rows = (
+        NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan)
+    )
+    domain = parseaddr(plan.sender)[1].rpartition("@")[2] or "bulkmail.local"
+    return store.create_job(new, rows, now=time.time() if now is None else now, domain=domain)
+
+
+@dataclass
+class DryRun:
+    source: str
+    provider: str
+    rate: float
+    burst: int
+    to_send: int = 0
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # row, email, reason
+
+    @property
+    def estimated_seconds(self) -> float:
+        if self.rate <= 0 or self.to_send == 0:
+            return 0.0
+        return max(0.0, (self.to_send - self.burst) / self.rate)
+
+
+def dry_run(plan: Plan) -> DryRun:
+    """Validate and render everything as ``create_job`` would, and create nothing."""
+    result = DryRun(plan.source.description, plan.provider, plan.rate, plan.burst)
+    for r in _checked(plan):
+        if r.skip_reason:
+            result.skipped.append((r.row, r.email, r.skip_reason))
+        else:
+            result.to_send += 1
+    return result
+
+
+def preview(plan: Plan, count: int) -> list[Message]:
+    """The first ``count`` sendable messages, rendered exactly as they will be sent."""
+    messages: list[Message] = []
+    for r in plan.recipients():
+        if len(messages) >= count:
+            break
+        if r.skip_reason is None:
+            plan.composer.check(r, plan.source.description)
+            messages.append(plan.composer.build(r, f"<preview.{r.row}@bulkmail.local>"))
+    if not messages:
+        raise InputError(f"{plan.source.description}: no recipients to preview")
+    return messages
+
+
+# --------------------------------------------------------------------------- running
+
+
+def provider_factory(settings: Settings) -> Callable[[JobRecord], Provider]:
+    """Build a job's transport from its recorded non-secret settings plus today's secrets."""
+
+    def factory(job: JobRecord) -> Provider:
+        merged = settings.with_provider_public(job.provider, job.provider_settings)
+        return make_provider(job.provider, merged, data_dir=data_dir())
+
+    return factory
+
+
+def manager(
+    store: Store,
+    job_id: int,
+    settings: Settings,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+) -> EmailManager:
+    return EmailManager(store, job_id, provider_factory=provider_factory(settings), on_event=on_event)
+
+
+@dataclass(frozen=True)
+class Detached:
+    job_id: int
+    pid: int
+    log_path: str
+
+
+def start_detached(
+    store: Store, job_id: int, *, config: str | None, timeout: float = 20.0
+) -> Detached:
+    """Start ``bulkmail worker JOB_ID`` in a new session (stdin closed, output to the job's
+    log file, mode 0600) and return once it has registered on the job."""
+    logs = data_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = logs / f"job-{job_id}.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    store.set_log_path(job_id, str(log_path))
+    cmd = [sys.executable, "-m", "bulkmail", "worker", str(job_id), "--store", store.location]
+    if config:
+        cmd += ["--config", str(Path(config).absolute())]
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(w.pid == proc.pid for w in store.view(job_id).workers):
+            return Detached(job_id, proc.pid, str(log_path))
+        code = proc.poll()
+        if code is not None and not any(w.pid == proc.pid for w in store.view(job_id).workers):
+            tail = _last_line(log_path)
+            raise BulkmailError(f"the worker for job {job_id} exited ({code}): {tail}")
+        time.sleep(0.05)
+    raise BulkmailError(f"the worker for job {job_id} did not start; see {log_path}")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"
+
+
+# --------------------------------------------------------------------------- describing
+
+
+def effective_state(view: JobView, *, now: float, stale_after: float = STALE_AFTER) -> str:
+    """The job's state as a user should see it: a ``running`` job none of whose workers is
+    alive is ``stalled`` (``bulkmail resume`` takes it over)."""
+    if view.job.state != "running":
+        return view.job.state
+    host = this_host()
+    live = [w for w in view.workers if worker_alive(w, now=now, host=host, stale_after=stale_after)]
+    return "running" if live else "stalled"
+
+
+def job_document(view: JobView, *, now: float | None = None) -> dict[str, Any]:
+    """The job as the JSON document of the design (also the data behind the Rich views)."""
+    now = time.time() if now is None else now
+    job, c = view.job, view.counts
+    live = [w for w in view.workers if w.stopped_at is None]
+    latest = max(live or view.workers, key=lambda w: w.heartbeat_at, default=None)
+    return {
+        "id": job.id,
+        "state": effective_state(view, now=now),
+        "provider": job.provider,
+        "subject": job.subject,
+        "source": job.source,
+        "total": job.total,
+        "sent": c.sent,
+        "failed": c.failed,
+        "skipped": c.skipped,
+        "pending": c.pending + c.sending,
+        "sending": c.sending,
+        "cancelled": c.cancelled,
+        "in_doubt": c.in_doubt,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "rate": job.rate,
+        "burst": job.burst,
+        "concurrency": job.concurrency,
+        "dedupe_key": job.dedupe_key,
+        "error": job.error,
+        "worker_pid": latest.pid if latest and latest.stopped_at is None else None,
+        "worker_host": latest.host if latest and latest.stopped_at is None else None,
+        "heartbeat_at": iso(latest.heartbeat_at) if latest else None,
+        "log_path": job.log_path,
+        "workers": [
+            {
+                "id": w.id,
+                "host": w.host,
+                "pid": w.pid,
+                "started_at": iso(w.started_at),
+                "heartbeat_at": iso(w.heartbeat_at),
+                "stopped_at": iso(w.stopped_at),
+                "sent": w.sent,
+            }
+            for w in view.workers
+        ],
+    }
+
+
+def failures(store: Store, job_id: int) -> list[dict[str, Any]]:
+    return [
+        {"email": d.email, "name": d.name, "attempts": d.attempts, "error": d.last_error}
+        for d in store.deliveries(job_id, states=("failed",))
+    ]
+
+
+REPORT_COLUMNS = (
+    "position", "row", "email", "name", "state", "attempts", "error", "sent_at",
+    "message_id", "provider_message_id", "in_doubt",
+)  # fmt: skip
+
+
+def write_report(store: Store, job_id: int, out: TextIO) -> int:
+    """Write one CSV row per delivery; returns the number of rows."""
+    store.get_job(job_id)  # JobNotFound before writing a header
+    writer = csv.writer(out)
+    writer.writerow(REPORT_COLUMNS)
+    count = 0
+    for d in store.deliveries(job_id):
+        writer.writerow(
+            [
+                d.position, d.row, d.email, d.name, d.state, d.attempts, d.last_error or "",
+                iso(d.sent_at) or "", d.message_id, d.provider_message_id or "",
+                "yes" if d.in_doubt else "",
+            ]  # fmt: skip
+        )
+        count += 1
+    return count
+
+
+def exit_code_of(view: JobView) -> ExitCode:
+    """The exit code a finished run of this job reports."""
+    return exit_code_for(view.job.state, view.counts)

@@ -1,0 +1,338 @@
+"""The send loop: claim a delivery, wait for the shared rate limit, send, record the outcome.
+
+``EmailManager`` runs one worker on one job: it registers on the job (taking over deliveries
+that a dead worker left in ``sending``: they are in doubt and are sent again with the same
+Message-ID), heart-beats, and runs ``concurrency`` sending threads, each with its own
+provider connection, all drawing from the one shared rate limit. Every delivery is claimed
+(``sending`` committed) before the provider is called and its outcome committed right after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from tenacity import RetryCallState, wait_exponential
+
+from bulkmail.compose import Composer, Templates
+from bulkmail.errors import BulkmailError, ExitCode
+from bulkmail.models import Message, Recipient
+from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, worker_alive
+from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
+from bulkmail.ratelimit import RateLimiter
+from bulkmail.store import Claimed, Counts, DeliveryRecord, JobRecord, Stop, Store, Wait
+
+log = logging.getLogger("bulkmail")
+
+MAX_CONSECUTIVE_TRANSIENT = 10
+
+EventKind = Literal["sending", "sent", "failed", "retry", "stopped"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A step of the send loop, for progress displays (called from sending threads)."""
+
+    kind: EventKind
+    email: str = ""
+    name: str = ""
+    error: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    job_id: int
+    state: str  # the job's state when this worker stopped
+    counts: Counts
+    error: str | None
+    interrupted: bool
+    reclaimed: int  # in-doubt deliveries taken over at the start
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return exit_code_for(self.state, self.counts, interrupted=self.interrupted)
+
+
+def exit_code_for(state: str, counts: Counts, *, interrupted: bool = False) -> ExitCode:
+    if interrupted:
+        return ExitCode.INTERRUPTED
+    if state == "completed":
+        return ExitCode.SOME_FAILED if counts.failed else ExitCode.OK
+    return ExitCode.STOPPED
+
+
+def backoff_delay(attempts: int, backoff: float, retry_after: float | None = None) -> float:
+    """Seconds to wait before the next attempt after ``attempts`` failed ones: the server's
+    Retry-After when it gave one, else ``backoff`` doubling (5, 10, 20 ... for 5)."""
+    if retry_after is not None and retry_after >= 0:
+        return retry_after
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, attempts)
+    return float(wait_exponential(multiplier=backoff, exp_base=2, max=24 * 3600)(state))
+
+
+def composer_for(job: JobRecord) -> Composer:
+    t = job.templates
+    templates = Templates(
+        subject=job.subject,
+        text=t["text"],
+        html=t.get("html"),
+        attachments=tuple(t.get("attachments", ())),
+        text_name=t.get("text_name", "template"),
+        html_name=t.get("html_name"),
+    )
+    return Composer(templates, sender=job.sender, job_id=job.id)
+
+
+def recipient_of(d: DeliveryRecord) -> Recipient:
+    return Recipient(row=d.row, email=d.email, name=d.name, fields=d.fields)
+
+
+class EmailManager:
+    """Runs one worker of one job until the job is done, stopped or interrupted.
+
+    ``clock`` gives POSIX seconds; ``sleep(seconds)`` waits and returns True when a stop
+    was requested meanwhile (default: the manager's stop event). Both are injected so the
+    loop's timing can be tested without real waiting.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        job_id: int,
+        *,
+        provider_factory: Callable[[JobRecord], Provider],
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], bool] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        stale_after: float = STALE_AFTER,
+        max_consecutive_transient: int = MAX_CONSECUTIVE_TRANSIENT,
+        exclusive: bool = True,
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.provider_factory = provider_factory
+        self.clock = clock
+        self._stop = threading.Event()
+        self.sleep = sleep or self._stop.wait
+        self.on_event = on_event or (lambda event: None)
+        self.heartbeat_interval = heartbeat_interval
+        self.stale_after = stale_after
+        self.max_consecutive_transient = max_consecutive_transient
+        self.exclusive = exclusive
+        self.worker_id = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._consecutive_transient = 0
+        self._stop_as: str | None = None  # "paused" | "aborted" when this worker stops the job
+        self._error: str | None = None
+        self._crash: BaseException | None = None
+
+    # -- control
+
+    def request_stop(self, state: str | None = None, error: str | None = None) -> None:
+        """Stop before the next message; ``state`` is what the job becomes (paused/aborted)."""
+        with self._lock:
+            if state is not None and self._stop_as is None:
+                self._stop_as, self._error = state, error
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- running
+
+    def run(self) -> RunResult:
+        """Register, send until done, unregister. Ctrl-C (KeyboardInterrupt) pauses the job:
+        the messages in flight are finished (a second Ctrl-C abandons them: they are in
+        doubt on resume)."""
+        host, now = this_host(), self.clock()
+        registration = self.store.register_worker(
+            self.job_id,
+            worker_id=self.worker_id,
+            host=host,
+            pid=os.getpid(),
+            now=now,
+            alive=lambda w: worker_alive(w, now=now, host=host, stale_after=self.stale_after),
+            exclusive=self.exclusive,
+        )
+        if registration.reclaimed:
+            log.warning(
+                "job %s: %d deliveries were in flight when the last worker stopped; "
+                "sending them again with the same Message-ID",
+                self.job_id,
+                registration.reclaimed,
+            )
+        job = self.store.get_job(self.job_id)
+        limiter = RateLimiter(
+            self.store, job.account, job.rate, job.burst, clock=self.clock, sleep=self.sleep
+        )
+        composer = composer_for(job)
+        heartbeat = threading.Thread(target=self._heartbeat, name="bulkmail-heartbeat", daemon=True)
+        heartbeat.start()
+        threads = [
+            threading.Thread(
+                target=self._sender,
+                args=(job, limiter, composer),
+                name=f"bulkmail-sender-{n}",
+                daemon=True,
+            )
+            for n in range(max(1, job.concurrency))
+        ]
+        for t in threads:
+            t.start()
+        interrupted = False
+        try:
+            self._join(threads)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.request_stop("paused", "interrupted")
+            log.warning("interrupted: finishing the message in flight (Ctrl-C again to abandon it)")
+            try:
+                self._join(threads)
+            except KeyboardInterrupt:
+                log.warning("abandoned the message in flight: it is in doubt until resumed")
+        finally:
+            self._stop.set()
+        heartbeat.join(timeout=5)
+        state = self.store.finish_worker(
+            self.worker_id, now=self.clock(), stop=self._stop_as, error=self._error
+        )
+        self.on_event(Event("stopped"))
+        if self._crash is not None:
+            raise self._crash
+        return RunResult(
+            job_id=self.job_id,
+            state=state,
+            counts=self.store.counts(self.job_id),
+            error=self._error,
+            interrupted=interrupted,
+            reclaimed=registration.reclaimed,
+        )
+
+    @staticmethod
+    def _join(threads: list[threading.Thread]) -> None:
+        # join with a timeout so a Ctrl-C reaches the main thread promptly
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                state = self.store.heartbeat(self.worker_id, now=self.clock())
+            except BulkmailError as exc:  # a busy store must not kill the worker
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            if state != "running":
+                log.warning("job %s is now %s: stopping before the next message", self.job_id, state)
+                self._stop.set()
+
+    def _sender(self, job: JobRecord, limiter: RateLimiter, composer: Composer) -> None:
+        provider: Provider | None = None
+        try:
+            provider = self.provider_factory(job)
+            self._send_loop(job, provider, limiter, composer)
+        except FatalError as exc:
+            self.request_stop("aborted", str(exc))
+        except BaseException as exc:  # a bug: stop the job, report it, keep the store sane
+            log.exception("unexpected error in the send loop")
+            with self._lock:
+                self._crash = self._crash or exc
+            self.request_stop("paused", f"internal error: {exc!r}")
+        finally:
+            if provider is not None:
+                provider.close()
+
+    def _send_loop(
+        self, job: JobRecord, provider: Provider, limiter: RateLimiter, composer: Composer
+    ) -> None:
+        while not self._stop.is_set():
+            due = self.store.next_due(self.job_id, now=self.clock())
+            if due is None:
+                return  # nothing pending: done (other threads may still be finishing)
+            if due > 0:
+                if self.sleep(min(due, self.heartbeat_interval)):
+                    return
+                continue
+            if not limiter.acquire() or self._stop.is_set():
+                return
+            claim = self.store.claim(self.job_id, self.worker_id, now=self.clock())
+            if isinstance(claim, Stop):
+                if not claim.finished:
+                    self._stop.set()  # cancelled, or stopped by another worker
+                return
+            if isinstance(claim, Wait):
+                continue
+            assert isinstance(claim, Claimed)
+            self._deliver(job, provider, composer, claim.delivery)
+
+    def _deliver(
+        self, job: JobRecord, provider: Provider, composer: Composer, d: DeliveryRecord
+    ) -> None:
+        self.on_event(Event("sending", d.email, d.name, attempts=d.attempts))
+        try:
+            message: Message = composer.build(recipient_of(d), d.message_id)
+        except BulkmailError as exc:  # e.g. an attachment removed since the job was created
+            self.store.record_failed(d.id, self.worker_id, error=str(exc))
+            self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
+            return
+        try:
+            provider_id = provider.send(message)
+        except TransientError as exc:
+            self._transient(job, d, exc)
+            return
+        except PermanentError as exc:
+            self.store.record_failed(d.id, self.worker_id, error=str(exc))
+            self._reset_transient()
+            self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
+            return
+        except FatalError:
+            self.store.release(d.id, self.worker_id)
+            raise
+        except BaseException:
+            self.store.release(d.id, self.worker_id)
+            raise
+        self.store.record_sent(
+            d.id, self.worker_id, provider_message_id=provider_id, now=self.clock()
+        )
+        self._reset_transient()
+        self.on_event(Event("sent", d.email, d.name, attempts=d.attempts))
+
+    def _reset_transient(self) -> None:
+        with self._lock:
+            self._consecutive_transient = 0
+
+    def _transient(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> None:
+        error = str(exc)
+        if d.attempts > job.max_retries:
+            error = f"gave up after {d.attempts} attempts: {error}"
+            self.store.record_failed(d.id, self.worker_id, error=error)
+            self.on_event(Event("failed", d.email, d.name, error, d.attempts))
+        else:
+            delay = backoff_delay(d.attempts, job.backoff, exc.retry_after)
+            self.store.record_retry(
+                d.id,
+                self.worker_id,
+                error=error,
+                next_attempt_at=self.clock() + delay,
+                in_doubt=exc.outcome_unknown,
+            )
+            self.on_event(Event("retry", d.email, d.name, error, d.attempts))
+        with self._lock:
+            self._consecutive_transient += 1
+            too_many = self._consecutive_transient >= self.max_consecutive_transient
+        if too_many:
+            self.request_stop(
+                "paused",
+                f"{self.max_consecutive_transient} consecutive transient failures "
+                f"(last: {exc}); resume with `bulkmail resume {self.job_id}`",
+            )

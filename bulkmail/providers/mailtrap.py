@@ -1,0 +1,391 @@
+"""The Mailtrap sending API transport: one ``POST /api/send`` per message, over requests.
+
+Live sending goes to ``{api_url}/api/send``; when ``inbox_id`` is set the message goes to
+the sandbox (testing inbox) at ``{api_url}/api/send/{inbox_id}``. One ``requests.Session``
+is kept for the provider's life, so the TLS connection is reused between messages.
+
+How answers are classified (the manager only sees the error class):
+
+- 2xx with ``{"success": true}`` -> sent; the first of ``message_ids`` is returned.
+- 2xx whose body is not JSON, or not ``success: true`` -> TransientError with
+  ``outcome_unknown``: the status says "accepted" but the body does not confirm it (a proxy
+  or a catch-all web server on a wrong ``api_url`` answers like this). Retrying may deliver
+  twice with the same Message-ID; treating it as sent could silently lose a whole job.
+- 401 -> FatalError (the token is wrong: nothing can be sent).
+- 429, 408 and 5xx -> TransientError, with ``retry_after`` from ``Retry-After`` (seconds or
+  an HTTP date); 502 and 504 come from a gateway that may have passed the message on, so
+  they also set ``outcome_unknown``.
+- 3xx -> FatalError (``api_url`` points somewhere that redirects: redirects are not
+  followed, since that would re-send the token and body to another address).
+- other 4xx -> PermanentError with the API's ``errors`` joined by "; ".
+- connection refused, DNS failure, connect timeout, TLS handshake failure -> TransientError
+  (the request was never sent); a read timeout or a connection dropped after the request
+  was written -> TransientError with ``outcome_unknown``; a TLS certificate that cannot be
+  verified -> FatalError.
+
+Configuration problems (no token, a token with control characters, a malformed
+``api_url``, a category over 255 characters, ``inbox_id`` with the live sending host) are
+reported as FatalError by the first ``send``, so the manager aborts the job the usual way;
+constructing the provider never raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import math
+import ssl
+import time
+from collections.abc import Iterator
+from datetime import UTC
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    MaxRetryError,
+)
+from urllib3.exceptions import ProxyError as Urllib3ProxyError
+from urllib3.exceptions import SSLError as Urllib3SSLError
+
+from bulkmail import __version__
+from bulkmail.config import MailtrapSettings
+from bulkmail.models import Message
+from bulkmail.providers.base import FatalError, PermanentError, TransientError
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for the TCP/TLS connection; the read timeout is ``settings.timeout``."""
+
+MAX_CATEGORY_LENGTH = 255
+LIVE_HOSTS = frozenset({"send.api.mailtrap.io", "bulk.api.mailtrap.io"})
+SANDBOX_URL = "https://sandbox.api.mailtrap.io"
+
+_BODY_LIMIT = 300  # characters of a non-JSON error body kept in the error text
+_ERRORS_LIMIT = 1000  # characters of the API's joined ``errors`` kept in the error text
+
+TOKEN_MISSING = (
+    "the mailtrap provider needs a token: set BULKMAIL_MAILTRAP_TOKEN or `token` under [mailtrap]"
+)
+
+
+class MailtrapProvider:
+    """Sends each message with the Mailtrap sending API. Not thread-safe: one instance is
+    used by one thread at a time (see ``Provider``)."""
+
+    name = "mailtrap"
+
+    def __init__(
+        self, settings: MailtrapSettings, *, session: requests.Session | None = None
+    ) -> None:
+        self.settings = settings
+        self._session = session if session is not None else requests.Session()
+        self._token = settings.token.strip()
+        self._problem = _config_problem(settings, self._token)
+        self._url = "" if self._problem else _send_url(settings)
+        self._timeout = (CONNECT_TIMEOUT, float(settings.timeout))
+        self._headers = {
+            "Authorization": f"Bearer {self._token}",
+            "User-Agent": f"bulkmail/{__version__}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+
+    @property
+    def url(self) -> str:
+        """The endpoint messages are posted to ("" when the configuration is unusable)."""
+        return self._url
+
+    def send(self, message: Message) -> str | None:
+        if self._problem:
+            raise FatalError(self._problem)
+        payload = json.dumps(self.request_body(message)).encode("ascii")
+        host = urlsplit(self._url).netloc
+        try:
+            response = self._session.post(
+                self._url,
+                data=payload,
+                headers=self._headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except requests.exceptions.ReadTimeout as exc:
+            raise TransientError(
+                f"no answer from Mailtrap ({host}) within {self._timeout[1]:g} s after the "
+                "message was sent: it may or may not have been accepted",
+                outcome_unknown=True,
+            ) from exc
+        except requests.exceptions.ConnectTimeout as exc:
+            raise TransientError(
+                f"could not connect to Mailtrap ({host}) within {CONNECT_TIMEOUT:g} s"
+            ) from exc
+        except requests.exceptions.SSLError as exc:
+            if any(isinstance(c, ssl.SSLCertVerificationError) for c in _causes(exc)):
+                raise FatalError(
+                    f"the TLS certificate of {host} could not be verified: {_describe(exc)}"
+                ) from exc
+            raise TransientError(
+                f"TLS error talking to Mailtrap ({host}): {_describe(exc)}",
+                outcome_unknown=not _failed_before_sending(exc),
+            ) from exc
+        except requests.exceptions.ConnectionError as exc:
+            if _failed_before_sending(exc):
+                raise TransientError(
+                    f"could not connect to Mailtrap ({host}): {_describe(exc)}"
+                ) from exc
+            raise TransientError(
+                f"connection to Mailtrap ({host}) lost after the message was sent, it may or "
+                f"may not have been accepted: {_describe(exc)}",
+                outcome_unknown=True,
+            ) from exc
+        except (
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError,
+        ) as exc:
+            raise TransientError(
+                f"Mailtrap's answer was cut off or garbled, it is unknown whether the message "
+                f"was accepted: {_describe(exc)}",
+                outcome_unknown=True,
+            ) from exc
+        except requests.exceptions.RetryError as exc:  # only with a custom retrying adapter
+            raise TransientError(f"Mailtrap kept failing: {_describe(exc)}") from exc
+        except (
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidHeader,
+        ) as exc:
+            raise FatalError(f"the mailtrap settings are unusable: {_describe(exc)}") from exc
+        with response:
+            return _classify(response)
+
+    def request_body(self, message: Message) -> dict[str, Any]:
+        """The JSON document posted for ``message``."""
+        body: dict[str, Any] = {
+            "from": _address(message.from_email, message.from_name),
+            "to": [_address(message.to_email, message.to_name)],
+            "subject": message.subject,
+            "text": message.text,
+        }
+        if message.html:
+            body["html"] = message.html
+        if self.settings.category:
+            body["category"] = self.settings.category
+        # Message-ID always wins: it is what makes a retry recognisable as the same message.
+        # Extra headers are merged case-insensitively, the last value of a name wins.
+        extra: dict[str, tuple[str, str]] = {}
+        for key, value in message.headers:
+            if key.lower() != "message-id":
+                extra[key.lower()] = (key, value)
+        body["headers"] = {"Message-ID": message.message_id, **dict(extra.values())}
+        if message.attachments:
+            body["attachments"] = [
+                {
+                    "content": base64.b64encode(att.data).decode("ascii"),
+                    "filename": att.filename,
+                    **({"type": att.content_type} if att.content_type else {}),
+                    "disposition": "attachment",
+                }
+                for att in message.attachments
+            ]
+        return body
+
+    def close(self) -> None:
+        """Close the session's connections. Safe to call more than once; a later ``send``
+        simply opens a new connection."""
+        self._session.close()
+
+
+def _address(email_addr: str, name: str) -> dict[str, str]:
+    return {"email": email_addr, "name": name} if name else {"email": email_addr}
+
+
+def _config_problem(settings: MailtrapSettings, token: str) -> str | None:
+    if not token:
+        return TOKEN_MISSING
+    if any(ord(ch) < 0x21 or ord(ch) > 0x7E for ch in token):
+        return (
+            "the mailtrap token contains spaces, control or non-ASCII characters: check "
+            "BULKMAIL_MAILTRAP_TOKEN or `token` under [mailtrap]"
+        )
+    parts = urlsplit(settings.api_url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return (
+            f"mailtrap api_url must be an http(s) URL such as https://send.api.mailtrap.io, "
+            f"got {settings.api_url!r}"
+        )
+    if "/api/send" in parts.path or "/api/batch" in parts.path:
+        return (
+            f"mailtrap api_url must be the API's base URL without /api/send (such as "
+            f"{parts.scheme}://{parts.netloc}), got {settings.api_url!r}"
+        )
+    if len(settings.category) > MAX_CATEGORY_LENGTH:
+        return (
+            f"mailtrap category is {len(settings.category)} characters long, Mailtrap "
+            f"accepts at most {MAX_CATEGORY_LENGTH}"
+        )
+    if settings.inbox_id.strip() and parts.hostname in LIVE_HOSTS:
+        return (
+            f"mailtrap inbox_id is set, which sends to a sandbox inbox, but api_url is the "
+            f"live sending API ({parts.hostname}): set api_url to {SANDBOX_URL}, or clear "
+            "inbox_id to send for real"
+        )
+    return None
+
+
+def _send_url(settings: MailtrapSettings) -> str:
+    base = settings.api_url.strip().rstrip("/")
+    inbox = settings.inbox_id.strip()
+    return f"{base}/api/send/{quote(inbox, safe='')}" if inbox else f"{base}/api/send"
+
+
+def _classify(response: requests.Response) -> str | None:
+    """Return the message id of an accepted message, or raise the error class."""
+    status = response.status_code
+    if 200 <= status < 300:
+        try:
+            data = response.json()
+        except ValueError:
+            raise TransientError(
+                f"Mailtrap answered {status} with a body that is not JSON, so it is unknown "
+                f"whether the message was accepted: {_body_text(response)}",
+                outcome_unknown=True,
+            ) from None
+        if not isinstance(data, dict) or data.get("success") is not True:
+            raise TransientError(
+                f"Mailtrap answered {status} without confirming success, so it is unknown "
+                f"whether the message was accepted: {_error_detail(response)}",
+                outcome_unknown=True,
+            )
+        ids = data.get("message_ids")
+        if isinstance(ids, list) and ids and isinstance(ids[0], str | int):
+            return str(ids[0])
+        return None
+
+    detail = _error_detail(response)
+    if status == 401:
+        raise FatalError(f"Mailtrap rejected the API token (401): {detail}")
+    if status == 429:
+        raise TransientError(
+            f"Mailtrap rate limit exceeded (429): {detail}",
+            retry_after=_retry_after(response),
+        )
+    if status >= 500 or status == 408:
+        raise TransientError(
+            f"Mailtrap server error ({status}): {detail}",
+            retry_after=_retry_after(response),
+            outcome_unknown=status in (502, 504),
+        )
+    if 300 <= status < 400:
+        location = _one_line(response.headers.get("Location", ""), _BODY_LIMIT) or "?"
+        raise FatalError(
+            f"Mailtrap answered with a redirect ({status}) to {location}: check the "
+            "mailtrap api_url"
+        )
+    if 400 <= status < 500:
+        raise PermanentError(f"Mailtrap rejected the message ({status}): {detail}")
+    raise TransientError(  # 1xx cannot reach here; anything else is nonsense
+        f"unexpected answer from Mailtrap ({status}): {detail}", outcome_unknown=True
+    )
+
+
+def _error_detail(response: requests.Response) -> str:
+    """The API's ``errors`` joined by "; ", else the body text, one line and bounded."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        for key in ("errors", "error", "message"):
+            parts = list(_flatten(data.get(key)))
+            if parts:
+                return _one_line("; ".join(parts), _ERRORS_LIMIT)
+    return _body_text(response)
+
+
+def _body_text(response: requests.Response) -> str:
+    text = _one_line(response.text, _BODY_LIMIT)
+    return text or f"empty answer ({response.status_code} {response.reason or ''})".strip()
+
+
+def _flatten(value: Any) -> Iterator[str]:
+    if value is None or value == "" or value == [] or value == {}:
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            yield from _flatten(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = ", ".join(_flatten(item))
+            yield f"{key}: {inner}" if inner else str(key)
+    else:
+        yield str(value)
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """``Retry-After`` in seconds from now: delay-seconds or an HTTP date; None when absent
+    or unparsable."""
+    raw = response.headers.get("Retry-After", "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" parses as naive: it means UTC
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: requests puts urllib3's error in ``args[0]``, a
+    MaxRetryError keeps the real one in ``reason``, and ``raise ... from`` sets
+    ``__cause__``."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        inner: list[object] = [*current.args, getattr(current, "reason", None), current.__cause__]
+        stack.extend(item for item in inner if isinstance(item, BaseException))
+
+
+def _failed_before_sending(exc: BaseException) -> bool:
+    """True when the error happened while opening the connection, so the request never
+    left: connection refused, DNS failure, connect timeout, proxy or TLS handshake failure
+    on a new connection. Anything else (a connection reset or closed while the request was
+    written or the answer awaited) may have reached the server."""
+    for cause in _causes(exc):
+        if isinstance(cause, ConnectTimeoutError | Urllib3ProxyError | ClosedPoolError):
+            return True
+        if isinstance(cause, MaxRetryError) and isinstance(cause.reason, Urllib3SSLError):
+            return True
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost useful text of a requests/urllib3 error, on one line."""
+    best = str(exc)
+    for cause in _causes(exc):
+        if isinstance(cause, MaxRetryError):
+            continue
+        text = str(cause)
+        if text and "Max retries exceeded" not in text:
+            best = text
+    return _one_line(best, _BODY_LIMIT) or type(exc).__name__
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."

@@ -1,0 +1,83 @@
+"""The outbox transport: each message becomes an ``.eml`` file in a folder.
+
+It is the default when nothing else is configured, so a fresh install can run a whole job
+and the result can be opened in any mail client. The file name comes from the Message-ID,
+so sending the same message again (a retry, a resumed job) replaces its file instead of
+adding a duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from bulkmail.config import OutboxSettings
+from bulkmail.models import Message
+from bulkmail.providers.base import FatalError
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
+_MAX_STEM = 150  # well below the usual 255-byte file name limit
+
+
+class OutboxProvider:
+    """Writes messages into ``settings.dir`` (or ``default_dir``), created with mode 0700."""
+
+    name = "outbox"
+
+    def __init__(self, settings: OutboxSettings, *, default_dir: Path) -> None:
+        self.directory = Path(settings.dir).expanduser() if settings.dir else default_dir
+
+    def send(self, message: Message) -> str | None:
+        data = message.to_bytes()
+        name = eml_name(message.message_id)
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_atomically(self.directory, name, data)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise FatalError(
+                f"cannot write to the outbox folder {self.directory}: {reason}"
+            ) from None
+        return name
+
+    def close(self) -> None:
+        """Nothing to release: each message is written and closed at once."""
+
+
+def eml_name(message_id: str) -> str:
+    """A safe file name for a Message-ID: "<a.b@host>" -> "a.b@host.eml".
+
+    When characters had to be replaced (or the id was cut short), a hash of the whole id is
+    appended so that two different ids never share a file.
+    """
+    raw = message_id.strip().removeprefix("<").removesuffix(">")
+    stem = _UNSAFE.sub("_", raw).lstrip(".")
+    if stem != raw or len(stem) > _MAX_STEM or not stem:
+        digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        stem = f"{stem[:_MAX_STEM]}-{digest}" if stem else digest
+    return f"{stem}.eml"
+
+
+def _write_atomically(directory: Path, name: str, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename over the target, fsync the folder."""
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, directory / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,288 @@
+"""SMTP transport over the standard library's smtplib.
+
+One connection is opened lazily on the first message and reused; it is re-opened after
+``max_per_connection`` messages and, transparently, when the server dropped it while idle.
+The transaction is driven step by step (MAIL, RCPT, DATA, content) rather than through
+``sendmail`` because the step at which a failure happens decides its meaning: a connection
+lost before the message content was handed over is a plain transient failure, one lost
+after it leaves the outcome unknown (the server may have accepted the message).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import smtplib
+import ssl
+from collections.abc import Callable
+
+from bulkmail.config import SMTP_SECURITY, SmtpSettings
+from bulkmail.models import Message
+from bulkmail.providers.base import FatalError, PermanentError, ProviderError, TransientError
+
+SmtpFactory = Callable[[SmtpSettings], smtplib.SMTP]
+"""Opens a connection (up to and including the server's greeting) for these settings."""
+
+
+def _open_connection(settings: SmtpSettings) -> smtplib.SMTP:
+    if settings.security == "tls":
+        return smtplib.SMTP_SSL(
+            settings.host,
+            settings.port,
+            timeout=settings.timeout,
+            context=ssl.create_default_context(),
+        )
+    return smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout)
+
+
+class _LostAtMailFrom(Exception):
+    """The connection failed at the first command of a transaction (nothing was handed
+    over): on a reused connection this is how a server's idle disconnect shows up."""
+
+
+class SmtpProvider:
+    """Delivers messages over SMTP; see the module docstring for the connection policy."""
+
+    name = "smtp"
+
+    def __init__(self, settings: SmtpSettings, *, smtp_factory: SmtpFactory | None = None):
+        self._settings = settings
+        self._factory = smtp_factory or _open_connection
+        self._where = f"{settings.host}:{settings.port}"
+        self._conn: smtplib.SMTP | None = None
+        self._sent_on_conn = 0
+
+    def send(self, message: Message) -> str | None:
+        payload = _wire_data(message.to_bytes())
+        reused = self._conn is not None
+        try:
+            reply = self._send_once(message, payload)
+        except _LostAtMailFrom as lost:
+            if not reused:
+                raise TransientError(str(lost)) from None
+            # The server dropped the idle connection: nothing of this message reached it,
+            # so one retry on a fresh connection is safe.
+            try:
+                reply = self._send_once(message, payload)
+            except _LostAtMailFrom as again:
+                raise TransientError(str(again)) from None
+        return _queue_id(reply)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                pass
+            finally:
+                conn.close()
+
+    # -- one transaction ------------------------------------------------------------------
+
+    def _send_once(self, message: Message, payload: bytes) -> str:
+        """Run one MAIL/RCPT/DATA transaction; returns the final reply's text."""
+        conn = self._connection()
+        try:
+            return self._transact(conn, message, payload)
+        finally:
+            if self._conn is conn:
+                self._sent_on_conn += 1
+                limit = self._settings.max_per_connection
+                if limit > 0 and self._sent_on_conn >= limit:
+                    self.close()
+
+    def _transact(self, conn: smtplib.SMTP, message: Message, payload: bytes) -> str:
+        step = "MAIL FROM"
+        try:
+            code, resp = conn.mail(message.from_email, _mail_options(conn, message, payload))
+            if code != 250:
+                raise self._rejected(conn, code, resp, step)
+            step = "RCPT TO"
+            code, resp = conn.rcpt(message.to_email)
+            if code not in (250, 251):
+                raise self._rejected(conn, code, resp, step)
+            step = "DATA"
+            code, resp = conn.docmd("DATA")
+            if code != 354:
+                raise self._rejected(conn, code, resp, step)
+            step = "content"
+            conn.send(payload)
+            code, resp = conn.getreply()
+        except smtplib.SMTPNotSupportedError as exc:
+            # mail() refuses SMTPUTF8 when the server lacks it: nothing was sent.
+            raise PermanentError(f"{_exc_text(exc)} (needed for a non-ASCII address)") from None
+        except OSError as exc:  # includes SMTPServerDisconnected, timeouts, ssl errors
+            self._drop()
+            if step == "content":
+                raise TransientError(
+                    f"connection to {self._where} lost after the message data was sent; "
+                    f"the server may have accepted it: {_exc_text(exc)}",
+                    outcome_unknown=True,
+                ) from None
+            text = f"connection to {self._where} lost at {step}: {_exc_text(exc)}"
+            if step == "MAIL FROM":
+                raise _LostAtMailFrom(text) from None
+            raise TransientError(text) from None
+        if code != 250:
+            raise self._rejected(conn, code, resp, step)
+        return _decode(resp)
+
+    def _rejected(self, conn: smtplib.SMTP, code: int, resp: bytes, step: str) -> Exception:
+        """The error for a non-success reply; leaves the connection usable or dropped."""
+        text = _reply_text(code, resp)
+        if code == 421:  # the server is closing the connection
+            self._drop()
+            if step == "MAIL FROM":  # typically an idle timeout noticed on reuse
+                return _LostAtMailFrom(text)
+            return TransientError(text)
+        if step != "content":  # after the final reply there is no transaction to reset
+            self._reset(conn)
+        if code == 530:  # RFC 4954 "authentication required": true of every message
+            return FatalError(
+                f"SMTP server {self._where} requires authentication: set the username and "
+                f"password ({text})"
+            )
+        if 500 <= code <= 599:
+            return PermanentError(text)
+        if not 400 <= code <= 499:  # not a valid reply here: protocol state is unknown
+            self._drop()
+            text = f"unexpected reply to {step} from {self._where}: {text}"
+        return TransientError(text)
+
+    def _reset(self, conn: smtplib.SMTP) -> None:
+        try:
+            code, _ = conn.rset()
+        except OSError:
+            code = 0
+        if code != 250:
+            self._drop()
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _connection(self) -> smtplib.SMTP:
+        if self._conn is None:
+            self._conn = self._open()
+            self._sent_on_conn = 0
+        return self._conn
+
+    def _drop(self) -> None:
+        """Forget the connection without QUIT: the next message opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _open(self) -> smtplib.SMTP:
+        s = self._settings
+        if s.security not in SMTP_SECURITY:
+            raise FatalError(
+                f"unknown SMTP security {s.security!r}: use one of {', '.join(SMTP_SECURITY)}"
+            )
+        if s.username and s.security == "none" and not is_loopback(s.host):
+            raise FatalError(
+                f"refusing to send the SMTP password of {s.username} unencrypted to {s.host}: "
+                "set security to 'starttls' or 'tls' (plain login is allowed to loopback only)"
+            )
+        try:
+            conn = self._factory(s)
+        except OSError as exc:  # smtplib's and ssl's errors are OSErrors too
+            raise self._setup_error(exc, f"cannot connect to {self._where}") from None
+        try:
+            conn.ehlo_or_helo_if_needed()
+            if s.security == "starttls":
+                if not conn.has_extn("starttls"):
+                    raise FatalError(
+                        f"SMTP server {self._where} does not offer STARTTLS: set security to "
+                        "'tls' if it expects TLS from the start, or check host and port"
+                    )
+                conn.starttls(context=ssl.create_default_context())
+                conn.ehlo_or_helo_if_needed()
+            if s.username:
+                conn.login(s.username, s.password)
+        except smtplib.SMTPAuthenticationError as exc:
+            conn.close()
+            if 400 <= exc.smtp_code <= 499:  # e.g. 454 temporary authentication failure
+                raise TransientError(f"SMTP login failed: {_exc_text(exc)}") from None
+            raise FatalError(
+                f"SMTP login rejected for user {s.username}: {_exc_text(exc)}"
+            ) from None
+        except OSError as exc:
+            conn.close()
+            raise self._setup_error(exc, f"SMTP session setup with {self._where} failed") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _setup_error(self, exc: OSError, context: str) -> ProviderError:
+        """Classify a failure while connecting, greeting, securing or logging in."""
+        text = f"{context}: {_exc_text(exc)}"
+        if isinstance(exc, ssl.SSLError):  # includes certificate verification errors
+            return FatalError(f"TLS failure with {self._where}: {_exc_text(exc)}")
+        if isinstance(exc, smtplib.SMTPResponseException):
+            # 4xx (e.g. 421 busy) is worth retrying; a 5xx greeting/EHLO/login reply means
+            # this server will not serve us with this configuration.
+            if 400 <= exc.smtp_code <= 499:
+                return TransientError(text)
+            return FatalError(text)
+        if isinstance(exc, smtplib.SMTPServerDisconnected):
+            return TransientError(text)
+        if isinstance(exc, smtplib.SMTPException):  # e.g. no usable AUTH mechanism
+            return FatalError(text)
+        return TransientError(text)  # refused, DNS failure, timeout: the server is down
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (a name other than localhost is not trusted:
+    resolving it would not prove where the password goes)."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+def _mail_options(conn: smtplib.SMTP, message: Message, payload: bytes) -> list[str]:
+    options = []
+    if not payload.isascii() and conn.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")
+    if not (message.from_email + message.to_email).isascii():
+        options.append("SMTPUTF8")  # mail() raises SMTPNotSupportedError if not offered
+    return options
+
+
+def _wire_data(data: bytes) -> bytes:
+    """The DATA content as sent: CRLF line ends, leading dots doubled, final "."."""
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    data = re.sub(rb"(?m)^\.", b"..", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+def _queue_id(reply: str) -> str | None:
+    """The id in a reply such as "2.0.0 Ok: queued as 4F2A1B3C", if there is one."""
+    found = re.search(r"queued as\s+<?([^\s<>;,]+)", reply, re.IGNORECASE)
+    return found.group(1) if found else None
+
+
+def _decode(text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return " ".join(text.split())
+
+
+def _reply_text(code: int, resp: bytes | str) -> str:
+    """One readable line: "550 5.1.1 mailbox unavailable"."""
+    return f"{code} {_decode(resp)}".strip()
+
+
+def _exc_text(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _reply_text(exc.smtp_code, exc.smtp_error)
+    return _decode(str(exc)) or type(exc).__name__

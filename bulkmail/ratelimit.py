@@ -1,0 +1,97 @@
+"""The token bucket, as GCRA (generic cell rate algorithm).
+
+A bucket of ``rate`` tokens per second and capacity ``burst`` is kept as one number, the
+"theoretical arrival time" (TAT). Each send reserves the earliest slot the bucket allows
+and moves the TAT on by one emission interval, so in any window of ``t`` seconds at most
+``rate * t + burst`` slots are handed out. The computation is pure (``gcra_reserve``); the
+TAT lives in the store, one row per provider account, so every process sending through the
+same account shares one limit. Sleeping happens outside the store's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+def gcra_reserve(tat: float | None, now: float, rate: float, burst: int) -> tuple[float, float]:
+    """Reserve one slot. Returns ``(slot, new_tat)``: the time at which the caller may send
+    (``slot >= now``) and the TAT to store.
+
+    With interval ``T = 1/rate`` and tolerance ``tau = T * (burst - 1)``, a send at time
+    ``s`` is allowed when ``s >= tat - tau``; afterwards ``tat = max(tat, s) + T``.
+    """
+    if rate <= 0:
+        return now, tat if tat is not None else now
+    interval = 1.0 / rate
+    tolerance = interval * (max(burst, 1) - 1)
+    current = now if tat is None else tat
+    slot = max(now, current - tolerance)
+    return slot, max(current, slot) + interval
+
+
+class SlotStore(Protocol):
+    def reserve_slot(
+        self, key: str, reserve: Callable[[float | None], tuple[float, float]]
+    ) -> float: ...
+
+
+@dataclass
+class MemorySlots:
+    """An in-process TAT table with the store's ``reserve_slot`` interface (for tests and
+    for callers without a store)."""
+
+    tats: dict[str, float]
+
+    def __init__(self) -> None:
+        self.tats = {}
+
+    def reserve_slot(
+        self, key: str, reserve: Callable[[float | None], tuple[float, float]]
+    ) -> float:
+        slot, self.tats[key] = reserve(self.tats.get(key))
+        return slot
+
+
+class RateLimiter:
+    """Hands out send slots for one account.
+
+    ``clock`` returns POSIX seconds; ``sleep(seconds)`` waits and returns True when it was
+    interrupted (a stop was requested) — ``threading.Event.wait`` has that shape.
+    """
+
+    def __init__(
+        self,
+        slots: SlotStore,
+        key: str,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], bool],
+    ) -> None:
+        self.slots = slots
+        self.key = key
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.clock = clock
+        self.sleep = sleep
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate <= 0
+
+    def acquire(self) -> bool:
+        """Wait for the next slot. Returns False when the wait was interrupted (the slot is
+        then simply unused, which only ever slows the account down)."""
+        if self.unlimited:
+            return True
+        now = self.clock()
+        slot = self.slots.reserve_slot(
+            self.key, lambda tat: gcra_reserve(tat, now, self.rate, self.burst)
+        )
+        delay = slot - self.clock()
+        if delay > 0:
+            return not self.sleep(delay)
+        return True

@@ -1,0 +1,918 @@
+"""The job store: every job, every delivery, every worker and the shared rate-limit rows.
+
+All SQL of bulkmail lives here, written with SQLAlchemy 2 Core. The store is addressed by a
+URL; a plain path or ``sqlite:///...`` is the embedded default. On SQLite the file is
+created with mode 0600, runs in WAL mode with ``synchronous=FULL`` (a recorded ``sent``
+survives a power loss) and a busy timeout, and every read-modify-write step runs in one
+short ``BEGIN IMMEDIATE`` transaction so several processes can share one file.
+
+Times are stored as POSIX seconds (floats) and passed in by the caller (``now``), so the
+logic that depends on them can be tested with a fixed clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from bulkmail.errors import JobNotFound, JobStateError, StoreError
+
+SCHEMA_VERSION = 1
+
+JOB_STATES = ("queued", "running", "paused", "aborted", "completed", "cancelled")
+DELIVERY_STATES = ("pending", "sending", "sent", "failed", "skipped", "cancelled")
+RESUMABLE = ("queued", "running", "paused", "aborted")  # 'running' only when stalled
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("token", sa.String(16), nullable=False),  # makes Message-IDs globally unique
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("provider_settings", sa.Text, nullable=False),  # JSON, never a secret
+    sa.Column("account", sa.String(255), nullable=False),  # the rate-limit key
+    sa.Column("sender", sa.String(500), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),  # the subject template
+    sa.Column("templates", sa.Text, nullable=False),  # JSON: text, html, attachments, names
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("burst", sa.Integer, nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("max_retries", sa.Integer, nullable=False),
+    sa.Column("backoff", sa.Float, nullable=False),
+    sa.Column("dedupe_key", sa.String(255), nullable=True, index=True),
+    sa.Column("total", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),  # why the job stopped (aborted / paused)
+    sa.Column("log_path", sa.Text, nullable=True),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False, index=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("stopped_at", sa.Float, nullable=True),
+    sa.Column("sent", sa.Integer, nullable=False, default=0),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("row", sa.Integer, nullable=False),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("email_key", sa.String(320), nullable=False),  # lower-cased, for dedupe
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("fields", sa.Text, nullable=False),  # JSON
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text, nullable=True),  # or the skip reason
+    sa.Column("next_attempt_at", sa.Float, nullable=False, default=0.0),
+    sa.Column("provider_message_id", sa.String(255), nullable=True),
+    sa.Column("message_id", sa.String(255), nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=True),
+    sa.Column("worker_id", sa.String(32), nullable=True),
+    sa.Column("in_doubt", sa.Boolean, nullable=False, default=False),
+    sa.UniqueConstraint("job_id", "position", name="uq_deliveries_job_position"),
+    # the claim query and the per-state counts of `status` read only this index
+    sa.Index("ix_deliveries_claim", "job_id", "state", "next_attempt_at", "position"),
+    # cron de-duplication: "was this address sent under that key?"
+    sa.Index("ix_deliveries_email_state", "email_key", "state"),
+)
+
+rate_buckets = sa.Table(
+    "rate_buckets",
+    metadata,
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("tat", sa.Float, nullable=False),  # GCRA theoretical arrival time
+)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    token: str
+    state: str
+    provider: str
+    provider_settings: dict[str, Any]
+    account: str
+    sender: str
+    subject: str
+    templates: dict[str, Any]
+    source: str
+    rate: float
+    burst: int
+    concurrency: int
+    max_retries: int
+    backoff: float
+    dedupe_key: str | None
+    total: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    log_path: str | None
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    id: str
+    job_id: int
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+    sent: int
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    id: int
+    job_id: int
+    position: int
+    row: int
+    email: str
+    name: str
+    fields: dict[str, str]
+    state: str
+    attempts: int
+    last_error: str | None
+    next_attempt_at: float
+    provider_message_id: str | None
+    message_id: str
+    sent_at: float | None
+    worker_id: str | None
+    in_doubt: bool
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the caller knows about a job before it exists."""
+
+    provider: str
+    provider_settings: Mapping[str, Any]
+    account: str
+    sender: str
+    subject: str
+    templates: Mapping[str, Any]
+    source: str
+    rate: float
+    burst: int
+    concurrency: int
+    max_retries: int
+    backoff: float
+    dedupe_key: str | None
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    row: int
+    email: str
+    name: str
+    fields: Mapping[str, str]
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Counts:
+    pending: int = 0
+    sending: int = 0
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    cancelled: int = 0
+    in_doubt: int = 0
+
+    @property
+    def total(self) -> int:
+        return (
+            self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
+        )
+
+    @property
+    def open(self) -> int:
+        """Deliveries still to be done (pending or in flight)."""
+        return self.pending + self.sending
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery: DeliveryRecord
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing ready now; the earliest pending delivery is due in ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop claiming: the job is no longer running (``state``), or nothing is left."""
+
+    state: str
+    finished: bool = False  # nothing pending and nothing in flight
+
+
+ClaimResult = Claimed | Wait | Stop
+
+
+@dataclass(frozen=True)
+class Registration:
+    worker_id: str
+    reclaimed: int  # deliveries found in 'sending' of dead workers: in doubt, to be resent
+
+
+@dataclass
+class JobView:
+    """A job with its counts and workers, for status/recent and the JSON document."""
+
+    job: JobRecord
+    counts: Counts
+    workers: list[WorkerRecord] = field(default_factory=list)
+
+
+WorkerAlive = Callable[[WorkerRecord], bool]
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def default_store_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("bulkmail")) / "bulkmail.db"
+
+
+def store_url(location: str | os.PathLike[str] | None) -> str:
+    """A store location (a path, a ``sqlite:///`` URL or another SQLAlchemy URL) as a URL."""
+    if location is None or str(location) == "":
+        return f"sqlite:///{default_store_path()}"
+    text = str(location)
+    if "://" in text:
+        return text
+    return f"sqlite:///{Path(text).expanduser().absolute()}"
+
+
+def _sqlite_path(url: sa.URL) -> Path | None:
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Create the store file (and its folder) with owner-only permissions before SQLite
+    does, so the deliveries (names, addresses) are never readable by other users."""
+    if path.exists():
+        if path.is_dir():
+            raise StoreError(f"{path}: is a directory, not a job store")
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the job store: {exc.strerror}") from None
+
+
+def _sqlite_engine(url: sa.URL) -> Engine:
+    engine = sa.create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": 30.0}, pool_size=8
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # let SQLAlchemy's begin event emit BEGIN itself (the pysqlite driver's own
+        # transaction handling would defer it and cannot do BEGIN IMMEDIATE)
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("bulkmail_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def open_store(location: str | os.PathLike[str] | None = None) -> Store:
+    """Open (creating on first use) the job store at ``location``."""
+    url = sa.make_url(store_url(location))
+    path = _sqlite_path(url)
+    if path is not None:
+        _prepare_sqlite_file(path)
+        engine = _sqlite_engine(url)
+    else:
+        try:
+            engine = sa.create_engine(url, pool_pre_ping=True)
+        except (ImportError, sa.exc.ArgumentError) as exc:
+            raise StoreError(f"cannot open store {url.render_as_string()}: {exc}") from None
+    store = Store(engine, str(path) if path else url.render_as_string(hide_password=True))
+    store.create_schema()
+    return store
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _delivery(values: dict[str, Any]) -> DeliveryRecord:
+    values.pop("email_key", None)
+    values["fields"] = json.loads(values["fields"])
+    values["in_doubt"] = bool(values["in_doubt"])
+    return DeliveryRecord(**values)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """Every read and write of the job store. Thread-safe: each call takes its own
+    connection from the pool and holds a transaction only for its own duration."""
+
+    def __init__(self, engine: Engine, location: str) -> None:
+        self.engine = engine
+        self.location = location
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One short read-modify-write transaction (BEGIN IMMEDIATE on SQLite)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(bulkmail_write=True)
+                with conn.begin():
+                    yield conn
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"{self.location}: {exc.orig}") from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"{self.location}: {exc.orig}") from exc
+
+    def create_schema(self) -> None:
+        try:
+            with self._write() as conn:
+                metadata.create_all(conn)
+                version = conn.execute(
+                    sa.select(meta.c.value).where(meta.c.key == "schema_version")
+                ).scalar()
+                if version is None:
+                    conn.execute(
+                        meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                    )
+                elif int(version) > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.location}: made by a newer bulkmail (schema {version}); "
+                        "upgrade bulkmail to use it"
+                    )
+        except sa.exc.DatabaseError as exc:
+            raise StoreError(f"{self.location}: not a bulkmail job store ({exc.orig})") from None
+
+    # -- jobs
+
+    def create_job(
+        self, new: NewJob, recipients: Iterable[NewDelivery], *, now: float, domain: str
+    ) -> int:
+        """Create a job and all its deliveries in ONE transaction, streaming ``recipients``
+        in batches. Any exception raised while iterating (bad row, template error) rolls
+        everything back: bad input never leaves a job behind.
+
+        Addresses already ``sent`` under the same ``dedupe_key`` in any job become
+        ``skipped`` deliveries with the reason.
+        """
+        token = secrets.token_hex(4)
+        with self._write() as conn:
+            job_id = int(
+                conn.execute(
+                    jobs.insert().values(
+                        token=token,
+                        state="queued",
+                        provider=new.provider,
+                        provider_settings=_json(dict(new.provider_settings)),
+                        account=new.account,
+                        sender=new.sender,
+                        subject=new.subject,
+                        templates=_json(dict(new.templates)),
+                        source=new.source,
+                        rate=new.rate,
+                        burst=new.burst,
+                        concurrency=new.concurrency,
+                        max_retries=new.max_retries,
+                        backoff=new.backoff,
+                        dedupe_key=new.dedupe_key,
+                        total=0,
+                        created_at=now,
+                    )
+                ).inserted_primary_key[0]
+            )
+            position = 0
+            batch: list[dict[str, Any]] = []
+
+            def flush() -> None:
+                if not batch:
+                    return
+                if new.dedupe_key:
+                    self._mark_already_sent(conn, new.dedupe_key, batch)
+                conn.execute(deliveries.insert(), batch)
+                batch.clear()
+
+            for rcpt in recipients:
+                position += 1
+                batch.append(
+                    {
+                        "job_id": job_id,
+                        "position": position,
+                        "row": rcpt.row,
+                        "email": rcpt.email,
+                        "email_key": rcpt.email.lower(),
+                        "name": rcpt.name,
+                        "fields": _json(dict(rcpt.fields)),
+                        "state": "skipped" if rcpt.skip_reason else "pending",
+                        "attempts": 0,
+                        "last_error": rcpt.skip_reason,
+                        "next_attempt_at": 0.0,
+                        "message_id": f"<bulkmail.{job_id}.{position}.{token}@{domain}>",
+                        "in_doubt": False,
+                    }
+                )
+                if len(batch) >= 1000:
+                    flush()
+            flush()
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(total=position))
+        return job_id
+
+    def _mark_already_sent(
+        self, conn: Connection, dedupe_key: str, batch: list[dict[str, Any]]
+    ) -> None:
+        keys = {row["email_key"] for row in batch if row["state"] == "pending"}
+        if not keys:
+            return
+        query = (
+            sa.select(deliveries.c.email_key, sa.func.max(deliveries.c.job_id))
+            .join(jobs, jobs.c.id == deliveries.c.job_id)
+            .where(
+                deliveries.c.email_key.in_(keys),
+                deliveries.c.state == "sent",
+                jobs.c.dedupe_key == dedupe_key,
+            )
+            .group_by(deliveries.c.email_key)
+        )
+        sent_in = {key: job for key, job in conn.execute(query)}
+        for row in batch:
+            if row["state"] == "pending" and row["email_key"] in sent_in:
+                row["state"] = "skipped"
+                row["last_error"] = (
+                    f"already sent under dedupe key {dedupe_key!r} (job {sent_in[row['email_key']]})"
+                )
+
+    def get_job(self, job_id: int) -> JobRecord:
+        with self._read() as conn:
+            return self._job(conn, job_id)
+
+    def _job(self, conn: Connection, job_id: int) -> JobRecord:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        if row is None:
+            raise JobNotFound(job_id)
+        values = dict(row)
+        values["provider_settings"] = json.loads(values["provider_settings"])
+        values["templates"] = json.loads(values["templates"])
+        return JobRecord(**values)
+
+    def counts(self, job_id: int) -> Counts:
+        with self._read() as conn:
+            return self._counts(conn, [job_id]).get(job_id, Counts())
+
+    def _counts(self, conn: Connection, job_ids: Sequence[int]) -> dict[int, Counts]:
+        rows = conn.execute(
+            sa.select(deliveries.c.job_id, deliveries.c.state, sa.func.count())
+            .where(deliveries.c.job_id.in_(job_ids))
+            .group_by(deliveries.c.job_id, deliveries.c.state)
+        )
+        per_job: dict[int, dict[str, int]] = {}
+        for job_id, state, count in rows:
+            per_job.setdefault(job_id, {})[state] = count
+        doubt = conn.execute(
+            sa.select(deliveries.c.job_id, sa.func.count())
+            .where(deliveries.c.job_id.in_(job_ids), deliveries.c.in_doubt.is_(True))
+            .group_by(deliveries.c.job_id)
+        )
+        for job_id, count in doubt:
+            per_job.setdefault(job_id, {})["in_doubt"] = count
+        return {job_id: Counts(**values) for job_id, values in per_job.items()}
+
+    def view(self, job_id: int) -> JobView:
+        """The job, its counts and its workers, read in one transaction."""
+        with self._read() as conn:
+            job = self._job(conn, job_id)
+            counts = self._counts(conn, [job_id]).get(job_id, Counts())
+            return JobView(job, counts, self._workers(conn, job_id))
+
+    def recent(self, limit: int) -> list[JobView]:
+        """The newest ``limit`` jobs, newest first."""
+        with self._read() as conn:
+            ids = list(
+                conn.execute(sa.select(jobs.c.id).order_by(jobs.c.id.desc()).limit(limit)).scalars()
+            )
+            if not ids:
+                return []
+            counts = self._counts(conn, ids)
+            views = []
+            for job_id in ids:
+                views.append(
+                    JobView(
+                        self._job(conn, job_id),
+                        counts.get(job_id, Counts()),
+                        self._workers(conn, job_id, live_only=True),
+                    )
+                )
+            return views
+
+    def set_log_path(self, job_id: int, path: str) -> None:
+        with self._write() as conn:
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(log_path=path))
+
+    # -- workers
+
+    def _workers(
+        self, conn: Connection, job_id: int, *, live_only: bool = False
+    ) -> list[WorkerRecord]:
+        query = sa.select(workers).where(workers.c.job_id == job_id)
+        if live_only:
+            query = query.where(workers.c.stopped_at.is_(None))
+        rows = conn.execute(query.order_by(workers.c.started_at)).mappings()
+        return [WorkerRecord(**row) for row in rows]
+
+    def register_worker(
+        self,
+        job_id: int,
+        *,
+        worker_id: str,
+        host: str,
+        pid: int,
+        now: float,
+        alive: WorkerAlive,
+        exclusive: bool = True,
+    ) -> Registration:
+        """Register a worker on a job and make the job ``running``.
+
+        Refuses a job that is completed or cancelled, and, when ``exclusive``, a job that a
+        live worker still holds. Workers that are gone are marked stopped, and deliveries
+        they left in ``sending`` are put back to ``pending`` marked in doubt: they will be
+        sent again with the same Message-ID.
+        """
+        with self._write() as conn:
+            job = self._job(conn, job_id)
+            if job.state in ("completed", "cancelled"):
+                raise JobStateError(f"job {job_id} is {job.state}; there is nothing to run")
+            current = self._workers(conn, job_id, live_only=True)
+            live = [w for w in current if alive(w)]
+            if live and exclusive:
+                w = live[0]
+                raise JobStateError(
+                    f"job {job_id} is being run by worker pid {w.pid} on {w.host}; "
+                    f"watch it with `bulkmail status {job_id} --watch` or stop it with "
+                    f"`bulkmail cancel {job_id}`"
+                )
+            dead = [w.id for w in current if w not in live]
+            if dead:
+                conn.execute(
+                    workers.update().where(workers.c.id.in_(dead)).values(stopped_at=now)
+                )
+            live_ids = [w.id for w in live]
+            reclaim = deliveries.update().where(
+                deliveries.c.job_id == job_id, deliveries.c.state == "sending"
+            )
+            if live_ids:
+                reclaim = reclaim.where(deliveries.c.worker_id.not_in(live_ids))
+            reclaimed = conn.execute(
+                reclaim.values(state="pending", in_doubt=True, next_attempt_at=0.0)
+            ).rowcount
+            conn.execute(
+                workers.insert().values(
+                    id=worker_id,
+                    job_id=job_id,
+                    host=host,
+                    pid=pid,
+                    started_at=now,
+                    heartbeat_at=now,
+                    sent=0,
+                )
+            )
+            values: dict[str, Any] = {"state": "running", "finished_at": None, "error": None}
+            if job.started_at is None:
+                values["started_at"] = now
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        return Registration(worker_id, reclaimed)
+
+    def heartbeat(self, worker_id: str, *, now: float) -> str:
+        """Renew a worker's heartbeat; return its job's state (so a cancel is noticed)."""
+        with self._write() as conn:
+            conn.execute(
+                workers.update().where(workers.c.id == worker_id).values(heartbeat_at=now)
+            )
+            state = conn.execute(
+                sa.select(jobs.c.state)
+                .join(workers, workers.c.job_id == jobs.c.id)
+                .where(workers.c.id == worker_id)
+            ).scalar()
+        return str(state)
+
+    def finish_worker(self, worker_id: str, *, now: float, stop: str | None, error: str | None) -> str:
+        """Unregister a worker and settle the job's state; return the job's new state.
+
+        ``stop`` is why the worker stopped early: ``"paused"`` or ``"aborted"`` (job-wide),
+        or None when it ran out of work. The last worker out of a job with nothing left to
+        send marks it ``completed``. Deliveries this worker still had in ``sending`` (an
+        abandoned message) stay there: the next run treats them as in doubt.
+        """
+        with self._write() as conn:
+            job_id = conn.execute(
+                sa.select(workers.c.job_id).where(workers.c.id == worker_id)
+            ).scalar_one()
+            conn.execute(
+                workers.update().where(workers.c.id == worker_id).values(stopped_at=now)
+            )
+            job = self._job(conn, job_id)
+            if job.state != "running":
+                return job.state  # cancelled, or paused/aborted by another worker
+            if stop is not None:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(state=stop, error=error, finished_at=None)
+                )
+                return stop
+            others = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(workers)
+                .where(workers.c.job_id == job_id, workers.c.stopped_at.is_(None))
+            ).scalar_one()
+            left = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(deliveries)
+                .where(deliveries.c.job_id == job_id, deliveries.c.state.in_(("pending", "sending")))
+            ).scalar_one()
+            if left == 0:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(state="completed", finished_at=now, error=None)
+                )
+                return "completed"
+            if others == 0:
+                # nothing claimable is left for us but work remains (e.g. abandoned): pause
+                conn.execute(
+                    jobs.update().where(jobs.c.id == job_id).values(state="paused", error=error)
+                )
+                return "paused"
+            return "running"
+
+    # -- the send loop's steps
+
+    def next_due(self, job_id: int, *, now: float) -> float | None:
+        """Seconds until the next pending delivery is due (0 = now), or None when nothing
+        is pending. A plain read: it takes no lock."""
+        with self._read() as conn:
+            due = conn.execute(
+                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+                    deliveries.c.job_id == job_id, deliveries.c.state == "pending"
+                )
+            ).scalar()
+        if due is None:
+            return None
+        return max(0.0, float(due) - now)
+
+    def claim(self, job_id: int, worker_id: str, *, now: float) -> ClaimResult:
+        """Claim the next due pending delivery for ``worker_id``: mark it ``sending`` and
+        count the attempt, committed before the provider is called."""
+        with self._write() as conn:
+            state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            if state != "running":
+                return Stop(str(state))
+            row = (
+                conn.execute(
+                    sa.select(deliveries)
+                    .where(
+                        deliveries.c.job_id == job_id,
+                        deliveries.c.state == "pending",
+                        deliveries.c.next_attempt_at <= now,
+                    )
+                    .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+            if row is not None:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id == row["id"])
+                    .values(state="sending", attempts=row["attempts"] + 1, worker_id=worker_id)
+                )
+                values = dict(row)
+                values.update(state="sending", attempts=row["attempts"] + 1, worker_id=worker_id)
+                return Claimed(_delivery(values))
+            due = conn.execute(
+                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+                    deliveries.c.job_id == job_id, deliveries.c.state == "pending"
+                )
+            ).scalar()
+            if due is not None:
+                return Wait(max(0.0, float(due) - now))
+            return Stop("running", finished=True)
+
+    def _outcome(self, delivery_id: int, worker_id: str, **values: Any) -> bool:
+        with self._write() as conn:
+            updated = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.id == delivery_id,
+                    deliveries.c.state == "sending",
+                    deliveries.c.worker_id == worker_id,
+                )
+                .values(**values)
+            ).rowcount
+            if updated and values.get("state") == "sent":
+                conn.execute(
+                    workers.update()
+                    .where(workers.c.id == worker_id)
+                    .values(sent=workers.c.sent + 1)
+                )
+        return bool(updated)
+
+    def record_sent(
+        self, delivery_id: int, worker_id: str, *, provider_message_id: str | None, now: float
+    ) -> bool:
+        return self._outcome(
+            delivery_id,
+            worker_id,
+            state="sent",
+            sent_at=now,
+            provider_message_id=provider_message_id,
+            last_error=None,
+        )
+
+    def record_failed(self, delivery_id: int, worker_id: str, *, error: str) -> bool:
+        return self._outcome(delivery_id, worker_id, state="failed", last_error=error)
+
+    def record_retry(
+        self,
+        delivery_id: int,
+        worker_id: str,
+        *,
+        error: str,
+        next_attempt_at: float,
+        in_doubt: bool = False,
+    ) -> bool:
+        """Back to pending until ``next_attempt_at``. ``in_doubt``: the server may have
+        accepted the message (connection lost after the data was sent)."""
+        values: dict[str, Any] = {"in_doubt": True} if in_doubt else {}
+        return self._outcome(
+            delivery_id,
+            worker_id,
+            state="pending",
+            last_error=error,
+            next_attempt_at=next_attempt_at,
+            **values,
+        )
+
+    def release(self, delivery_id: int, worker_id: str) -> bool:
+        """Give a claimed delivery back untried (the job stopped before it was sent)."""
+        return self._outcome(
+            delivery_id, worker_id, state="pending", attempts=deliveries.c.attempts - 1
+        )
+
+    # -- commands
+
+    def cancel(self, job_id: int, *, now: float) -> int:
+        """Cancel a job: pending deliveries become ``cancelled``; a running worker stops
+        before its next message. Returns how many deliveries were cancelled."""
+        with self._write() as conn:
+            job = self._job(conn, job_id)
+            if job.state in ("completed", "cancelled"):
+                raise JobStateError(f"job {job_id} is already {job.state}")
+            count = conn.execute(
+                deliveries.update()
+                .where(deliveries.c.job_id == job_id, deliveries.c.state == "pending")
+                .values(state="cancelled")
+            ).rowcount
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(state="cancelled", finished_at=now)
+            )
+        return int(count)
+
+    def retry_failed(self, job_id: int) -> int:
+        """Put a job's failed deliveries back to pending with fresh attempts."""
+        with self._write() as conn:
+            job = self._job(conn, job_id)
+            if job.state == "cancelled":
+                raise JobStateError(f"job {job_id} is cancelled; start a new job instead")
+            count = conn.execute(
+                deliveries.update()
+                .where(deliveries.c.job_id == job_id, deliveries.c.state == "failed")
+                .values(state="pending", attempts=0, next_attempt_at=0.0)
+            ).rowcount
+            if count and job.state == "completed":
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(state="queued", finished_at=None)
+                )
+        return int(count)
+
+    def deliveries(
+        self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000
+    ) -> Iterator[DeliveryRecord]:
+        """A job's deliveries in order, streamed in batches (for reports and --failed)."""
+        after = 0
+        while True:
+            with self._read() as conn:
+                query = (
+                    sa.select(deliveries)
+                    .where(deliveries.c.job_id == job_id, deliveries.c.position > after)
+                    .order_by(deliveries.c.position)
+                    .limit(batch)
+                )
+                if states:
+                    query = query.where(deliveries.c.state.in_(states))
+                rows = [dict(r) for r in conn.execute(query).mappings()]
+            if not rows:
+                return
+            for values in rows:
+                yield _delivery(values)
+            after = rows[-1]["position"]
+
+    # -- the shared rate limit
+
+    def reserve_slot(self, key: str, reserve: Callable[[float | None], tuple[float, float]]) -> float:
+        """Run one GCRA step on the bucket ``key`` in one short write transaction.
+
+        ``reserve(tat) -> (slot, new_tat)`` is the pure computation (see ratelimit.py); the
+        caller sleeps until ``slot`` outside the transaction.
+        """
+        with self._write() as conn:
+            tat = conn.execute(
+                sa.select(rate_buckets.c.tat).where(rate_buckets.c.key == key)
+            ).scalar()
+            slot, new_tat = reserve(None if tat is None else float(tat))
+            if tat is None:
+                conn.execute(rate_buckets.insert().values(key=key, tat=new_tat))
+            else:
+                conn.execute(
+                    rate_buckets.update().where(rate_buckets.c.key == key).values(tat=new_tat)
+                )
+        return slot

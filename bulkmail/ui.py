@@ -1,0 +1,365 @@
+"""Rich rendering: the live progress bar, the status panel, the recent table, summaries.
+
+On a terminal the progress is a live bar; elsewhere (cron, a log file) it is one plain line
+per step with no escape codes. Nothing here reads the store or sends anything: callers pass
+documents (``jobs.job_document``) and events (``manager.Event``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from bulkmail.manager import Event
+from bulkmail.models import Message
+
+STATE_STYLE = {
+    "completed": "green",
+    "running": "cyan",
+    "queued": "cyan",
+    "paused": "yellow",
+    "stalled": "bold yellow",
+    "aborted": "red",
+    "cancelled": "magenta",
+}
+
+
+def _state(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def _rate(rate: float) -> str:
+    if rate <= 0:
+        return "unlimited"
+    if rate >= 1:
+        return f"{rate:g}/s"
+    return f"{rate:g}/s (one every {1 / rate:g} s)"
+
+
+def new_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[current]}"),
+        console=console,
+        transient=False,
+    )
+
+
+class RunDisplay:
+    """Turns send-loop events into a live bar (terminal) or plain lines (anything else).
+
+    ``done`` counts deliveries that reached a final state (sent, failed, skipped), so the
+    bar of a resumed job starts where the last run stopped.
+    """
+
+    def __init__(
+        self, console: Console, *, job_id: int, total: int, done: int, failed: int, live: bool
+    ) -> None:
+        self.console = console
+        self.job_id = job_id
+        self.total = total
+        self.done = done
+        self.failed = failed
+        self.sent_now = 0
+        self.live = live
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    @contextmanager
+    def running(self) -> Iterator[RunDisplay]:
+        if not self.live:
+            yield self
+            return
+        self._progress = new_progress(self.console)
+        self._task = self._progress.add_task(
+            f"job {self.job_id}", total=self.total, completed=self.done, failed=self.failed,
+            speed="", current="",
+        )  # fmt: skip
+        with self._progress:
+            yield self
+
+    def _speed(self) -> str:
+        elapsed = time.monotonic() - self.started
+        if self.sent_now == 0 or elapsed <= 0:
+            return ""
+        per_s = self.sent_now / elapsed
+        return f"{per_s:.2f}/s" if per_s < 10 else f"{per_s:.0f}/s"
+
+    def handle(self, event: Event) -> None:
+        with self._lock:
+            if event.kind == "sent":
+                self.done += 1
+                self.sent_now += 1
+            elif event.kind == "failed":
+                self.done += 1
+                self.failed += 1
+            if self._progress is not None and self._task is not None:
+                current = event.email if event.kind == "sending" else ""
+                self._progress.update(
+                    self._task, completed=self.done, failed=self.failed, speed=self._speed(),
+                    current=current,
+                )  # fmt: skip
+                return
+        if event.kind in ("sent", "failed", "retry"):
+            line = f"[{self.done}/{self.total}] {event.kind} {event.email}"
+            if event.error:
+                line += f": {event.error}"
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def status_panel(doc: dict[str, Any]) -> Panel:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("state", _state(doc["state"]))
+    table.add_row("provider", doc["provider"])
+    table.add_row("source", str(doc.get("source") or ""))
+    table.add_row("subject", Text(doc["subject"]))
+    counts = Text()
+    for key, style in (
+        ("sent", "green"), ("failed", "red"), ("pending", "cyan"), ("skipped", "yellow"),
+        ("cancelled", "magenta"),
+    ):  # fmt: skip
+        counts.append(f"{doc[key]} {key}", style=style)
+        counts.append("  ")
+    counts.append(f"of {doc['total']}")
+    table.add_row("deliveries", counts)
+    if doc["in_doubt"]:
+        table.add_row("in doubt", f"{doc['in_doubt']} resent after a crash (same Message-ID)")
+    table.add_row("rate", f"{_rate(doc['rate'])}, burst {doc['burst']}")
+    if doc.get("dedupe_key"):
+        table.add_row("dedupe key", doc["dedupe_key"])
+    for key in ("created_at", "started_at", "finished_at"):
+        if doc[key]:
+            table.add_row(key.replace("_at", ""), doc[key])
+    if doc["worker_pid"]:
+        table.add_row("worker", f"pid {doc['worker_pid']} on {doc['worker_host']}, "
+                      f"heartbeat {doc['heartbeat_at']}")  # fmt: skip
+    if doc.get("log_path"):
+        table.add_row("log", doc["log_path"])
+    if doc.get("error"):
+        table.add_row("stopped by", Text(doc["error"], style="red"))
+    hint = next_step(doc)
+    if hint:
+        table.add_row("next", Text(hint, style="dim"))
+    return Panel(table, title=f"job {doc['id']}", expand=False)
+
+
+def next_step(doc: dict[str, Any]) -> str:
+    job = doc["id"]
+    state = doc["state"]
+    if state in ("paused", "aborted", "stalled"):
+        return f"bulkmail resume {job}"
+    if state == "completed" and doc["failed"]:
+        return f"bulkmail status {job} --failed; bulkmail retry {job}"
+    if state in ("running", "queued"):
+        return f"bulkmail status {job} --watch"
+    return ""
+
+
+def workers_table(doc: dict[str, Any]) -> Table | None:
+    if len(doc["workers"]) < 2:
+        return None
+    table = Table(title="workers")
+    for col in ("host", "pid", "started", "heartbeat", "stopped", "sent"):
+        table.add_column(col)
+    for w in doc["workers"]:
+        table.add_row(w["host"], str(w["pid"]), w["started_at"], w["heartbeat_at"],
+                      w["stopped_at"] or "", str(w["sent"]))  # fmt: skip
+    return table
+
+
+def failures_table(failures: Sequence[dict[str, Any]]) -> Table:
+    table = Table(title=f"{len(failures)} failed deliveries")
+    table.add_column("email")
+    table.add_column("name")
+    table.add_column("attempts", justify="right")
+    table.add_column("error")
+    for f in failures:
+        table.add_row(f["email"], f["name"], str(f["attempts"]), f["error"] or "")
+    return table
+
+
+def recent_table(docs: Sequence[dict[str, Any]]) -> Table:
+    table = Table(title="recent jobs")
+    for col, justify in (
+        ("id", "right"), ("state", "left"), ("provider", "left"), ("subject", "left"),
+        ("sent", "right"), ("failed", "right"), ("pending", "right"), ("total", "right"),
+        ("created", "left"),
+    ):  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for d in docs:
+        table.add_row(
+            str(d["id"]), _state(d["state"]), d["provider"], Text(d["subject"]), str(d["sent"]),
+            str(d["failed"]), str(d["pending"]), str(d["total"]), d["created_at"] or "",
+        )  # fmt: skip
+    return table
+
+
+def summary(doc: dict[str, Any]) -> Group:
+    lines = [status_panel(doc)]
+    return Group(*lines)
+
+
+def message_panel(message: Message, index: int) -> Panel:
+    head = Table.grid(padding=(0, 1))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("From:", f"{message.from_name} <{message.from_email}>".strip())
+    head.add_row("To:", Text(f"{message.to_name} <{message.to_email}>"))
+    head.add_row("Subject:", Text(message.subject))
+    for att in message.attachments:
+        head.add_row("Attach:", f"{att.filename} ({att.content_type}, {len(att.data)} bytes)")
+    parts: list[Any] = [head, Text(""), Text(message.text)]
+    if message.html is not None:
+        parts += [Text("--- HTML part ---", style="dim"), Text(message.html)]
+    return Panel(Group(*parts), title=f"message {index}", expand=True)
+
+
+def watch(
+    console: Console,
+    fetch: Callable[[], dict[str, Any]],
+    *,
+    live: bool,
+    interval: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Follow a job until it leaves running/queued; return its last document."""
+    doc = fetch()
+    if not live:
+        last = None
+        while True:
+            line = (f"job {doc['id']} {doc['state']}: {doc['sent']} sent, {doc['failed']} failed, "
+                    f"{doc['pending']} pending of {doc['total']}")  # fmt: skip
+            if line != last:
+                console.print(line, markup=False, highlight=False)
+                last = line
+            if doc["state"] not in ("running", "queued"):
+                return doc
+            sleep(interval)
+            doc = fetch()
+    progress = new_progress(console)
+    task = progress.add_task(f"job {doc['id']}", total=doc["total"], failed=0, speed="", current="")
+    started = time.monotonic()
+    first_done = doc["sent"] + doc["failed"] + doc["skipped"]
+    with Live(progress, console=console, refresh_per_second=8):
+        while True:
+            done = doc["sent"] + doc["failed"] + doc["skipped"]
+            elapsed = time.monotonic() - started
+            speed = f"{(done - first_done) / elapsed:.2f}/s" if elapsed > 1 else ""
+            progress.update(task, completed=done, failed=doc["failed"], speed=speed,
+                            current=doc["state"])  # fmt: skip
+            if doc["state"] not in ("running", "queued"):
+                return doc
+            sleep(interval)
+            doc = fetch()
+
+
+def parse_selection(text: str, count: int) -> set[int]:
+    """Parse "1-3, 5 8" (1-based indexes into a list of ``count``) or "all"; raises ValueError
+    with a message naming the bad part."""
+    text = text.strip().lower()
+    if text in ("all", "*"):
+        return set(range(1, count + 1))
+    picked: set[int] = set()
+    for part in text.replace(",", " ").split():
+        lo, sep, hi = part.partition("-")
+        try:
+            start = int(lo)
+            end = int(hi) if sep else start
+        except ValueError:
+            raise ValueError(f"{part!r} is not a number or a range like 3-7") from None
+        if not (1 <= start <= end <= count):
+            raise ValueError(f"{part!r} is outside 1-{count}")
+        picked.update(range(start, end + 1))
+    if not picked:
+        raise ValueError("nothing selected")
+    return picked
+
+
+def select_rows(console: Console, recipients: Sequence[Any]) -> set[int]:
+    """Show a numbered table of recipients and ask which to send to (numbers and ranges):
+    the command-line counterpart of a list of checkboxes. Returns the chosen source rows."""
+    import typer
+
+    table = Table(title="recipients")
+    table.add_column("#", justify="right")
+    table.add_column("email")
+    table.add_column("name")
+    table.add_column("note")
+    for n, r in enumerate(recipients, 1):
+        table.add_row(str(n), Text(r.email), Text(r.name), Text(r.skip_reason or "", style="yellow"))
+    console.print(table)
+    while True:
+        answer = typer.prompt("Send to which (e.g. 1-3,5 or all)", err=True)
+        try:
+            chosen = parse_selection(answer, len(recipients))
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            continue
+        return {recipients[n - 1].row for n in chosen}
+
+
+def dry_run_document(summary: Any) -> dict[str, Any]:
+    return {
+        "dry_run": True,
+        "source": summary.source,
+        "provider": summary.provider,
+        "to_send": summary.to_send,
+        "skipped": [{"row": r, "email": e, "reason": why} for r, e, why in summary.skipped],
+        "rate": summary.rate,
+        "burst": summary.burst,
+        "estimated_seconds": round(summary.estimated_seconds, 1),
+    }
+
+
+def dry_run_view(summary: Any) -> Group:
+    head = Text()
+    head.append(f"dry run of {summary.source}: ", style="bold")
+    head.append(f"{summary.to_send} to send", style="green")
+    head.append(f", {len(summary.skipped)} skipped, via {summary.provider} at {_rate(summary.rate)}")
+    if summary.rate > 0:
+        head.append(f"; about {_duration(summary.estimated_seconds)}")
+    parts: list[Any] = [head]
+    if summary.skipped:
+        table = Table(title="skipped")
+        table.add_column("row", justify="right")
+        table.add_column("email")
+        table.add_column("reason")
+        for row, email, why in summary.skipped:
+            table.add_row(str(row), Text(email), Text(why))
+        parts.append(table)
+    parts.append(Text("nothing was sent and no job was created", style="dim"))
+    return Group(*parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,500 @@
+"""Sources: CSV files and the course database, read for real from files in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from email_validator import validate_email
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bulkmail.errors import InputError
+from bulkmail.models import Recipient
+from bulkmail.sources import DEFAULT_QUERY, open_csv, open_db, select
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+JOIN = (
+    "SELECT i.name, i.email, c.code AS course, c.title, c.starts_on"
+    " FROM instructors i JOIN courses c ON c.instructor_id = i.id"
+)
+
+
+def write(name: str, content: str | bytes) -> Path:
+    path = Path(name)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def write_rows(name: str, rows: Sequence[Sequence[str]], delimiter: str = ",") -> Path:
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter=delimiter).writerows(rows)
+    return write(name, buffer.getvalue())
+
+
+def load(name: str, content: str | bytes) -> list[Recipient]:
+    return list(open_csv(write(name, content)))
+
+
+def error(call: object, *args: object) -> str:
+    assert callable(call)
+    with pytest.raises(InputError) as info:
+        result = call(*args)
+        if result is not None:
+            list(result)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message
+    return message
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def test_example_csv_loads() -> None:
+    source = open_csv(EXAMPLES / "instructors.csv")
+    recipients = list(source)
+    assert len(recipients) >= 10
+    assert all(r.skip_reason is None for r in recipients)
+    assert source.columns[:2] == ["name", "email"]
+    assert {"Zoë Ångström", "José Núñez"} <= {r.name for r in recipients}
+    assert [r.row for r in recipients] == list(range(2, len(recipients) + 2))
+    for r in recipients:
+        assert r.email.rpartition("@")[2] in {"example.edu", "example.org"}
+        assert set(r.fields) == set(source.columns)
+
+
+def test_fields_and_normalisation() -> None:
+    source = open_csv(write("a.csv", "name,email,Course \n  Ada Lovelace ,  Ada@EXAMPLE.EDU ,CS1\n"))
+    assert source.description == "a.csv"
+    assert source.columns == ["name", "email", "Course"]
+    [r] = list(source)
+    assert r == Recipient(
+        row=2,
+        email="Ada@example.edu",
+        name="Ada Lovelace",
+        fields={"name": "Ada Lovelace", "email": "Ada@example.edu", "Course": "CS1"},
+    )
+
+
+def test_can_iterate_twice() -> None:
+    source = open_csv(write("a.csv", "email\na@example.edu\nb@example.edu\na@example.edu\n"))
+    first, second = list(source), list(source)
+    assert first == second
+    assert [r.skip_reason for r in first] == [None, None, "duplicate of row 2"]
+
+
+def test_bom_is_stripped() -> None:
+    source = open_csv(write("bom.csv", "\ufeffEmail,Name\nzoe@example.edu,Zoë\n".encode()))
+    assert source.columns == ["email", "name"]
+    assert [(r.email, r.name) for r in source] == [("zoe@example.edu", "Zoë")]
+
+
+def test_semicolon_delimiter() -> None:
+    text = "Name;E-Mail;Course\nJosé Núñez;jose@example.edu;Calculus I, Section B\n"
+    [r] = load("semi.csv", text)
+    assert (r.name, r.email, r.fields["Course"]) == (
+        "José Núñez",
+        "jose@example.edu",
+        "Calculus I, Section B",
+    )
+
+
+def test_quoted_fields_with_commas_and_newlines() -> None:
+    text = (
+        "name,email,title\r\n"
+        '"Okafor, Ben",ben@example.edu,"Data Structures, part 1"\r\n'
+        'Ada,ada@example.edu,"two\nlines"\r\n'
+        "Chen,chen@example.edu,Chemistry\r\n"
+    )
+    ben, ada, chen = load("q.csv", text)
+    assert (ben.name, ben.fields["title"], ben.skip_reason) == (
+        "Okafor, Ben",
+        "Data Structures, part 1",
+        None,
+    )
+    # A value with a line break could reach a header through a template: skipped, named.
+    assert ada.skip_reason == "line break or NUL in column 'title'"
+    # Rows are numbered as an editor shows the lines where records start.
+    assert [ben.row, ada.row, chen.row] == [2, 3, 5]
+    assert chen.skip_reason is None
+
+
+def test_blank_lines_ignored_but_counted() -> None:
+    text = "\nname,email\n\na,a@example.edu\n   \n,,\n\nb,b@example.edu\n\n"
+    recipients = load("blank.csv", text)
+    assert [(r.row, r.email) for r in recipients] == [(4, "a@example.edu"), (8, "b@example.edu")]
+
+
+@pytest.mark.parametrize(
+    ("email_header", "name_header"),
+    [
+        ("E-Mail", "Full Name"),
+        ("Mail", "NAME"),
+        ("  EMAIL  ", " fullname "),
+        ("e_mail", "Instructor"),
+        ("Email Address", "Display Name"),
+        ("address", "full_name"),
+    ],
+)
+def test_header_aliases_case_insensitive(email_header: str, name_header: str) -> None:
+    source = open_csv(write("h.csv", f"{name_header},{email_header},Room\nZoë,z@example.edu,B2\n"))
+    assert source.columns == ["name", "email", "Room"]
+    [r] = list(source)
+    assert (r.name, r.email, r.fields["Room"]) == ("Zoë", "z@example.edu", "B2")
+
+
+def test_best_alias_wins_and_others_stay_variables() -> None:
+    source = open_csv(write("h.csv", "Address,Email,Instructor,Name\n1 Main St,a@example.edu,x,Ada\n"))
+    assert source.columns == ["Address", "email", "Instructor", "name"]
+    [r] = list(source)
+    assert (r.email, r.name, r.fields["Address"]) == ("a@example.edu", "Ada", "1 Main St")
+
+
+def test_no_name_column_gives_empty_name() -> None:
+    [r] = load("n.csv", "email,course\na@example.edu,CS1\n")
+    assert r.name == ""
+    assert "name" not in r.fields
+
+
+def test_missing_email_column_names_file_and_found_columns() -> None:
+    path = write("instructors.csv", "name,course\nAda,CS1\n")
+    message = error(open_csv, path)
+    assert message.startswith("instructors.csv: no 'email' column (found: name, course); ")
+    assert "accepted names: email, e-mail" in message
+
+
+def test_headerless_file_gets_a_hint() -> None:
+    message = error(open_csv, write("x.csv", "Ada,ada@example.edu\n"))
+    assert "no 'email' column" in message
+    assert "add a header row" in message
+
+
+def test_duplicate_header_is_an_error() -> None:
+    message = error(open_csv, write("d.csv", "name,email,Course,course\n"))
+    assert message == "d.csv: column 'course' appears twice in the header (rename one of them)"
+
+
+def test_two_equally_good_email_columns_are_an_error() -> None:
+    message = error(open_csv, write("d.csv", "email,E-Mail\na@example.edu,b@example.edu\n"))
+    assert message.startswith("d.csv: columns 'email' and 'E-Mail' both look like")
+
+
+def test_not_utf8_names_the_row() -> None:
+    path = write("latin.csv", "name,email\nAda,a@example.edu\nJosé,j@example.edu\n".encode("latin-1"))
+    source = open_csv(path)  # the header and first row are fine
+    message = error(lambda: list(source))
+    assert message == "latin.csv: row 3: not valid UTF-8 (save the file as UTF-8)"
+
+
+def test_not_utf8_header() -> None:
+    message = error(open_csv, write("latin.csv", "Name,E-Mail,Straße\n".encode("cp1252")))
+    assert message == "latin.csv: row 1: not valid UTF-8 (save the file as UTF-8)"
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "\ufeff"])
+def test_empty_file(content: str) -> None:
+    assert error(open_csv, write("e.csv", content)) == "e.csv: empty file, expected a header row"
+
+
+def test_header_without_rows() -> None:
+    assert error(open_csv, write("h.csv", "name,email\n\n")) == "h.csv: no data rows below the header"
+
+
+def test_missing_file_and_directory() -> None:
+    assert error(open_csv, "nope.csv") == "nope.csv: no such file"
+    Path("dir.csv").mkdir()
+    assert error(open_csv, "dir.csv").startswith("dir.csv: is a directory")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads anything")
+def test_unreadable_file() -> None:
+    path = write("secret.csv", "email\na@example.edu\n")
+    path.chmod(0)
+    assert error(open_csv, path) == "secret.csv: cannot read (permission denied)"
+
+
+def test_row_with_too_many_fields() -> None:
+    source = open_csv(write("w.csv", "name,email\nA,a@example.edu\nSmith, John,j@example.edu\n"))
+    message = error(lambda: list(source))
+    assert message.startswith("w.csv: row 3: 3 fields but the header has 2 columns")
+
+
+def test_trailing_empty_fields_and_short_rows_are_fine() -> None:
+    recipients = load("t.csv", "name,email,course\nA,a@example.edu,CS1,,\nB,b@example.edu\n")
+    assert [r.fields["course"] for r in recipients] == ["CS1", ""]
+    assert all(r.skip_reason is None for r in recipients)
+
+
+def test_invalid_empty_and_duplicate_addresses_are_skipped_with_reasons() -> None:
+    text = (
+        "name,email\n"
+        "Ada,Ada@Example.edu\n"
+        "Bad,not-an-address\n"
+        "Nobody,\n"
+        "Ada again,ada@EXAMPLE.EDU\n"
+        "Dotty,dot..dot@example.edu\n"
+        "Ben,ben@example.edu\n"
+    )
+    recipients = load("s.csv", text)
+    reasons = {r.row: r.skip_reason for r in recipients}
+    assert reasons[2] is None and reasons[7] is None
+    assert reasons[3] is not None and reasons[3].startswith("invalid address: ")
+    assert reasons[4] == "no email address"
+    assert reasons[5] == "duplicate of row 2"
+    assert reasons[6] is not None and reasons[6].startswith("invalid address: ")
+    assert recipients[1].email == "not-an-address"  # kept as given, to show in the report
+
+
+@pytest.mark.parametrize("bad", ["Ada\nLovelace", "Ada\rLovelace", "Ada\x00Lovelace", "Ada\r\n"])
+def test_line_break_or_nul_in_name_is_skipped(bad: str) -> None:
+    path = write_rows(
+        "cr.csv", [["name", "email"], [bad, "ada@example.edu"], ["Ada", "ada@example.edu"]]
+    )
+    first, second = list(open_csv(path))
+    assert first.skip_reason == "line break or NUL in column 'name'"
+    # The skipped row does not count as sent: the clean row for the same address goes out.
+    assert second.skip_reason is None
+
+
+def test_line_break_in_any_column_is_skipped() -> None:
+    path = write_rows("cr.csv", [["Mail", "Course"], ["a@example.edu", "CS1\r\nBcc: x@example.org"]])
+    [r] = list(open_csv(path))
+    assert r.skip_reason == "line break or NUL in column 'Course'"
+
+
+# --------------------------------------------------------------------------- property
+
+
+cell = st.one_of(
+    st.text(st.characters(codec="utf-8"), max_size=20),
+    st.emails(),
+    st.sampled_from(
+        ["a@example.edu", " A@EXAMPLE.EDU ", "a@example.edu\n", "", " ", "x@@y", "é@example.org"]
+    ),
+)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.tuples(cell, cell, cell), min_size=1, max_size=6))
+def test_any_text_yields_one_recipient_per_row(rows: list[tuple[str, str, str]]) -> None:
+    path = write_rows("prop.csv", [("name", "email", "notes"), *rows])
+    data_rows = [row for row in rows if any(value.strip() for value in row)]
+    if not data_rows:
+        assert "no data rows" in error(open_csv, path)
+        return
+    recipients = list(open_csv(path))
+    assert len(recipients) == len(data_rows)
+    assert [r.row for r in recipients] == sorted({r.row for r in recipients})
+    sendable = [r for r in recipients if r.skip_reason is None]
+    for r in sendable:
+        validate_email(r.email, check_deliverability=False)
+        for value in (r.name, r.email, *r.fields.values()):
+            assert not any(ch in value for ch in "\r\n\0")
+    assert len({r.email.casefold() for r in sendable}) == len(sendable)
+
+
+# --------------------------------------------------------------------------- database
+
+
+@pytest.fixture(scope="module")
+def built_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "course.db"
+    script = EXAMPLES / "make_course_db.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, check=True
+    )
+    assert "12 instructors" in done.stdout
+    again = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr
+    return path
+
+
+@pytest.fixture
+def course_db(built_db: Path) -> Iterator[Path]:
+    path = Path("course.db")
+    shutil.copyfile(built_db, path)
+    before = path.read_bytes()
+    yield path
+    assert path.read_bytes() == before, "the database must never be written"
+
+
+def count(path: Path, table: str = "instructors") -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def test_db_default_query(course_db: Path) -> None:
+    source = open_db("sqlite:///course.db")
+    assert source.description == "sqlite:///course.db"
+    assert source.columns == ["name", "email"]
+    recipients = list(source)
+    assert len(recipients) == 12
+    assert [r.row for r in recipients] == list(range(1, 13))
+    assert all(r.skip_reason is None for r in recipients)
+    assert "Zoë Ångström" in {r.name for r in recipients}
+    assert list(source) == recipients
+    assert open_db("sqlite:///course.db", DEFAULT_QUERY).columns == ["name", "email"]
+
+
+def test_db_matches_example_csv(course_db: Path) -> None:
+    from_db = {(r.name, r.email) for r in open_db("sqlite:///course.db")}
+    from_csv = {(r.name, r.email) for r in open_csv(EXAMPLES / "instructors.csv")}
+    assert from_db == from_csv
+
+
+def test_db_join_query(course_db: Path) -> None:
+    query = f"-- every course; one row each\n{JOIN}\nORDER BY c.code; -- done\n"
+    source = open_db(f"sqlite:///{course_db.resolve()}", query)
+    assert source.columns == ["name", "email", "course", "title", "starts_on"]
+    recipients = list(source)
+    assert len(recipients) == 12
+    first = recipients[0]
+    assert first.fields["course"] == "BIO120"
+    assert first.fields["starts_on"] == "2025-09-15"
+
+
+def test_db_semicolons_in_strings_are_fine(course_db: Path) -> None:
+    query = "SELECT name, email, 'a;b' AS note FROM instructors WHERE name <> ';'"
+    assert [r.fields["note"] for r in open_db("sqlite:///course.db", query)][:1] == ["a;b"]
+
+
+def test_db_query_without_email_column(course_db: Path) -> None:
+    message = error(open_db, "sqlite:///course.db", "SELECT id, name FROM instructors")
+    assert message.startswith("sqlite:///course.db: no 'email' column (found: id, name)")
+
+
+def test_db_alias_and_values_as_text(course_db: Path) -> None:
+    query = "SELECT email AS \"E-Mail\", id, NULL AS empty, 1.5 AS x FROM instructors"
+    source = open_db("sqlite:///course.db", query)
+    assert source.columns == ["email", "id", "empty", "x"]
+    r = next(iter(source))
+    assert r.fields == {"email": "ada.whitfield@example.edu", "id": "1", "empty": "", "x": "1.5"}
+    assert r.name == ""
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DELETE FROM instructors",
+        "UPDATE instructors SET email = 'x@example.org'",
+        "SELECT 1; DROP TABLE instructors",
+        "SELECT name, email FROM instructors; DELETE FROM instructors;",
+        "select 'a\\'; DELETE FROM instructors; --'",
+        "/* SELECT */ DROP TABLE instructors",
+        "PRAGMA query_only = OFF",
+        "",
+        "  ;  ",
+    ],
+)
+def test_db_only_one_select_is_accepted(course_db: Path, query: str) -> None:
+    message = error(open_db, "sqlite:///course.db", query)
+    assert message.startswith("--query: ")
+    assert count(course_db) == 12
+    assert count(course_db, "courses") == 12
+
+
+def test_db_query_errors_are_one_line(course_db: Path) -> None:
+    message = error(open_db, "sqlite:///course.db", "SELECT name, email FROM teachers")
+    assert message == "sqlite:///course.db: query failed: no such table: teachers"
+    message = error(open_db, "sqlite:///course.db", "SELECT name email FROM")
+    assert message.startswith("sqlite:///course.db: query failed: ")
+
+
+def test_db_no_rows(course_db: Path) -> None:
+    message = error(open_db, "sqlite:///course.db", f"{DEFAULT_QUERY} WHERE id > 100")
+    assert message == "sqlite:///course.db: the query returned no rows"
+
+
+def test_db_missing_file_is_not_created() -> None:
+    message = error(open_db, "sqlite:///missing.db")
+    assert message == "sqlite:///missing.db: no such database file 'missing.db'"
+    assert not Path("missing.db").exists()
+
+
+def test_db_bad_url_and_masked_password() -> None:
+    assert error(open_db, "not a url").startswith("--db: not a valid database URL")
+    message = error(open_db, "postgresql://office:s3cret@127.0.0.1:1/courses")
+    assert "s3cret" not in message
+    assert message.startswith("postgresql://office:***@127.0.0.1:1/courses: ")
+
+
+def test_db_skips_rows_like_csv(tmp_path: Path) -> None:
+    with sqlite3.connect("odd.db") as conn:
+        conn.execute("CREATE TABLE people (name TEXT, email TEXT, note TEXT)")
+        conn.executemany(
+            "INSERT INTO people VALUES (?, ?, ?)",
+            [
+                ("Ada", "ada@example.edu", None),
+                ("Ada twin", "ADA@example.edu", ""),
+                ("Nul", None, ""),
+                ("Evil", "evil@example.org", "x\r\nBcc: all@example.org"),
+            ],
+        )
+    conn.close()
+    recipients = list(open_db("sqlite:///odd.db", "SELECT * FROM people"))
+    assert [(r.row, r.skip_reason) for r in recipients] == [
+        (1, None),
+        (2, "duplicate of row 1"),  # the whole address is compared case-insensitively
+        (3, "no email address"),
+        (4, "line break or NUL in column 'note'"),
+    ]
+    assert recipients[1].email == "ADA@example.edu"
+
+
+def test_db_duplicate_result_columns(course_db: Path) -> None:
+    message = error(
+        open_db,
+        "sqlite:///course.db",
+        "SELECT i.name, i.email, c.title AS name FROM instructors i JOIN courses c"
+        " ON c.instructor_id = i.id",
+    )
+    assert "column 'name' appears twice in the query result" in message
+
+
+# --------------------------------------------------------------------------- select
+
+
+def people(*emails: str) -> list[Recipient]:
+    return [Recipient(row=i, email=e, name="", fields={"email": e}) for i, e in enumerate(emails)]
+
+
+def test_select_only_and_exclude() -> None:
+    rows = people("Ada@example.edu", "ben@example.edu", "chen@example.org")
+    assert list(select(rows, [], [])) == rows
+    assert [r.email for r in select(rows, ["ada@EXAMPLE.edu", " CHEN@example.org "], [])] == [
+        "Ada@example.edu",
+        "chen@example.org",
+    ]
+    assert [r.email for r in select(rows, [], ["BEN@example.edu"])] == [
+        "Ada@example.edu",
+        "chen@example.org",
+    ]
+    assert [r.email for r in select(rows, ["ada@example.edu"], ["ada@example.edu"])] == []
+
+
+def test_select_only_typo_is_an_error_at_the_end() -> None:
+    rows = people("ada@example.edu", "ben@example.edu")
+    selected = select(iter(rows), ["ada@example.edu", "bne@example.edu"], [])
+    assert next(selected).email == "ada@example.edu"  # lazy
+    with pytest.raises(InputError, match=r"^--only bne@example.edu: not in the recipients$"):
+        list(selected)
+
+
+def test_select_empty_address_is_an_error() -> None:
+    assert error(select, people("a@example.edu"), [], [" "]) == "--exclude: empty address"
+
+
+def test_select_on_a_real_source(course_db: Path) -> None:
+    source = open_db("sqlite:///course.db")
+    chosen = list(select(source, ["ZOE.ANGSTROM@example.edu"], []))
+    assert [r.name for r in chosen] == ["Zoë Ångström"]
