@@ -47,7 +47,9 @@ StoreOpt = Annotated[
 ]
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", envvar="BULKMAIL_CONFIG", help="TOML config file.", show_default=False),
+    typer.Option(
+        "--config", envvar="BULKMAIL_CONFIG", help="TOML config file.", show_default=False
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 DetachOpt = Annotated[
@@ -59,7 +61,8 @@ CsvOpt = Annotated[
     Path | None, typer.Option("--csv", help="CSV file of recipients (email, name, ...).")
 ]
 DbOpt = Annotated[
-    str | None, typer.Option("--db", help="Course database: any SQLAlchemy URL.", show_default=False)
+    str | None,
+    typer.Option("--db", help="Course database: any SQLAlchemy URL.", show_default=False),
 ]
 QueryOpt = Annotated[
     str | None,
@@ -182,11 +185,18 @@ def _run_job(
     else:
         out.print(ui.summary(doc))
     if result.interrupted:
-        err.print(f"interrupted: job {job_id} paused; continue with: bulkmail resume {job_id}",
-                  markup=False, highlight=False)  # fmt: skip
+        err.print(
+            f"interrupted: job {job_id} paused; continue with: bulkmail resume {job_id}",
+            markup=False,
+            highlight=False,
+        )
     elif result.state in ("paused", "aborted"):
-        err.print(f"job {job_id} {result.state}: {result.error}; "
-                  f"after fixing it: bulkmail resume {job_id}", markup=False, highlight=False)  # fmt: skip
+        err.print(
+            f"job {job_id} {result.state}: {result.error}; "
+            f"after fixing it: bulkmail resume {job_id}",
+            markup=False,
+            highlight=False,
+        )
     raise typer.Exit(int(result.exit_code))
 
 
@@ -259,16 +269,28 @@ def send_reminders(
     settings = _settings(config)
     plan = jobs.plan(
         jobs.SourceOptions(
-            csv=str(csv) if csv else None, db=db, query=query, template=str(template),
-            html_template=str(html_template) if html_template else None, subject=subject,
-            attach=attach or (), sender=sender, only=only or (), exclude=exclude or (),
+            csv=str(csv) if csv else None,
+            db=db,
+            query=query,
+            template=str(template),
+            html_template=str(html_template) if html_template else None,
+            subject=subject,
+            attach=attach or (),
+            sender=sender,
+            only=only or (),
+            exclude=exclude or (),
         ),
         jobs.SendOptions(
-            provider=provider, rate=rate, burst=burst, concurrency=concurrency,
-            max_retries=max_retries, backoff=backoff, dedupe_key=dedupe_key,
+            provider=provider,
+            rate=rate,
+            burst=burst,
+            concurrency=concurrency,
+            max_retries=max_retries,
+            backoff=backoff,
+            dedupe_key=dedupe_key,
         ),
         settings,
-    )  # fmt: skip
+    )
     interactive = sys.stdin.isatty()
     if select:
         if not interactive:
@@ -294,7 +316,9 @@ def send_reminders(
 @handles_errors
 def status(
     job_id: JobArg,
-    watch: Annotated[bool, typer.Option("--watch", help="Follow the job live until it ends.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the job live until it ends.")
+    ] = False,
     failed: Annotated[bool, typer.Option("--failed", help="List failed deliveries.")] = False,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
@@ -373,8 +397,11 @@ def cancel(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> 
     """Cancel a job: pending deliveries are cancelled; a running worker stops.
     Example: bulkmail cancel 3"""
     count = _store(store).cancel(job_id, now=time.time())
-    Console().print(f"job {job_id} cancelled: {count} pending deliveries will not be sent",
-                    markup=False, highlight=False)  # fmt: skip
+    Console().print(
+        f"job {job_id} cancelled: {count} pending deliveries will not be sent",
+        markup=False,
+        highlight=False,
+    )
 
 
 @app.command()
@@ -391,8 +418,11 @@ def retry(
     db = _store(store, settings)
     count = db.retry_failed(job_id)
     if not as_json:
-        _stderr().print(f"job {job_id}: {count} failed deliveries back to pending",
-                        markup=False, highlight=False)  # fmt: skip
+        _stderr().print(
+            f"job {job_id}: {count} failed deliveries back to pending",
+            markup=False,
+            highlight=False,
+        )
     _run_job(db, job_id, settings, as_json=as_json, detach=detach, config=config)
 
 
@@ -422,13 +452,20 @@ def preview(
     settings = _settings(config)
     plan = jobs.plan(
         jobs.SourceOptions(
-            csv=str(csv) if csv else None, db=db, query=query, template=str(template),
-            html_template=str(html_template) if html_template else None, subject=subject,
-            attach=attach or (), sender=sender, only=only or (), exclude=exclude or (),
+            csv=str(csv) if csv else None,
+            db=db,
+            query=query,
+            template=str(template),
+            html_template=str(html_template) if html_template else None,
+            subject=subject,
+            attach=attach or (),
+            sender=sender,
+            only=only or (),
+            exclude=exclude or (),
         ),
         jobs.SendOptions(provider=provider),
         settings,
-    )  # fmt: skip
+    )
     out = Console()
     for n, message in enumerate(jobs.preview(plan, count), 1):
         out.print(ui.message_panel(message, n))
@@ -480,12 +517,17 @@ def worker(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> 
     def on_event(event: Any) -> None:
         if event.kind in ("sent", "failed", "retry"):
             suffix = f": {event.error}" if event.error else ""
-            print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event.kind} {event.email}{suffix}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event.kind} {event.email}{suffix}",
+                flush=True,
+            )
 
     result = jobs.manager(db, job_id, settings, on_event=on_event).run()
-    print(f"worker pid {os.getpid()} stopped: job {job_id} {result.state}"
-          + (f" ({result.error})" if result.error else ""), flush=True)  # fmt: skip
+    print(
+        f"worker pid {os.getpid()} stopped: job {job_id} {result.state}"
+        + (f" ({result.error})" if result.error else ""),
+        flush=True,
+    )
     raise typer.Exit(int(result.exit_code))
 
 

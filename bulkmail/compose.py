@@ -446,10 +446,16 @@ def _parse_sender(sender: str) -> tuple[str, str]:
             f"--from: {sender!r} is not an email address "
             "(use 'office@example.edu' or 'Course Office <office@example.edu>')"
         )
+    local, _, domain = address.rpartition("@")
+    # email-validator refuses special-use names, but a sender on the local machine
+    # (bulkmail@localhost, the outbox default) is fine: check only its local part then
+    checked = f"{local}@example.com" if domain.lower() == "localhost" else address
     try:
-        info = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        info = validate_email(checked, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise InputError(f"--from: {address!r} is not a valid address: {exc}") from None
+    if checked != address:
+        return name.strip(), f"{info.local_part}@localhost"
     return name.strip(), info.ascii_email or info.normalized
 
 
@@ -566,19 +572,21 @@ def _subject_lines(subject: str) -> list[str] | None:
         end = i + 1
         while end < len(words) and not words[end].isascii():
             end += 1
-        run = "".join(w + g for w, g in zip(words[i:end], gaps[i + 1 : end + 1], strict=False))
-        run = run[: len(run) - len(gaps[end]) if end < len(words) else len(run)]
+        run = words[i] + "".join(gaps[k] + words[k] for k in range(i + 1, end))
         use_q = _use_q(run.encode("utf-8"))
+        between = False  # is gap the (dropped) space between two encoded words of the run?
         while run:
             room = min(75, _MAX_LINE - len(lines[-1]) - len(gap))
             if room < _MIN_WORD and (i > 0 or len(lines) > 1):
-                lines.append("")  # fold: the gap (or a space between two words) leads it
+                if not between:
+                    return None  # EmailMessage adds a space when it folds there
+                lines.append("")  # fold before the space between two encoded words
                 room = min(75, _MAX_LINE - len(gap))
             word, run = _take_word(run, room, use_q)
             if not word:
                 return None
             lines[-1] += gap + word
-            gap = " "  # between two encoded words: dropped when decoding
+            gap, between = " ", True
         i = end
     return lines
 

@@ -116,8 +116,13 @@ class Settings:
 
 
 # key in [defaults] -> Settings attribute
-_DEFAULT_KEYS = {"provider": "provider", "from": "sender", "rate": "rate", "burst": "burst",
-                 "store": "store"}
+_DEFAULT_KEYS = {
+    "provider": "provider",
+    "from": "sender",
+    "rate": "rate",
+    "burst": "burst",
+    "store": "store",
+}
 _SECTIONS: dict[str, type[SmtpSettings] | type[MailtrapSettings] | type[OutboxSettings]] = {
     "smtp": SmtpSettings,
     "mailtrap": MailtrapSettings,
@@ -162,13 +167,13 @@ def _coerce(where: str, value: Any, to: type | str) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a {kind.split('|')[0].strip()}, got {value!r}") from None
+        raise ConfigError(
+            f"{where}: expected a {kind.split('|')[0].strip()}, got {value!r}"
+        ) from None
     return value
 
 
-def load_settings(
-    *, config: str | None = None, env: Mapping[str, str] | None = None
-) -> Settings:
+def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults < config file < environment. Flags are applied by the caller on top."""
     env = os.environ if env is None else env
     path = find_config(config, env)
@@ -208,9 +213,7 @@ def load_settings(
     if path is not None and has_secret and os.name == "posix":
         mode = path.stat().st_mode
         if mode & (stat.S_IRGRP | stat.S_IROTH):
-            warnings.append(
-                f"{path} holds a secret and other users can read it: chmod 600 {path}"
-            )
+            warnings.append(f"{path} holds a secret and other users can read it: chmod 600 {path}")
 
     # environment: BULKMAIL_<KEY> for [defaults], BULKMAIL_<SECTION>_<KEY> otherwise
     for key, attr in _DEFAULT_KEYS.items():
@@ -227,7 +230,9 @@ def load_settings(
     where = f"{path}: [defaults]" if path else "BULKMAIL_*"
     provider = str(top.get("provider", "") or "")
     if provider and provider not in PROVIDERS:
-        raise ConfigError(f"{where} provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+        raise ConfigError(
+            f"{where} provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}"
+        )
     rate = top.get("rate")
     settings = Settings(
         provider=provider,
@@ -243,6 +248,7 @@ def load_settings(
     )
     if settings.smtp.security not in SMTP_SECURITY:
         raise ConfigError(
-            f"smtp security: must be one of {', '.join(SMTP_SECURITY)}, got {settings.smtp.security!r}"
+            f"smtp security: must be one of {', '.join(SMTP_SECURITY)}, "
+            f"got {settings.smtp.security!r}"
         )
     return settings

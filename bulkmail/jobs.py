@@ -192,9 +192,7 @@ def create_job(store: Store, plan: Plan, *, now: float | None = None) -> int:
         backoff=plan.send.backoff,
         dedupe_key=plan.send.dedupe_key,
     )
-    rows = (
-        NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan)
-    )
+    rows = (NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan))
     domain = parseaddr(plan.sender)[1].rpartition("@")[2] or "bulkmail.local"
     return store.create_job(new, rows, now=time.time() if now is None else now, domain=domain)
 
@@ -260,7 +258,9 @@ def manager(
     *,
     on_event: Callable[[Event], None] | None = None,
 ) -> EmailManager:
-    return EmailManager(store, job_id, provider_factory=provider_factory(settings), on_event=on_event)
+    return EmailManager(
+        store, job_id, provider_factory=provider_factory(settings), on_event=on_event
+    )
 
 
 @dataclass(frozen=True)
@@ -382,9 +382,18 @@ def failures(store: Store, job_id: int) -> list[dict[str, Any]]:
 
 
 REPORT_COLUMNS = (
-    "position", "row", "email", "name", "state", "attempts", "error", "sent_at",
-    "message_id", "provider_message_id", "in_doubt",
-)  # fmt: skip
+    "position",
+    "row",
+    "email",
+    "name",
+    "state",
+    "attempts",
+    "error",
+    "sent_at",
+    "message_id",
+    "provider_message_id",
+    "in_doubt",
+)
 
 
 def write_report(store: Store, job_id: int, out: TextIO) -> int:
@@ -396,10 +405,18 @@ def write_report(store: Store, job_id: int, out: TextIO) -> int:
     for d in store.deliveries(job_id):
         writer.writerow(
             [
-                d.position, d.row, d.email, d.name, d.state, d.attempts, d.last_error or "",
-                iso(d.sent_at) or "", d.message_id, d.provider_message_id or "",
+                d.position,
+                d.row,
+                d.email,
+                d.name,
+                d.state,
+                d.attempts,
+                d.last_error or "",
+                iso(d.sent_at) or "",
+                d.message_id,
+                d.provider_message_id or "",
                 "yes" if d.in_doubt else "",
-            ]  # fmt: skip
+            ]
         )
         count += 1
     return count

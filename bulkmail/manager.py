@@ -233,7 +233,9 @@ class EmailManager:
                 log.warning("heartbeat failed: %s", exc)
                 continue
             if state != "running":
-                log.warning("job %s is now %s: stopping before the next message", self.job_id, state)
+                log.warning(
+                    "job %s is now %s: stopping before the next message", self.job_id, state
+                )
                 self._stop.set()
 
     def _sender(self, job: JobRecord, limiter: RateLimiter, composer: Composer) -> None:

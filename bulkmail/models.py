@@ -63,7 +63,10 @@ class Message:
         for att in self.attachments:
             maintype, _, subtype = att.content_type.partition("/")
             msg.add_attachment(
-                att.data, maintype=maintype, subtype=subtype or "octet-stream", filename=att.filename
+                att.data,
+                maintype=maintype,
+                subtype=subtype or "octet-stream",
+                filename=att.filename,
             )
         return msg
 

@@ -93,8 +93,16 @@ def _alias_key(header: str) -> str:
     return re.sub(r"[\s_\-]+", "", header.casefold())
 
 
-_EMAIL_RANK = {key: rank for rank, key in reversed(list(enumerate(map(_alias_key, EMAIL_ALIASES))))}
-_NAME_RANK = {key: rank for rank, key in reversed(list(enumerate(map(_alias_key, NAME_ALIASES))))}
+def _ranks(aliases: Sequence[str]) -> dict[str, int]:
+    """Alias key -> rank (0 is best)."""
+    ranks: dict[str, int] = {}
+    for rank, alias in enumerate(aliases):
+        ranks.setdefault(_alias_key(alias), rank)
+    return ranks
+
+
+_EMAIL_RANK = _ranks(EMAIL_ALIASES)
+_NAME_RANK = _ranks(NAME_ALIASES)
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ def _layout(origin: str, labels: Sequence[str], what: str, hint: str = "") -> _L
             )
         seen[folded] = label
 
-    def best(ranks: dict[str, int], taken: int | None) -> int | None:
+    def best(ranks: dict[str, int], role: str, taken: int | None) -> int | None:
         candidates = [
             (ranks[_alias_key(label)], pos)
             for pos, label in kept
@@ -132,20 +140,20 @@ def _layout(origin: str, labels: Sequence[str], what: str, hint: str = "") -> _L
             first, second = labels[candidates[0][1]], labels[candidates[1][1]]
             raise InputError(
                 f"{origin}: columns {_quote(first)} and {_quote(second)} both look like the"
-                " same field; rename one of them"
+                f" {role} column; rename one of them"
             )
         return candidates[0][1]
 
-    email_pos = best(_EMAIL_RANK, None)
+    email_pos = best(_EMAIL_RANK, "email", None)
     if email_pos is None:
         found = ", ".join(_one_line(label) for _, label in kept) or "no named columns"
-        if any("@" in label for _, label in kept):
+        if what == "header" and any("@" in label for _, label in kept):
             hint = " (the first row looks like data: add a header row such as name,email)"
         raise InputError(
             f"{origin}: no 'email' column (found: {found}); accepted names: "
             f"{', '.join(EMAIL_ALIASES)}{hint}"
         )
-    name_pos = best(_NAME_RANK, email_pos)
+    name_pos = best(_NAME_RANK, "name", email_pos)
     keys = []
     for pos, label in kept:
         keys.append("email" if pos == email_pos else "name" if pos == name_pos else label)
@@ -207,20 +215,32 @@ class _NotUtf8(Exception):
         self.line = line
 
 
+_BARE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+
 class _Lines:
-    """The file's physical lines, decoded as UTF-8 one at a time (a BOM is dropped)."""
+    """The file's physical lines, decoded as UTF-8 one at a time (a BOM is dropped).
+
+    Lines end with LF, CRLF or a bare CR (old Mac exports), as in an editor; the csv module
+    joins the lines of a quoted multi-line value itself.
+    """
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
+        self._pending: list[bytes] = []
         self.count = 0  # physical lines read so far
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        data = self._stream.readline()
-        if not data:
-            raise StopIteration
+        if not self._pending:
+            data = self._stream.readline()
+            if not data:
+                raise StopIteration
+            self._pending = [piece for piece in _BARE_CR.split(data) if piece]
+            self._pending.reverse()
+        data = self._pending.pop()
         self.count += 1
         try:
             return data.decode("utf-8-sig" if self.count == 1 else "utf-8")
@@ -273,7 +293,7 @@ def _records(path: Path, origin: str) -> Generator[tuple[int, list[str]], None, 
             ) from None
         stream.seek(0)
         lines = _Lines(stream)
-        reader = csv.reader(lines, delimiter=delimiter)
+        reader = csv.reader(lines, delimiter=delimiter, skipinitialspace=True, strict=True)
         while True:
             start = lines.count + 1
             try:
@@ -286,9 +306,10 @@ def _records(path: Path, origin: str) -> Generator[tuple[int, list[str]], None, 
                     f"{origin}: {where}: not valid UTF-8 (save the file as UTF-8)"
                 ) from None
             except csv.Error as exc:
-                raise InputError(
-                    f"{origin}: row {start}: malformed CSV ({_one_line(str(exc))})"
-                ) from None
+                problem = _one_line(str(exc))
+                if problem == "unexpected end of data":
+                    problem = 'a quoted value starting here is never closed (a stray ")'
+                raise InputError(f"{origin}: row {start}: malformed CSV: {problem}") from None
             if not _is_blank(record):
                 yield start, record
 
@@ -474,10 +495,15 @@ def _read_only(parsed: URL, origin: str) -> Iterator[Connection]:
         with conn:
             try:
                 backend = parsed.get_backend_name()
-                if backend == "sqlite":
-                    conn.exec_driver_sql("PRAGMA query_only = ON")
-                elif backend == "postgresql":
-                    conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                try:
+                    if backend == "sqlite":
+                        conn.exec_driver_sql("PRAGMA query_only = ON")
+                    elif backend == "postgresql":
+                        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                except SQLAlchemyError as exc:
+                    raise InputError(
+                        f"{origin}: cannot start a read-only transaction ({_first_line(exc)})"
+                    ) from None
                 yield conn
             finally:
                 conn.rollback()

@@ -218,9 +218,7 @@ class Counts:
 
     @property
     def total(self) -> int:
-        return (
-            self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
-        )
+        return self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
 
     @property
     def open(self) -> int:
@@ -434,29 +432,30 @@ class Store:
         """
         token = secrets.token_hex(4)
         with self._write() as conn:
-            job_id = int(
-                conn.execute(
-                    jobs.insert().values(
-                        token=token,
-                        state="queued",
-                        provider=new.provider,
-                        provider_settings=_json(dict(new.provider_settings)),
-                        account=new.account,
-                        sender=new.sender,
-                        subject=new.subject,
-                        templates=_json(dict(new.templates)),
-                        source=new.source,
-                        rate=new.rate,
-                        burst=new.burst,
-                        concurrency=new.concurrency,
-                        max_retries=new.max_retries,
-                        backoff=new.backoff,
-                        dedupe_key=new.dedupe_key,
-                        total=0,
-                        created_at=now,
-                    )
-                ).inserted_primary_key[0]
+            inserted = conn.execute(
+                jobs.insert()
+                .values(
+                    token=token,
+                    state="queued",
+                    provider=new.provider,
+                    provider_settings=_json(dict(new.provider_settings)),
+                    account=new.account,
+                    sender=new.sender,
+                    subject=new.subject,
+                    templates=_json(dict(new.templates)),
+                    source=new.source,
+                    rate=new.rate,
+                    burst=new.burst,
+                    concurrency=new.concurrency,
+                    max_retries=new.max_retries,
+                    backoff=new.backoff,
+                    dedupe_key=new.dedupe_key,
+                    total=0,
+                    created_at=now,
+                )
+                .returning(jobs.c.id)
             )
+            job_id = int(inserted.scalar_one())
             position = 0
             batch: list[dict[str, Any]] = []
 
@@ -513,9 +512,8 @@ class Store:
         for row in batch:
             if row["state"] == "pending" and row["email_key"] in sent_in:
                 row["state"] = "skipped"
-                row["last_error"] = (
-                    f"already sent under dedupe key {dedupe_key!r} (job {sent_in[row['email_key']]})"
-                )
+                job = sent_in[row["email_key"]]
+                row["last_error"] = f"already sent under dedupe key {dedupe_key!r} (job {job})"
 
     def get_job(self, job_id: int) -> JobRecord:
         with self._read() as conn:
@@ -627,9 +625,7 @@ class Store:
                 )
             dead = [w.id for w in current if w not in live]
             if dead:
-                conn.execute(
-                    workers.update().where(workers.c.id.in_(dead)).values(stopped_at=now)
-                )
+                conn.execute(workers.update().where(workers.c.id.in_(dead)).values(stopped_at=now))
             live_ids = [w.id for w in live]
             reclaim = deliveries.update().where(
                 deliveries.c.job_id == job_id, deliveries.c.state == "sending"
@@ -659,9 +655,7 @@ class Store:
     def heartbeat(self, worker_id: str, *, now: float) -> str:
         """Renew a worker's heartbeat; return its job's state (so a cancel is noticed)."""
         with self._write() as conn:
-            conn.execute(
-                workers.update().where(workers.c.id == worker_id).values(heartbeat_at=now)
-            )
+            conn.execute(workers.update().where(workers.c.id == worker_id).values(heartbeat_at=now))
             state = conn.execute(
                 sa.select(jobs.c.state)
                 .join(workers, workers.c.job_id == jobs.c.id)
@@ -669,7 +663,9 @@ class Store:
             ).scalar()
         return str(state)
 
-    def finish_worker(self, worker_id: str, *, now: float, stop: str | None, error: str | None) -> str:
+    def finish_worker(
+        self, worker_id: str, *, now: float, stop: str | None, error: str | None
+    ) -> str:
         """Unregister a worker and settle the job's state; return the job's new state.
 
         ``stop`` is why the worker stopped early: ``"paused"`` or ``"aborted"`` (job-wide),
@@ -681,9 +677,7 @@ class Store:
             job_id = conn.execute(
                 sa.select(workers.c.job_id).where(workers.c.id == worker_id)
             ).scalar_one()
-            conn.execute(
-                workers.update().where(workers.c.id == worker_id).values(stopped_at=now)
-            )
+            conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=now))
             job = self._job(conn, job_id)
             if job.state != "running":
                 return job.state  # cancelled, or paused/aborted by another worker
@@ -702,7 +696,9 @@ class Store:
             left = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(deliveries)
-                .where(deliveries.c.job_id == job_id, deliveries.c.state.in_(("pending", "sending")))
+                .where(
+                    deliveries.c.job_id == job_id, deliveries.c.state.in_(("pending", "sending"))
+                )
             ).scalar_one()
             if left == 0:
                 conn.execute(
@@ -849,9 +845,7 @@ class Store:
                 .values(state="cancelled")
             ).rowcount
             conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id)
-                .values(state="cancelled", finished_at=now)
+                jobs.update().where(jobs.c.id == job_id).values(state="cancelled", finished_at=now)
             )
         return int(count)
 
@@ -898,7 +892,9 @@ class Store:
 
     # -- the shared rate limit
 
-    def reserve_slot(self, key: str, reserve: Callable[[float | None], tuple[float, float]]) -> float:
+    def reserve_slot(
+        self, key: str, reserve: Callable[[float | None], tuple[float, float]]
+    ) -> float:
         """Run one GCRA step on the bucket ``key`` in one short write transaction.
 
         ``reserve(tat) -> (slot, new_tat)`` is the pure computation (see ratelimit.py); the

@@ -96,9 +96,13 @@ class RunDisplay:
             return
         self._progress = new_progress(self.console)
         self._task = self._progress.add_task(
-            f"job {self.job_id}", total=self.total, completed=self.done, failed=self.failed,
-            speed="", current="",
-        )  # fmt: skip
+            f"job {self.job_id}",
+            total=self.total,
+            completed=self.done,
+            failed=self.failed,
+            speed="",
+            current="",
+        )
         with self._progress:
             yield self
 
@@ -120,9 +124,12 @@ class RunDisplay:
             if self._progress is not None and self._task is not None:
                 current = event.email if event.kind == "sending" else ""
                 self._progress.update(
-                    self._task, completed=self.done, failed=self.failed, speed=self._speed(),
+                    self._task,
+                    completed=self.done,
+                    failed=self.failed,
+                    speed=self._speed(),
                     current=current,
-                )  # fmt: skip
+                )
                 return
         if event.kind in ("sent", "failed", "retry"):
             line = f"[{self.done}/{self.total}] {event.kind} {event.email}"
@@ -141,9 +148,12 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     table.add_row("subject", Text(doc["subject"]))
     counts = Text()
     for key, style in (
-        ("sent", "green"), ("failed", "red"), ("pending", "cyan"), ("skipped", "yellow"),
+        ("sent", "green"),
+        ("failed", "red"),
+        ("pending", "cyan"),
+        ("skipped", "yellow"),
         ("cancelled", "magenta"),
-    ):  # fmt: skip
+    ):
         counts.append(f"{doc[key]} {key}", style=style)
         counts.append("  ")
     counts.append(f"of {doc['total']}")
@@ -157,8 +167,10 @@ def status_panel(doc: dict[str, Any]) -> Panel:
         if doc[key]:
             table.add_row(key.replace("_at", ""), doc[key])
     if doc["worker_pid"]:
-        table.add_row("worker", f"pid {doc['worker_pid']} on {doc['worker_host']}, "
-                      f"heartbeat {doc['heartbeat_at']}")  # fmt: skip
+        table.add_row(
+            "worker",
+            f"pid {doc['worker_pid']} on {doc['worker_host']}, heartbeat {doc['heartbeat_at']}",
+        )
     if doc.get("log_path"):
         table.add_row("log", doc["log_path"])
     if doc.get("error"):
@@ -188,8 +200,14 @@ def workers_table(doc: dict[str, Any]) -> Table | None:
     for col in ("host", "pid", "started", "heartbeat", "stopped", "sent"):
         table.add_column(col)
     for w in doc["workers"]:
-        table.add_row(w["host"], str(w["pid"]), w["started_at"], w["heartbeat_at"],
-                      w["stopped_at"] or "", str(w["sent"]))  # fmt: skip
+        table.add_row(
+            w["host"],
+            str(w["pid"]),
+            w["started_at"],
+            w["heartbeat_at"],
+            w["stopped_at"] or "",
+            str(w["sent"]),
+        )
     return table
 
 
@@ -205,18 +223,29 @@ def failures_table(failures: Sequence[dict[str, Any]]) -> Table:
 
 
 def recent_table(docs: Sequence[dict[str, Any]]) -> Table:
-    table = Table(title="recent jobs")
-    for col, justify in (
-        ("id", "right"), ("state", "left"), ("provider", "left"), ("subject", "left"),
-        ("sent", "right"), ("failed", "right"), ("pending", "right"), ("total", "right"),
-        ("created", "left"),
-    ):  # fmt: skip
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    from rich import box
+
+    table = Table(title="recent jobs", box=box.SIMPLE_HEAD, pad_edge=False)
+    width = max((len(str(d["total"])) for d in docs), default=1)
+    table.add_column("id", justify="right", no_wrap=True, min_width=len(str(docs[0]["id"])))
+    table.add_column("state", no_wrap=True, min_width=9)
+    # the subject is the one column that gives way on a narrow terminal
+    table.add_column("subject", max_width=40)
+    table.add_column("sent", justify="right", no_wrap=True, min_width=2 * width + 1)
+    table.add_column("failed", justify="right", no_wrap=True, min_width=6)
+    table.add_column("pending", justify="right", no_wrap=True, min_width=7)
+    table.add_column("created (UTC)", no_wrap=True, min_width=16)
     for d in docs:
+        created = (d["created_at"] or "").replace("T", " ")[:16]
         table.add_row(
-            str(d["id"]), _state(d["state"]), d["provider"], Text(d["subject"]), str(d["sent"]),
-            str(d["failed"]), str(d["pending"]), str(d["total"]), d["created_at"] or "",
-        )  # fmt: skip
+            str(d["id"]),
+            _state(d["state"]),
+            Text(d["subject"], no_wrap=True, overflow="ellipsis"),
+            f"{d['sent']}/{d['total']}",
+            str(d["failed"]),
+            str(d["pending"]),
+            created,
+        )
     return table
 
 
@@ -253,8 +282,10 @@ def watch(
     if not live:
         last = None
         while True:
-            line = (f"job {doc['id']} {doc['state']}: {doc['sent']} sent, {doc['failed']} failed, "
-                    f"{doc['pending']} pending of {doc['total']}")  # fmt: skip
+            line = (
+                f"job {doc['id']} {doc['state']}: {doc['sent']} sent, {doc['failed']} failed, "
+                f"{doc['pending']} pending of {doc['total']}"
+            )
             if line != last:
                 console.print(line, markup=False, highlight=False)
                 last = line
@@ -271,8 +302,9 @@ def watch(
             done = doc["sent"] + doc["failed"] + doc["skipped"]
             elapsed = time.monotonic() - started
             speed = f"{(done - first_done) / elapsed:.2f}/s" if elapsed > 1 else ""
-            progress.update(task, completed=done, failed=doc["failed"], speed=speed,
-                            current=doc["state"])  # fmt: skip
+            progress.update(
+                task, completed=done, failed=doc["failed"], speed=speed, current=doc["state"]
+            )
             if doc["state"] not in ("running", "queued"):
                 return doc
             sleep(interval)
@@ -312,7 +344,9 @@ def select_rows(console: Console, recipients: Sequence[Any]) -> set[int]:
     table.add_column("name")
     table.add_column("note")
     for n, r in enumerate(recipients, 1):
-        table.add_row(str(n), Text(r.email), Text(r.name), Text(r.skip_reason or "", style="yellow"))
+        table.add_row(
+            str(n), Text(r.email), Text(r.name), Text(r.skip_reason or "", style="yellow")
+        )
     console.print(table)
     while True:
         answer = typer.prompt("Send to which (e.g. 1-3,5 or all)", err=True)
@@ -341,7 +375,9 @@ def dry_run_view(summary: Any) -> Group:
     head = Text()
     head.append(f"dry run of {summary.source}: ", style="bold")
     head.append(f"{summary.to_send} to send", style="green")
-    head.append(f", {len(summary.skipped)} skipped, via {summary.provider} at {_rate(summary.rate)}")
+    head.append(
+        f", {len(summary.skipped)} skipped, via {summary.provider} at {_rate(summary.rate)}"
+    )
     if summary.rate > 0:
         head.append(f"; about {_duration(summary.estimated_seconds)}")
     parts: list[Any] = [head]

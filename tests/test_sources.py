@@ -72,7 +72,8 @@ def test_example_csv_loads() -> None:
 
 
 def test_fields_and_normalisation() -> None:
-    source = open_csv(write("a.csv", "name,email,Course \n  Ada Lovelace ,  Ada@EXAMPLE.EDU ,CS1\n"))
+    text = "name,email,Course \n  Ada Lovelace ,  Ada@EXAMPLE.EDU ,CS1\n"
+    source = open_csv(write("a.csv", text))
     assert source.description == "a.csv"
     assert source.columns == ["name", "email", "Course"]
     [r] = list(source)
@@ -152,7 +153,8 @@ def test_header_aliases_case_insensitive(email_header: str, name_header: str) ->
 
 
 def test_best_alias_wins_and_others_stay_variables() -> None:
-    source = open_csv(write("h.csv", "Address,Email,Instructor,Name\n1 Main St,a@example.edu,x,Ada\n"))
+    text = "Address,Email,Instructor,Name\n1 Main St,a@example.edu,x,Ada\n"
+    source = open_csv(write("h.csv", text))
     assert source.columns == ["Address", "email", "Instructor", "name"]
     [r] = list(source)
     assert (r.email, r.name, r.fields["Address"]) == ("a@example.edu", "Ada", "1 Main St")
@@ -184,11 +186,14 @@ def test_duplicate_header_is_an_error() -> None:
 
 def test_two_equally_good_email_columns_are_an_error() -> None:
     message = error(open_csv, write("d.csv", "email,E-Mail\na@example.edu,b@example.edu\n"))
-    assert message.startswith("d.csv: columns 'email' and 'E-Mail' both look like")
+    assert message == (
+        "d.csv: columns 'email' and 'E-Mail' both look like the email column; rename one of them"
+    )
 
 
 def test_not_utf8_names_the_row() -> None:
-    path = write("latin.csv", "name,email\nAda,a@example.edu\nJosé,j@example.edu\n".encode("latin-1"))
+    text = "name,email\nAda,a@example.edu\nJosé,j@example.edu\n"
+    path = write("latin.csv", text.encode("latin-1"))
     source = open_csv(path)  # the header and first row are fine
     message = error(lambda: list(source))
     assert message == "latin.csv: row 3: not valid UTF-8 (save the file as UTF-8)"
@@ -205,7 +210,8 @@ def test_empty_file(content: str) -> None:
 
 
 def test_header_without_rows() -> None:
-    assert error(open_csv, write("h.csv", "name,email\n\n")) == "h.csv: no data rows below the header"
+    message = error(open_csv, write("h.csv", "name,email\n\n"))
+    assert message == "h.csv: no data rows below the header"
 
 
 def test_missing_file_and_directory() -> None:
@@ -231,6 +237,22 @@ def test_trailing_empty_fields_and_short_rows_are_fine() -> None:
     recipients = load("t.csv", "name,email,course\nA,a@example.edu,CS1,,\nB,b@example.edu\n")
     assert [r.fields["course"] for r in recipients] == ["CS1", ""]
     assert all(r.skip_reason is None for r in recipients)
+
+
+def test_unclosed_quote_is_an_error_not_a_swallowed_file() -> None:
+    text = 'name,email\nA,a@example.edu\nB,"b@example.edu\nC,c@example.edu\nD,d@example.edu\n'
+    source = open_csv(write("u.csv", text))
+    message = error(lambda: list(source))
+    assert message.startswith("u.csv: row 3: malformed CSV: a quoted value starting here")
+
+
+def test_old_mac_line_endings_and_spaces_after_delimiter() -> None:
+    text = 'name, email\r"Okafor, Ben", "ben@example.edu"\r\rAda, ada@example.edu'
+    recipients = load("mac.csv", text)
+    assert [(r.row, r.name, r.email) for r in recipients] == [
+        (2, "Okafor, Ben", "ben@example.edu"),
+        (4, "Ada", "ada@example.edu"),
+    ]
 
 
 def test_invalid_empty_and_duplicate_addresses_are_skipped_with_reasons() -> None:
@@ -265,7 +287,8 @@ def test_line_break_or_nul_in_name_is_skipped(bad: str) -> None:
 
 
 def test_line_break_in_any_column_is_skipped() -> None:
-    path = write_rows("cr.csv", [["Mail", "Course"], ["a@example.edu", "CS1\r\nBcc: x@example.org"]])
+    rows = [["Mail", "Course"], ["a@example.edu", "CS1\r\nBcc: x@example.org"]]
+    path = write_rows("cr.csv", rows)
     [r] = list(open_csv(path))
     assert r.skip_reason == "line break or NUL in column 'Course'"
 
@@ -374,7 +397,7 @@ def test_db_query_without_email_column(course_db: Path) -> None:
 
 
 def test_db_alias_and_values_as_text(course_db: Path) -> None:
-    query = "SELECT email AS \"E-Mail\", id, NULL AS empty, 1.5 AS x FROM instructors"
+    query = 'SELECT email AS "E-Mail", id, NULL AS empty, 1.5 AS x FROM instructors'
     source = open_db("sqlite:///course.db", query)
     assert source.columns == ["email", "id", "empty", "x"]
     r = next(iter(source))

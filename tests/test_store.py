@@ -24,12 +24,20 @@ from bulkmail.store import (
 
 def new_job(**overrides: object) -> NewJob:
     values: dict[str, object] = dict(
-        provider="outbox", provider_settings={"dir": "/tmp/x"}, account="outbox:/tmp/x",
-        sender="Office <office@example.edu>", subject="Hi {{ name }}",
+        provider="outbox",
+        provider_settings={"dir": "/tmp/x"},
+        account="outbox:/tmp/x",
+        sender="Office <office@example.edu>",
+        subject="Hi {{ name }}",
         templates={"text": "Hello {{ name }}", "html": None, "attachments": []},
-        source="list.csv", rate=0.0, burst=1, concurrency=1, max_retries=3, backoff=5.0,
+        source="list.csv",
+        rate=0.0,
+        burst=1,
+        concurrency=1,
+        max_retries=3,
+        backoff=5.0,
         dedupe_key=None,
-    )  # fmt: skip
+    )
     values.update(overrides)
     return NewJob(**values)  # type: ignore[arg-type]
 
@@ -77,8 +85,9 @@ def test_not_a_store_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_create_job_records_every_row_and_skips(store: Store) -> None:
-    job_id = store.create_job(new_job(), people(5, skip={1: "invalid address"}), now=10.0,
-                              domain="example.edu")  # fmt: skip
+    job_id = store.create_job(
+        new_job(), people(5, skip={1: "invalid address"}), now=10.0, domain="example.edu"
+    )
     view = store.view(job_id)
     assert view.job.state == "queued" and view.job.total == 5
     assert (view.counts.pending, view.counts.skipped) == (4, 1)
@@ -148,10 +157,12 @@ def test_dead_workers_sending_deliveries_are_in_doubt_on_resume(store: Store) ->
     assert isinstance(claimed, Claimed)
     # w1 dies here (kill -9): the delivery stays 'sending'
     with pytest.raises(JobStateError, match="being run by worker pid 1"):
-        store.register_worker(job_id, worker_id="w2", host="h", pid=2, now=110.0,
-                              alive=always_alive)  # fmt: skip
-    reg = store.register_worker(job_id, worker_id="w2", host="h", pid=2, now=110.0,
-                                alive=never_alive)  # fmt: skip
+        store.register_worker(
+            job_id, worker_id="w2", host="h", pid=2, now=110.0, alive=always_alive
+        )
+    reg = store.register_worker(
+        job_id, worker_id="w2", host="h", pid=2, now=110.0, alive=never_alive
+    )
     assert reg.reclaimed == 1
     again = store.claim(job_id, "w2", now=110.0)
     assert isinstance(again, Claimed)
@@ -222,7 +233,9 @@ def test_dedupe_key_skips_addresses_already_sent(store: Store) -> None:
     second = store.create_job(new_job(dedupe_key="term-1"), upper, now=2.0, domain="d")
     rows = {d.email.lower(): d for d in store.deliveries(second)}
     assert rows["p0@example.edu"].state == "skipped"
-    assert rows["p0@example.edu"].last_error == f"already sent under dedupe key 'term-1' (job {first})"
+    assert (
+        rows["p0@example.edu"].last_error == f"already sent under dedupe key 'term-1' (job {first})"
+    )
     assert rows["p1@example.edu"].state == "skipped"
     assert rows["p2@example.edu"].state == "pending"  # failed before: try again
     assert rows["p3@example.edu"].state == "pending"
@@ -248,8 +261,10 @@ def test_the_store_never_holds_a_secret(tmp_path: Path) -> None:
     for provider in ("smtp", "mailtrap"):
         s.create_job(
             new_job(provider=provider, provider_settings=settings.provider_public(provider)),
-            people(1), now=1.0, domain="d",
-        )  # fmt: skip
+            people(1),
+            now=1.0,
+            domain="d",
+        )
     s.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("s.db"))
     assert b"hunter2-secret" not in raw and b"tok-secret" not in raw

@@ -1,0 +1,371 @@
+"""The command line end to end: real CSV/template files, a real SQLite store, a real SMTP
+server on loopback, and the installed `bulkmail` script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from bulkmail.cli import app
+from tests.smtp_sink import SmtpSink
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+SUBJECT = "Reminder: {{ course }} grades due {{ due_date }}"
+
+
+def bulkmail(*args: str, env: dict[str, str] | None = None) -> Any:
+    result = CliRunner().invoke(app, list(args), env=env)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def job_count(store: Path) -> int:
+    if not store.exists():
+        return 0
+    with sqlite3.connect(store) as conn:
+        return int(conn.execute("SELECT count(*) FROM jobs").fetchone()[0])
+
+
+def smtp_env(sink: SmtpSink) -> dict[str, str]:
+    return {
+        "BULKMAIL_SMTP_HOST": sink.host,
+        "BULKMAIL_SMTP_PORT": str(sink.port),
+        "BULKMAIL_SMTP_SECURITY": "none",
+    }
+
+
+def readme_block(marker: str) -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+    [line] = [ln for ln in block.splitlines() if ln.startswith("pip install")]
+    return line
+
+
+def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
+    """The README's quickstart job, exactly as written (after its `pip install -e .`),
+    through the installed script, on a fresh HOME: the outbox default must just work."""
+    install, _, command = readme_block("quickstart").partition(" && ")
+    assert install == "pip install -e ."
+    script = shutil.which("bulkmail") or str(Path(sys.executable).parent / "bulkmail")
+    home = tmp_path / "fresh-home"
+    env = {
+        "PATH": f"{Path(script).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "LANG": "C.UTF-8",
+    }
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "completed" in done.stdout
+    outbox = home / ".local" / "share" / "bulkmail" / "outbox"
+    emls = sorted(outbox.glob("*.eml"))
+    assert len(emls) == 12
+    store = home / ".local" / "share" / "bulkmail" / "bulkmail.db"
+    assert oct(store.stat().st_mode & 0o777) == "0o600"
+    status = subprocess.run(
+        ["bulkmail", "status", "1", "--json"], env=env, capture_output=True, text=True, timeout=30
+    )
+    doc = json.loads(status.stdout)
+    assert (doc["state"], doc["sent"], doc["total"]) == ("completed", 12, 12)
+    recent = subprocess.run(
+        ["bulkmail", "recent"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert recent.returncode == 0 and "completed" in recent.stdout
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    assert readme_block("test-command").startswith("pip install -e '.[test]' && pytest")
+    assert "test-command" in (REPO / ".ci" / "run").read_text()
+
+
+def test_send_through_real_smtp_server(smtp_sink: SmtpSink, tmp_path: Path) -> None:
+    store = tmp_path / "jobs.db"
+    result = bulkmail(
+        "send-reminders",
+        "--csv",
+        str(EXAMPLES / "instructors.csv"),
+        "--template",
+        str(EXAMPLES / "reminder.txt"),
+        "--subject",
+        SUBJECT,
+        "--provider",
+        "smtp",
+        "--from",
+        "Course Office <office@example.edu>",
+        "--rate",
+        "0",
+        "--store",
+        str(store),
+        "--json",
+        env=smtp_env(smtp_sink),
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["sent"], doc["failed"], doc["total"]) == ("completed", 12, 0, 12)
+    for key in (
+        "id",
+        "provider",
+        "subject",
+        "skipped",
+        "pending",
+        "cancelled",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "rate",
+        "burst",
+        "dedupe_key",
+        "in_doubt",
+        "worker_pid",
+        "heartbeat_at",
+        "log_path",
+    ):
+        assert key in doc
+    messages = [m.parse() for m in smtp_sink.messages]
+    assert len(messages) == 12
+    by_to = {m["To"].addresses[0].addr_spec: m for m in messages}
+    zoe = by_to["zoe.angstrom@example.edu"]
+    assert zoe["To"].addresses[0].display_name == "Zoë Ångström"
+    assert zoe["Subject"] == "Reminder: PHYS210 grades due 2025-09-08"
+    assert "Dear Zoë Ångström," in zoe.get_content()
+    assert zoe["From"].addresses[0].addr_spec == "office@example.edu"
+    assert len({m["Message-ID"] for m in messages}) == 12
+    assert all(m.rcpt_tos == [m.parse()["To"].addresses[0].addr_spec] for m in smtp_sink.messages)
+
+
+def test_rate_limit_at_the_server(smtp_sink: SmtpSink, tmp_path: Path) -> None:
+    """20/s, burst 1, for 12 messages: the server sees them spread over >= 0.55 s and
+    never more than rate*t + burst in any window (loose bounds: a real clock)."""
+    result = bulkmail(
+        "send-reminders",
+        "--csv",
+        str(EXAMPLES / "instructors.csv"),
+        "--template",
+        str(EXAMPLES / "reminder.txt"),
+        "--subject",
+        SUBJECT,
+        "--provider",
+        "smtp",
+        "--from",
+        "office@example.edu",
+        "--rate",
+        "20",
+        "--burst",
+        "1",
+        "--store",
+        str(tmp_path / "jobs.db"),
+        env=smtp_env(smtp_sink),
+    )
+    assert result.exit_code == 0, result.output
+    times = sorted(m.received_at for m in smtp_sink.messages)
+    assert len(times) == 12
+    assert times[-1] - times[0] >= 11 / 20 * 0.9
+    for i, start in enumerate(times):
+        in_window = [t for t in times[i:] if t - start < 0.25]
+        assert len(in_window) <= 20 * 0.25 + 1 + 1  # one extra for scheduling jitter
+
+
+def write(name: str, text: str | bytes) -> Path:
+    path = Path(name)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+BAD_INPUTS = {
+    "missing csv": (None, "missing.csv: no such file"),
+    "no email column": ("name,course\nAda,CS101\n", "list.csv: no 'email' column"),
+    "not utf-8": (
+        b"name,email,course\nJos\xe9,jose@example.edu,CS1\n",
+        "list.csv: row 2: not valid UTF-8",
+    ),
+    "no data rows": ("name,email,course\n", "list.csv: no data rows"),
+    "missing variable": (
+        "name,email,course\nAda,ada@example.edu,CS101\nBen,ben@example.edu,\n",
+        "list.csv: template uses 'due_date'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_creates_no_job(case: str, tmp_path: Path) -> None:
+    content, expected = BAD_INPUTS[case]
+    csv_name = "missing.csv" if content is None else "list.csv"
+    if content is not None:
+        write(csv_name, content)
+    write("t.txt", "Hi {{ name }}, {{ course }} is due {{ due_date }}.")
+    store = tmp_path / "jobs.db"
+    result = bulkmail(
+        "send-reminders",
+        "--csv",
+        csv_name,
+        "--template",
+        "t.txt",
+        "--subject",
+        "x",
+        "--store",
+        str(store),
+        "--yes",
+    )
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
+    assert job_count(store) == 0
+    assert not list(Path().glob("**/*.eml"))
+
+
+def test_missing_variable_in_one_row_names_the_row(tmp_path: Path) -> None:
+    write("list.csv", "name,email,course\nAda,ada@example.edu,CS101\n")
+    write("t.txt", "Hi {{ name }}, {% if course == 'CS101' %}{{ room }}{% endif %}")
+    store = tmp_path / "jobs.db"
+    result = bulkmail(
+        "send-reminders",
+        "--csv",
+        "list.csv",
+        "--template",
+        "t.txt",
+        "--subject",
+        "x",
+        "--store",
+        str(store),
+    )
+    assert result.exit_code == 2
+    assert "room" in result.stderr
+    assert job_count(store) == 0
+
+
+def test_missing_template(tmp_path: Path) -> None:
+    write("list.csv", "name,email\nAda,ada@example.edu\n")
+    result = bulkmail(
+        "send-reminders",
+        "--csv",
+        "list.csv",
+        "--template",
+        "nope.txt",
+        "--subject",
+        "x",
+        "--store",
+        str(tmp_path / "s.db"),
+    )
+    assert result.exit_code == 2
+    assert "nope.txt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert job_count(tmp_path / "s.db") == 0
+
+
+def test_status_of_unknown_job(tmp_path: Path) -> None:
+    result = bulkmail("status", "7", "--store", str(tmp_path / "s.db"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "bulkmail: no job 7 in the store (see `bulkmail recent`)"
+
+
+def test_smtp_without_sender_is_a_clear_error(tmp_path: Path, smtp_sink: SmtpSink) -> None:
+    write("list.csv", "name,email\nAda,ada@example.edu\n")
+    write("t.txt", "Hi")
+    result = bulkmail(
+        "send-reminders",
+        "--csv",
+        "list.csv",
+        "--template",
+        "t.txt",
+        "--subject",
+        "x",
+        "--provider",
+        "smtp",
+        "--store",
+        str(tmp_path / "s.db"),
+        env=smtp_env(smtp_sink),
+    )
+    assert result.exit_code == 2
+    assert "--from" in result.stderr and "BULKMAIL_FROM" in result.stderr
+    assert smtp_sink.messages == []
+
+
+def test_recent_and_status_views(tmp_path: Path) -> None:
+    store = str(tmp_path / "s.db")
+    for subject in ("First {{ course }}", "Second"):
+        r = bulkmail(
+            "send-reminders",
+            "--csv",
+            str(EXAMPLES / "instructors.csv"),
+            "--template",
+            str(EXAMPLES / "reminder.txt"),
+            "--subject",
+            subject,
+            "--store",
+            store,
+        )
+        assert r.exit_code == 0, r.output
+    recent = bulkmail("recent", "--json", "--store", store)
+    docs = json.loads(recent.stdout)
+    assert [d["id"] for d in docs] == [2, 1]
+    assert [d["subject"] for d in docs] == ["Second", "First {{ course }}"]
+    table = bulkmail("recent", "--limit", "1", "--store", store)
+    assert table.exit_code == 0 and "Second" in table.stdout and "First" not in table.stdout
+    panel = bulkmail("status", "1", "--store", store)
+    assert panel.exit_code == 0
+    assert re.search(r"12 sent", panel.stdout) and "completed" in panel.stdout
+
+
+def test_dry_run_sends_nothing_and_creates_nothing(tmp_path: Path) -> None:
+    write("list.csv", "name,email,course\nAda,ada@example.edu,CS1\nBad,not-an-address,CS2\n")
+    write("t.txt", "Hi {{ name }} {{ course }}")
+    store = tmp_path / "s.db"
+    result = bulkmail(
+        "send-reminders",
+        "--csv",
+        "list.csv",
+        "--template",
+        "t.txt",
+        "--subject",
+        "x",
+        "--dry-run",
+        "--json",
+        "--store",
+        str(store),
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["to_send"] == 1
+    assert doc["skipped"][0]["row"] == 3 and "invalid address" in doc["skipped"][0]["reason"]
+    assert job_count(store) == 0
+
+
+def test_help_of_every_command_has_an_example() -> None:
+    from typer.main import get_command
+
+    group = get_command(app)
+    commands = group.commands  # type: ignore[attr-defined]
+    assert set(commands) >= {
+        "send-reminders",
+        "status",
+        "recent",
+        "resume",
+        "cancel",
+        "retry",
+        "preview",
+        "report",
+        "worker",
+    }
+    for name in commands:
+        result = bulkmail(name, "--help")
+        assert result.exit_code == 0
+        assert "Example" in result.stdout and "bulkmail" in result.stdout, name
