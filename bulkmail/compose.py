@@ -409,8 +409,8 @@ def _render(template: jinja2.Template, context: dict[str, Any], where: str, labe
 
 def _check_attachment(path: str, where: str, label: str) -> int:
     """The size of the attachment file at ``path``; InputError when it cannot be attached."""
-    if not path.strip():
-        raise InputError(f"{where}: {label} renders an empty path")
+    if not os.path.basename(path).strip():
+        raise InputError(f"{where}: {label} renders no file name ({_shown_path(path)!r})")
     shown = _shown_path(path)
     problem = header_safe_problem(os.path.basename(path))
     if problem is not None:
@@ -441,7 +441,9 @@ def _parse_sender(sender: str) -> tuple[str, str]:
     if problem is not None:
         raise InputError(f"--from: the sender {problem}")
     name, address = parseaddr(sender)
-    if not address or "@" not in address:
+    # parseaddr is lenient (it drops spaces, takes the first of two addresses): the address
+    # must appear as typed, and only once
+    if not address or "@" not in address or sender.count("@") != 1 or address not in sender:
         raise InputError(
             f"--from: {sender!r} is not an email address "
             "(use 'office@example.edu' or 'Course Office <office@example.edu>')"
@@ -512,16 +514,18 @@ def _plain_value(value: str) -> bool:
     return value.isprintable() and "=?" not in value
 
 
-def _address_line(field: str, name: str, address: str) -> str | None:
+def _address_lines(field: str, name: str, address: str) -> list[str] | None:
+    """``From``/``To`` as EmailMessage writes it for ``Address(name, address)``, or None."""
     if not address.isascii():
         return None
     local, at, domain = address.rpartition("@")
     if not at or not _DOT_ATOM.fullmatch(local) or not _DOT_ATOM.fullmatch(domain):
         return None
+    head = f"{field}: "
     if not name:
-        line = f"{field}: {address}"
+        lines = [head + address]
     else:
-        # only names EmailMessage reproduces exactly: no leading, trailing or double spaces
+        # only names EmailMessage keeps as they are: no leading, trailing or double spaces
         if not _plain_value(name) or name != name.strip(" ") or "  " in name:
             return None
         if name.isascii():
@@ -530,11 +534,14 @@ def _address_line(field: str, name: str, address: str) -> str | None:
                 phrase = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
         else:
             # one encoded word: a phrase folded into several does not decode back exactly
-            phrase, rest = _take_word(name, 75, _use_q(name.encode("utf-8")))
+            limit = min(75, _MAX_LINE - len(head))
+            phrase, rest = _take_word(name, limit, _use_q(name.encode("utf-8")))
             if rest:
                 return None
-        line = f"{field}: {phrase} <{address}>"
-    return line if len(line) <= _MAX_LINE else None
+        lines = [f"{head}{phrase} <{address}>"]
+        if len(lines[0]) > _MAX_LINE:
+            lines = [head + phrase, f" <{address}>"]
+    return lines if all(len(line) <= _MAX_LINE for line in lines) else None
 
 
 _SPACES = re.compile(r"( +)")
@@ -574,19 +581,16 @@ def _subject_lines(subject: str) -> list[str] | None:
             end += 1
         run = words[i] + "".join(gaps[k] + words[k] for k in range(i + 1, end))
         use_q = _use_q(run.encode("utf-8"))
-        between = False  # is gap the (dropped) space between two encoded words of the run?
         while run:
             room = min(75, _MAX_LINE - len(lines[-1]) - len(gap))
             if room < _MIN_WORD and (i > 0 or len(lines) > 1):
-                if not between:
-                    return None  # EmailMessage adds a space when it folds there
-                lines.append("")  # fold before the space between two encoded words
+                lines.append("")  # fold before the gap, or before the space between two words
                 room = min(75, _MAX_LINE - len(gap))
             word, run = _take_word(run, room, use_q)
             if not word:
                 return None
             lines[-1] += gap + word
-            gap, between = " ", True
+            gap = " "  # between two encoded words: dropped when decoding
         i = end
     return lines
 
@@ -693,10 +697,10 @@ def to_bytes_fast(message: Message) -> bytes:
 
 def _fast_headers(message: Message) -> bytes | None:
     """From, To, Subject and Message-ID lines (CRLF-terminated), or None to fall back."""
-    sender = _address_line("From", message.from_name, message.from_email)
+    sender = _address_lines("From", message.from_name, message.from_email)
     if sender is None:
         return None
-    to = _address_line("To", message.to_name, message.to_email)
+    to = _address_lines("To", message.to_name, message.to_email)
     if to is None:
         return None
     subject = _subject_lines(message.subject)
@@ -705,5 +709,5 @@ def _fast_headers(message: Message) -> bytes | None:
     mid = message.message_id
     if not _MSG_ID.fullmatch(mid) or len("Message-ID: ") + len(mid) > _MAX_LINE:
         return None
-    lines = [sender, to, *subject, f"Message-ID: {mid}", ""]
+    lines = [*sender, *to, *subject, f"Message-ID: {mid}", ""]
     return "\r\n".join(lines).encode("ascii")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -134,6 +135,7 @@ class EmailManager:
         self._stop_as: str | None = None  # "paused" | "aborted" when this worker stops the job
         self._error: str | None = None
         self._crash: BaseException | None = None
+        self._failpoint = _Failpoint.from_env()
 
     # -- control
 
@@ -267,6 +269,7 @@ class EmailManager:
                 continue
             if not limiter.acquire() or self._stop.is_set():
                 return
+            self._failpoint.reached("before_claim")
             claim = self.store.claim(self.job_id, self.worker_id, now=self.clock())
             if isinstance(claim, Stop):
                 if not claim.finished:
@@ -287,6 +290,7 @@ class EmailManager:
             self.store.record_failed(d.id, self.worker_id, error=str(exc))
             self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
             return
+        self._failpoint.reached("after_claim")
         try:
             provider_id = provider.send(message)
         except TransientError as exc:
@@ -303,6 +307,7 @@ class EmailManager:
         except BaseException:
             self.store.release(d.id, self.worker_id)
             raise
+        self._failpoint.reached("after_send")
         self.store.record_sent(
             d.id, self.worker_id, provider_message_id=provider_id, now=self.clock()
         )
@@ -338,3 +343,32 @@ class EmailManager:
                 f"{self.max_consecutive_transient} consecutive transient failures "
                 f"(last: {exc}); resume with `bulkmail resume {self.job_id}`",
             )
+
+
+class _Failpoint:
+    """Crash-test hook: ``BULKMAIL_FAILPOINT=after_claim:3`` kills this process with SIGKILL
+    the third time the send loop reaches that point, exactly as ``kill -9`` would there.
+
+    Points: ``before_claim`` (slot taken, nothing claimed), ``after_claim`` (``sending``
+    committed, provider not called), ``after_send`` (the server accepted the message,
+    ``sent`` not yet committed). Unset (always, outside crash tests): a no-op.
+    """
+
+    def __init__(self, point: str | None, count: int) -> None:
+        self.point = point
+        self.count = count
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> _Failpoint:
+        spec = os.environ.get("BULKMAIL_FAILPOINT", "")
+        point, _, count = spec.partition(":")
+        return cls(point or None, int(count or 1))
+
+    def reached(self, point: str) -> None:
+        if point != self.point:
+            return
+        with self._lock:
+            self.count -= 1
+            if self.count <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)

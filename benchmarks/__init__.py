@@ -1,0 +1,1 @@
+"""bulkmail's benchmark suite: run it with ``python benchmarks/run.py [--quick]``."""

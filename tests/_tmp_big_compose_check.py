@@ -1,0 +1,501 @@
+"""Templates, rendering, attachments, header safety and the fast MIME path (bulkmail.compose)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bulkmail.compose import (
+    MAX_ATTACHMENT_BYTES,
+    Composer,
+    Templates,
+    header_safe_problem,
+    message_id,
+    to_bytes_fast,
+)
+from bulkmail.errors import InputError
+from bulkmail.models import Attachment, Message, Recipient
+
+SENDER = "Course Office <office@example.edu>"
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def person(row: int = 2, name: str = "Ada Lovelace", **fields: str) -> Recipient:
+    return Recipient(row=row, email="ada@example.org", name=name, fields=dict(fields))
+
+
+def composer(
+    tmp_path: Path,
+    text: str = "Hello {{ name }},\n",
+    *,
+    subject: str = "Reminder for {{ name }}",
+    html: str | None = None,
+    attach: tuple[str, ...] = (),
+    sender: str = SENDER,
+    job_id: int | None = None,
+) -> Composer:
+    text_path = write(tmp_path / "reminder.txt", text)
+    html_path = None if html is None else write(tmp_path / "reminder.html", html)
+    templates = Templates.load(
+        subject=subject, text_path="reminder.txt", html_path=html_path and "reminder.html",
+        attach=attach,
+    )  # fmt: skip
+    assert text_path.exists()
+    return Composer(templates, sender=sender, job_id=job_id)
+
+
+# --------------------------------------------------------------------------- Templates.load
+
+
+def test_load_reads_the_files_and_makes_attachment_patterns_absolute(tmp_path: Path) -> None:
+    write(tmp_path / "t" / "reminder.txt", "\ufeffHello {{ name }}\n")  # a BOM is dropped
+    write(tmp_path / "t" / "reminder.html", "<p>Hello {{ name }}</p>\n")
+    t = Templates.load(
+        subject="Hi {{ name }}",
+        text_path="t/reminder.txt",
+        html_path=Path("t/reminder.html"),
+        attach=["sheets/{{ course }}.pdf", "/srv/common.pdf"],
+    )
+    assert t.text == "Hello {{ name }}\n"
+    assert t.html == "<p>Hello {{ name }}</p>\n"
+    assert (t.text_name, t.html_name) == ("t/reminder.txt", "t/reminder.html")
+    assert t.attachments == (str(tmp_path / "sheets") + "/{{ course }}.pdf", "/srv/common.pdf")
+
+
+def test_load_missing_template_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"^nope\.txt: no such file$"):
+        Templates.load(subject="x", text_path="nope.txt")
+    write(tmp_path / "ok.txt", "x")
+    with pytest.raises(InputError, match=r"^nope\.html: no such file$"):
+        Templates.load(subject="x", text_path="ok.txt", html_path="nope.html")
+
+
+def test_load_rejects_a_directory_and_non_utf8(tmp_path: Path) -> None:
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(InputError, match=r"^dir\.txt: is a directory"):
+        Templates.load(subject="x", text_path="dir.txt")
+    write(tmp_path / "latin1.txt", "Hello\nRen\xe9e\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"^latin1\.txt: line 2: not UTF-8 \(byte 0xe9\)"):
+        Templates.load(subject="x", text_path="latin1.txt")
+
+
+def test_load_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    write(tmp_path / "bad.txt", "Hello {{ name }},\n\nsee {{ course }\n")
+    with pytest.raises(InputError, match=r"^bad\.txt: line 3: ") as info:
+        Templates.load(subject="x", text_path="bad.txt")
+    assert "\n" not in str(info.value)
+
+
+def test_load_syntax_error_in_subject_and_attachment(tmp_path: Path) -> None:
+    write(tmp_path / "ok.txt", "x")
+    with pytest.raises(InputError, match=r"^--subject: "):
+        Templates.load(subject="Hi {{ name", text_path="ok.txt")
+    with pytest.raises(InputError, match=r"^--attach 'x/\{\{ course'"):
+        Templates.load(subject="x", text_path="ok.txt", attach=["x/{{ course"])
+
+
+# --------------------------------------------------------------------------- Composer
+
+
+def test_sender_with_and_without_display_name(tmp_path: Path) -> None:
+    c = composer(tmp_path, sender="Course Office <Office@Example.EDU>")
+    assert (c.sender_name, c.sender_email, c.domain) == (
+        "Course Office",
+        "Office@example.edu",
+        "example.edu",
+    )
+    c = composer(tmp_path, sender="office@example.edu")
+    assert (c.sender_name, c.sender_email) == ("", "office@example.edu")
+
+
+@pytest.mark.parametrize(
+    "sender", ["", "Course Office", "office@", "Office <office@exa mple.edu>", "a\r\nBcc: x@y.z"]
+)
+def test_bad_sender_names_from(tmp_path: Path, sender: str) -> None:
+    with pytest.raises(InputError, match=r"^--from: "):
+        composer(tmp_path, sender=sender)
+
+
+def test_variables_lists_what_the_templates_need(tmp_path: Path) -> None:
+    c = composer(
+        tmp_path,
+        "Hi {{ name }}, {% for i in range(2) %}{{ i }}{% endfor %} {{ course }}\n",
+        subject="{{ course }} due {{ due }}",
+        html="<p>{{ room }}</p>{% set x = 1 %}{{ x }}",
+        attach=("sheets/{{ folder }}/x.pdf",),
+    )
+    assert c.variables == {"name", "course", "due", "room", "folder"}
+
+
+def test_render_uses_fields_name_email_and_row(tmp_path: Path) -> None:
+    c = composer(
+        tmp_path, "{{ name }}|{{ email }}|{{ row }}|{{ course }}\n", subject="{{ course }}"
+    )
+    r = Recipient(row=7, email="ada@example.org", name="Ada", fields={"course": "CS101"})
+    m = c.build(r, "<m@x>")
+    assert m.text == "Ada|ada@example.org|7|CS101\n"  # trailing newline kept
+    assert (m.subject, m.to_email, m.to_name, m.from_email, m.from_name, m.message_id) == (
+        "CS101",
+        "ada@example.org",
+        "Ada",
+        "office@example.edu",
+        "Course Office",
+        "<m@x>",
+    )
+    assert m.html is None and m.attachments == ()
+
+
+def test_normalised_name_and_email_override_fields(tmp_path: Path) -> None:
+    c = composer(tmp_path, "{{ name }} {{ email }}")
+    r = Recipient(2, "ada@example.org", "Ada", {"name": "raw", "email": "ADA@EXAMPLE.ORG"})
+    assert c.build(r, "<m@x>").text == "Ada ada@example.org"
+
+
+def test_undefined_variable_names_origin_row_template_and_variable(tmp_path: Path) -> None:
+    c = composer(tmp_path, "Hello {{ name }}, {{ course }}\n")
+    with pytest.raises(InputError) as info:
+        c.check(person(row=3), "people.csv")
+    assert str(info.value) == (
+        "people.csv: row 3: template reminder.txt uses undefined variable 'course'"
+    )
+
+
+def test_undefined_variable_in_subject_html_and_attachment(tmp_path: Path) -> None:
+    c = composer(tmp_path, subject="Due {{ due }}")
+    with pytest.raises(InputError, match=r"^p\.csv: row 2: --subject uses undefined .* 'due'$"):
+        c.check(person(), "p.csv")
+    c = composer(tmp_path, html="<p>{{ room.number }}</p>")
+    with pytest.raises(
+        InputError, match=r"^p\.csv: row 2: template reminder\.html uses undefined .* 'room'$"
+    ):
+        c.check(person(), "p.csv")
+    c = composer(tmp_path, attach=("sheets/{{ course }}.pdf",))
+    with pytest.raises(InputError, match=r"^p\.csv: row 2: --attach .* undefined .* 'course'$"):
+        c.check(person(), "p.csv")
+
+
+def test_runtime_template_error_is_an_input_error(tmp_path: Path) -> None:
+    c = composer(tmp_path, "{{ count / 0 }}")
+    with pytest.raises(InputError, match=r"^p\.csv: row 2: template reminder\.txt: "):
+        c.check(person(count="1"), "p.csv")
+
+
+def test_html_is_autoescaped_and_text_is_not(tmp_path: Path) -> None:
+    c = composer(tmp_path, "Hi {{ name }}\n", html="<p>Hi {{ name }}</p>\n")
+    m = c.build(person(name="<script>alert(1)</script>"), "<m@x>")
+    assert m.text == "Hi <script>alert(1)</script>\n"
+    assert m.html == "<p>Hi &lt;script&gt;alert(1)&lt;/script&gt;</p>\n"
+    parsed = email.message_from_bytes(m.to_bytes(), policy=email.policy.default)
+    html_part = parsed.get_body(("html",))
+    assert html_part is not None
+    assert "<script>" not in html_part.get_content()
+
+
+def test_subject_rendering_a_line_break_is_an_error(tmp_path: Path) -> None:
+    c = composer(tmp_path, subject="{{ course | replace('-', '\\n') }}")
+    with pytest.raises(InputError, match=r"^p\.csv: row 4: subject contains a line feed"):
+        c.check(person(row=4, course="CS-101"), "p.csv")
+    c = composer(tmp_path, subject="{{ course }}")
+    bcc = "=?UTF-8?Q?=0A?=Bcc: x@evil.example"
+    with pytest.raises(InputError, match=r"row 2: subject has an encoded word"):
+        c.check(person(course=bcc), "p.csv")
+
+
+def test_unsafe_name_is_refused_even_if_the_source_let_it_through(tmp_path: Path) -> None:
+    c = composer(tmp_path)
+    with pytest.raises(InputError, match=r"^p\.csv: row 2: name contains a carriage return"):
+        c.check(person(name="Ada\rBcc: x@y.z"), "p.csv")
+
+
+def test_skipped_recipients_are_not_rendered(tmp_path: Path) -> None:
+    c = composer(tmp_path, "{{ missing }}")
+    skipped = Recipient(2, "bad", "", skip_reason="invalid address")
+    c.check(skipped, "p.csv")  # nothing raised
+    with pytest.raises(ValueError):
+        c.build(skipped, "<m@x>")
+
+
+# --------------------------------------------------------------------------- attachments
+
+
+def test_attachment_pattern_is_rendered_per_recipient(tmp_path: Path) -> None:
+    write(tmp_path / "sheets" / "CS101.pdf", b"%PDF-1.4 CS101")
+    write(tmp_path / "sheets" / "CS102.weird", b"\x00\x01")
+    c = composer(tmp_path, attach=("sheets/{{ course }}.pdf",))
+    c.check(person(course="CS101"), "p.csv")
+    m = c.build(person(course="CS101"), "<m@x>")
+    assert m.attachments == (Attachment("CS101.pdf", "application/pdf", b"%PDF-1.4 CS101"),)
+    with pytest.raises(InputError) as info:
+        c.check(person(row=3, course="CS102"), "p.csv")
+    assert str(info.value) == "p.csv: row 3: attachment 'sheets/CS102.pdf' not found"
+
+    c = composer(tmp_path, attach=("sheets/{{ course }}.weird",))
+    m = c.build(person(course="CS102"), "<m@x>")
+    assert m.attachments[0].content_type == "application/octet-stream"
+    assert m.attachments[0].filename == "CS102.weird"
+
+
+def test_attachment_found_after_changing_directory(tmp_path: Path) -> None:
+    write(tmp_path / "sheets" / "CS101.pdf", b"%PDF")
+    c = composer(tmp_path, attach=("sheets/{{ course }}.pdf",))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)  # the conftest fixture restores the directory
+    assert c.build(person(course="CS101"), "<m@x>").attachments[0].data == b"%PDF"
+
+
+def test_attachment_too_large_or_not_a_file(tmp_path: Path) -> None:
+    big = write(tmp_path / "big.pdf", b"")
+    os.truncate(big, MAX_ATTACHMENT_BYTES + 1)  # sparse: cheap
+    c = composer(tmp_path, attach=("{{ f }}",))
+    with pytest.raises(InputError, match=r"^p\.csv: row 2: attachment 'big\.pdf' is 10\.0 MB, ove"):
+        c.check(person(f="big.pdf"), "p.csv")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(InputError, match=r"attachment 'adir' is not a regular file"):
+        c.check(person(f="adir"), "p.csv")
+    with pytest.raises(InputError, match=r"--attach '\{\{ f \}\}' renders no file name"):
+        c.check(person(f=""), "p.csv")
+
+
+def test_attachments_total_limit_per_message(tmp_path: Path) -> None:
+    for name in ("a.pdf", "b.pdf"):
+        os.truncate(write(tmp_path / name, b""), MAX_ATTACHMENT_BYTES // 2 + 1)
+    c = composer(tmp_path, attach=("a.pdf", "b.pdf"))
+    with pytest.raises(InputError, match=r"^p\.csv: row 2: attachments total 10\.0 MB, over"):
+        c.check(person(), "p.csv")
+
+
+# --------------------------------------------------------------------------- ids and headers
+
+
+def test_message_id_is_stable_and_uses_the_sender_domain(tmp_path: Path) -> None:
+    assert message_id(7, 42) == "<bulkmail.7.42@bulkmail.local>"
+    assert message_id(7, 42, "example.edu") == message_id(7, 42, "example.edu")
+    c = composer(tmp_path, job_id=7)
+    assert c.message_id(42) == "<bulkmail.7.42@example.edu>"
+    assert Composer(c.templates, sender=SENDER, job_id=7, domain="mx.example").message_id(1) == (
+        "<bulkmail.7.1@mx.example>"
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\r",
+        "\n",
+        "\x00",
+        "Ada\r\nBcc: x@y.z",
+        "trailing\n",
+        "esc\x1b[31m",
+        "line\u2028separator",
+        "next\x85line",
+        "=?UTF-8?Q?=0A?=",
+        "Hi =?utf-8?q?a=0D=0ABcc:_x@y.z?= there",
+        "=?utf-8?b?DQpCY2M6IHhAeS56?=",
+        "=?utf-8?B?AA==?=",
+    ],
+)
+def test_header_safe_problem_flags_line_breaks(value: str) -> None:
+    assert header_safe_problem(value) is not None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "Ada Lovelace",
+        "Zoë Ångström",
+        "Reminder:\tCS101",
+        "=?utf-8?q?Zo=C3=AB?=",
+        "50% =? off ?=",
+        "=?x-unknown?q?a?=",
+        "=?utf-8?b?!!!?=",
+    ],
+)
+def test_header_safe_problem_accepts_benign_values(value: str) -> None:
+    assert header_safe_problem(value) is None
+
+
+def test_non_ascii_display_name_round_trips() -> None:
+    m = Message("office@example.edu", "Course Office", "zoe@example.org", "Zoë Ångström",
+                "Réunion", "Bonjour Zoë\n", "<bulkmail.1.1@example.edu>")  # fmt: skip
+    raw = m.to_email_message().as_bytes()
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    (to,) = parsed["To"].addresses
+    assert (to.display_name, to.addr_spec) == ("Zoë Ångström", "zoe@example.org")
+    assert str(parsed["Subject"]) == "Réunion"
+    assert parsed.get_content() == "Bonjour Zoë\r\n"  # an 8bit body keeps the wire CRLF
+
+
+# --------------------------------------------------------------------------- fast MIME path
+
+BOUNDARY = re.compile(rb"===============\d{19}==(?:\.\d+)?")
+
+
+def _message(**overrides: Any) -> Message:
+    values: dict[str, Any] = {
+        "from_email": "office@example.edu",
+        "from_name": "Course Office",
+        "to_email": "ada@example.org",
+        "to_name": "Ada Lovelace",
+        "subject": "Reminder: CS101 sheets are due on Friday",
+        "text": "Hello Ada,\n\nplease send the CS101 sheets.\n",
+        "message_id": "<bulkmail.12.345@example.edu>",
+    }
+    values.update(overrides)
+    return Message(**values)
+
+
+def _view(raw: bytes) -> dict[str, Any]:
+    """What a reader sees: top-level headers decoded, then each part's headers (boundary
+    apart) and decoded body."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    view: dict[str, Any] = {
+        key: [(a.display_name, a.addr_spec) for a in msg[key].addresses] for key in ("From", "To")
+    }
+    view["Subject"] = str(msg["Subject"])
+    view["Message-ID"] = str(msg["Message-ID"])
+    parts = []
+    for part in msg.walk():
+        assert isinstance(part, EmailMessage)
+        params = [(k, v) for k, v in part.get_params() or [] if k != "boundary"]
+        body = None if part.is_multipart() else part.get_content()
+        parts.append((list(part.keys()), params, part["Content-Transfer-Encoding"], body))
+    view["parts"] = parts
+    return view
+
+
+def _intended(m: Message) -> dict[str, Any]:
+    return {
+        "From": [(m.from_name, m.from_email)],
+        "To": [(m.to_name, m.to_email)],
+        "Subject": m.subject,
+    }
+
+
+def _assert_equivalent(m: Message, fast: bytes, slow: bytes) -> None:
+    assert b"\n" not in fast.replace(b"\r\n", b"") and b"\r" not in fast.replace(b"\r\n", b"")
+    assert all(len(line) <= 998 for line in fast.split(b"\r\n"))
+    got, want, intended = _view(fast), _view(slow), _intended(m)
+    for key in ("From", "To", "Subject"):
+        # EmailMessage itself loses a space in a few foldings; the fast path never does
+        assert got[key] in (want[key], intended[key]), key
+    assert got["Message-ID"] == want["Message-ID"]
+    assert got["parts"] == want["parts"]
+
+
+def test_fast_path_is_byte_identical_in_the_common_case() -> None:
+    for m in (
+        _message(),
+        _message(html="<p>Hello Ada,</p>\n<p>please send the sheets.</p>\n"),
+        _message(to_name="Zoë Ångström", subject="Café — 2 weeks left", text="Grüße\n"),
+        _message(to_name="O'Brien, Seán", text="x" * 100 + "\n", html="é" * 100),
+        _message(to_name="", from_name="", subject="", text=""),
+        _message(subject="word " * 30 + "end"),
+    ):
+        fast, slow = to_bytes_fast(m), m.to_bytes()
+        assert BOUNDARY.sub(b"B", fast) == BOUNDARY.sub(b"B", slow)
+        assert to_bytes_fast(m) == fast  # the boundary is derived from the content
+        _assert_equivalent(m, fast, slow)
+
+
+def test_fast_path_does_not_build_an_email_message() -> None:
+    m = _message(to_name="Zoë Ångström", subject="Café", html="<p>é</p>")
+    slow = m.to_bytes()
+    with mock.patch.object(Message, "to_bytes", side_effect=AssertionError("slow path")):
+        fast = to_bytes_fast(m)
+    _assert_equivalent(m, fast, slow)
+
+
+def test_fast_path_falls_back_for_attachments_and_odd_values() -> None:
+    attached = _message(attachments=(Attachment("a.pdf", "application/pdf", b"%PDF"),))
+    _assert_equivalent(attached, to_bytes_fast(attached), attached.to_bytes())
+    assert b'filename="a.pdf"' in to_bytes_fast(attached)
+    for m in (_message(subject="=?utf-8?q?x?="), _message(to_name="Ada  Lovelace")):
+        assert to_bytes_fast(m) == m.to_bytes()
+    with pytest.raises(ValueError):  # EmailMessage's own refusal, not hidden
+        to_bytes_fast(_message(subject="a\u2028b"))
+
+
+_ODD = st.characters(exclude_categories=("Cs",), exclude_characters="\r\n")
+_PIECES = st.sampled_from(
+    [" ", "  ", "a", "Ada", "Zoë", "Ångström", "李", "😀", '"', "\\", ",", ".", "(", ")", "=",
+     "?", "_", "'", "-", ":", "<", "@", "\t", "\u00a0", "x" * 30, "é" * 25]
+)  # fmt: skip
+_HEADER_TEXT = st.text(_ODD, max_size=40) | st.lists(_PIECES, max_size=25).map("".join)
+_BODY = st.text(st.characters(exclude_categories=("Cs",)), max_size=200) | st.lists(
+    st.sampled_from(["a", "é", "\n", "\r\n", "\r", " ", "x" * 50, "=", ".", "From ", "😀"]),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=20000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    from_name=_HEADER_TEXT,
+    to_name=_HEADER_TEXT,
+    subject=_HEADER_TEXT | st.lists(_PIECES, max_size=60).map("".join),
+    text=_BODY,
+    html=st.none() | _BODY,
+    to_email=st.sampled_from(["ada@example.org", "o'brien+x@sub.example.co.uk", "a@b"]),
+)
+def test_fast_path_parses_back_like_email_message(
+    from_name: str, to_name: str, subject: str, text: str, html: str | None, to_email: str
+) -> None:
+    m = _message(
+        from_name=from_name, to_name=to_name, subject=subject, text=text, html=html,
+        to_email=to_email,
+    )  # fmt: skip
+    try:
+        slow = m.to_bytes()
+    except ValueError as exc:  # EmailMessage refuses the value: so must the fast path
+        with pytest.raises(type(exc)):
+            to_bytes_fast(m)
+        return
+    _assert_equivalent(m, to_bytes_fast(m), slow)
+
+
+_WORD = st.text(
+    st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZéèüöÅßçñ李😀.,:'()-!?"),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=10000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    to_name=st.lists(_WORD, max_size=3).map(" ".join),
+    subject=st.lists(_WORD, max_size=14).map(" ".join),
+    text=_BODY,
+    html=st.none() | _BODY,
+)
+def test_fast_path_takes_realistic_messages_itself(
+    to_name: str, subject: str, text: str, html: str | None
+) -> None:
+    m = _message(to_name=to_name, subject=subject, text=text, html=html)
+    slow = m.to_bytes()
+    with mock.patch.object(Message, "to_bytes", side_effect=AssertionError("slow path")):
+        fast = to_bytes_fast(m)
+    _assert_equivalent(m, fast, slow)
+    view = _view(fast)
+    assert (view["To"], view["Subject"]) == ([(to_name, m.to_email)], subject)
