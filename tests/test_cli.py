@@ -369,3 +369,34 @@ def test_help_of_every_command_has_an_example() -> None:
         result = bulkmail(name, "--help")
         assert result.exit_code == 0
         assert "Example" in result.stdout and "bulkmail" in result.stdout, name
+
+
+def test_failed_deliveries_listed_then_retried(smtp_sink: SmtpSink, tmp_path: Path) -> None:
+    store = str(tmp_path / "s.db")
+    smtp_sink.replies["chen.wei@example.edu"] = "550 5.1.1 mailbox unavailable"
+    args = ["--template", str(EXAMPLES / "reminder.txt"), "--subject", SUBJECT]
+    first = bulkmail(
+        "send-reminders", "--csv", str(EXAMPLES / "instructors.csv"), *args,
+        "--provider", "smtp", "--from", "office@example.edu", "--rate", "0", "--store", store,
+        env=smtp_env(smtp_sink),
+    )  # fmt: skip
+    assert first.exit_code == 1, first.output
+    assert "bulkmail retry 1" in first.stdout
+    failed = bulkmail("status", "1", "--failed", "--json", "--store", store)
+    doc = json.loads(failed.stdout)
+    assert doc["failures"] == [
+        {
+            "email": "chen.wei@example.edu",
+            "name": "Chen Wei",
+            "attempts": 1,
+            "error": "550 5.1.1 mailbox unavailable",
+        }
+    ]
+    table = bulkmail("status", "1", "--failed", "--store", store)
+    assert "chen.wei@example.edu" in table.stdout and "550 5.1.1" in table.stdout
+    del smtp_sink.replies["chen.wei@example.edu"]
+    retried = bulkmail("retry", "1", "--json", "--store", store, env=smtp_env(smtp_sink))
+    assert retried.exit_code == 0, retried.output
+    assert json.loads(retried.stdout)["sent"] == 12
+    assert [m.rcpt_tos[0] for m in smtp_sink.messages].count("chen.wei@example.edu") == 1
+    assert len(smtp_sink.messages) == 12
