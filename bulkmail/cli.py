@@ -306,7 +306,7 @@ def send_reminders(
     if interactive and not yes:
         summary = jobs.dry_run(plan)
         if not _confirm(plan, summary):
-            fail("nothing sent", ExitCode.OK)
+            fail("nothing sent and no job created", ExitCode.OK)
     db_store = _store(store, settings)
     job_id = jobs.create_job(db_store, plan)
     _run_job(db_store, job_id, settings, as_json=as_json, detach=detach, config=config)
