@@ -260,15 +260,18 @@ class EmailManager:
         self, job: JobRecord, provider: Provider, limiter: RateLimiter, composer: Composer
     ) -> None:
         while not self._stop.is_set():
-            due = self.store.next_due(self.job_id, now=self.clock())
-            if due is None:
-                return  # nothing pending: done (other threads may still be finishing)
-            if due > 0:
-                if self.sleep(min(due, self.heartbeat_interval)):
+            if not limiter.unlimited:
+                # take a rate slot only when a delivery is due, so backoff waits don't
+                # burn the account's quota
+                due = self.store.next_due(self.job_id, now=self.clock())
+                if due is None:
+                    return  # nothing pending: done (other threads may still be finishing)
+                if due > 0:
+                    if self.sleep(min(due, self.heartbeat_interval)):
+                        return
+                    continue
+                if not limiter.acquire() or self._stop.is_set():
                     return
-                continue
-            if not limiter.acquire() or self._stop.is_set():
-                return
             self._failpoint.reached("before_claim")
             claim = self.store.claim(self.job_id, self.worker_id, now=self.clock())
             if isinstance(claim, Stop):
@@ -276,6 +279,8 @@ class EmailManager:
                     self._stop.set()  # cancelled, or stopped by another worker
                 return
             if isinstance(claim, Wait):
+                if self.sleep(min(claim.seconds, self.heartbeat_interval)):
+                    return
                 continue
             assert isinstance(claim, Claimed)
             self._deliver(job, provider, composer, claim.delivery)
