@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import mimetypes
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.nodes
 from email_validator import EmailNotValidError, validate_email
 from jinja2 import meta
 
@@ -65,32 +67,33 @@ _UNICODE_BREAKS = frozenset("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
 
 
-def _control_problem(text: str) -> str | None:
+def _control_char(text: str) -> str | None:
+    """What the first character unsafe in a header is, e.g. "a line feed (LF)"; or None."""
     for ch in text:
         code = ord(ch)
         if ch in _LINE_BREAKS:
-            return f"contains {_LINE_BREAKS[ch]}"
+            return _LINE_BREAKS[ch]
         if ch in _UNICODE_BREAKS:
-            return f"contains a line separator (U+{code:04X})"
+            return f"a line separator (U+{code:04X})"
         if (code < 0x20 and ch != "\t") or code == 0x7F:
-            return f"contains a control character (U+{code:04X})"
+            return f"a control character (U+{code:04X})"
     return None
 
 
-def _decode_encoded_word(charset: str, encoding: str, payload: str) -> str | None:
-    """The text of one RFC 2047 encoded word, or None when it cannot be decoded."""
+def _decode_encoded_word(charset: str, encoding: str, payload: str) -> list[str]:
+    """The text of one RFC 2047 encoded word, decoded as its charset says and as Latin-1 (a
+    reader may ignore or misread the charset); empty when the payload does not decode."""
     try:
         if encoding in "qQ":
             raw = quoprimime.header_decode(payload).encode("latin-1")
         else:
             raw = base64.b64decode(payload + "=" * (-len(payload) % 4))
     except (ValueError, binascii.Error):
-        return None
-    name = charset.partition("*")[0]  # RFC 2231 language suffix: utf-8*en
-    try:
-        return raw.decode(name, errors="replace")
-    except LookupError:
-        return raw.decode("latin-1")
+        return []
+    texts = [raw.decode("latin-1")]
+    with contextlib.suppress(LookupError, ValueError):  # unknown charset: Latin-1 will do
+        texts.append(raw.decode(charset.partition("*")[0], errors="replace"))  # utf-8*en
+    return texts
 
 
 def header_safe_problem(value: str) -> str | None:
@@ -101,18 +104,16 @@ def header_safe_problem(value: str) -> str | None:
     encoded words (``=?UTF-8?Q?=0A?=``, ``=?utf-8?b?DQo=?=``) whose decoded text has any of
     those: a reader that decodes them would see a line break.
     """
-    problem = _control_problem(value)
-    if problem is not None:
-        return problem
+    found = _control_char(value)
+    if found is not None:
+        return f"contains {found}"
     if "=?" not in value:
         return None
     for match in _ENCODED_WORD.finditer(value):
-        decoded = _decode_encoded_word(*match.groups())
-        if decoded is None:
-            continue
-        problem = _control_problem(decoded)
-        if problem is not None:
-            return f"has an encoded word {match.group(0)!r} that decodes to {problem[9:]}"
+        for decoded in _decode_encoded_word(*match.groups()):
+            found = _control_char(decoded)
+            if found is not None:
+                return f"has an encoded word {match.group(0)!r} that decodes to {found}"
     return None
 
 
@@ -148,11 +149,18 @@ def _read_template(path: str | Path) -> str:
         ) from None
 
 
-def _syntax_check(env: jinja2.Environment, source: str, label: str, *, lines: bool) -> None:
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _parse(
+    env: jinja2.Environment, source: str, label: str, *, lines: bool
+) -> jinja2.nodes.Template:
+    """The template's syntax tree; InputError naming ``label`` (and the line) when invalid."""
     try:
-        env.parse(source)
+        return env.parse(source)
     except jinja2.TemplateSyntaxError as exc:
-        message = exc.message or "syntax error"
+        message = _one_line(exc.message or "syntax error")
         where = f"{label}: line {exc.lineno}" if lines else label
         raise InputError(f"{where}: {message}") from None
 
@@ -208,18 +216,18 @@ class Templates:
         for a syntax error in a file, the line.
         """
         env = _environment(html=False)
-        _syntax_check(env, subject, "--subject", lines=False)
+        _parse(env, subject, "--subject", lines=False)
         text = _read_template(text_path)
-        _syntax_check(env, text, str(text_path), lines=True)
+        _parse(env, text, str(text_path), lines=True)
         html: str | None = None
         if html_path is not None:
             html = _read_template(html_path)
-            _syntax_check(env, html, str(html_path), lines=True)
+            _parse(env, html, str(html_path), lines=True)
         patterns: list[str] = []
         for pattern in attach:
             if not pattern.strip():
                 raise InputError("--attach: empty path")
-            _syntax_check(env, pattern, f"--attach {pattern!r}", lines=False)
+            _parse(env, pattern, f"--attach {pattern!r}", lines=False)
             patterns.append(_absolute_pattern(pattern))
         return cls(
             subject=subject,
@@ -280,7 +288,7 @@ class Composer:
         text_env = _environment(html=False)
         html_env = _environment(html=True)
         self._globals = frozenset(text_env.globals)
-        self._asts: list[Any] = []
+        self._asts: list[jinja2.nodes.Template] = []
         self._subject = self._compile(text_env, templates.subject, "--subject", lines=False)
         self._text = self._compile(text_env, templates.text, templates.text_name, lines=True)
         self._html: jinja2.Template | None = None
@@ -295,8 +303,7 @@ class Composer:
     def _compile(
         self, env: jinja2.Environment, source: str, label: str, *, lines: bool
     ) -> jinja2.Template:
-        _syntax_check(env, source, label, lines=lines)
-        self._asts.append(env.parse(source))
+        self._asts.append(_parse(env, source, label, lines=lines))
         return env.from_string(source)
 
     @property
@@ -397,14 +404,14 @@ def _render(template: jinja2.Template, context: dict[str, Any], where: str, labe
     except jinja2.UndefinedError as exc:
         found = _UNDEFINED.fullmatch(exc.message or "")
         if found is not None:
-            raise InputError(
-                f"{where}: {label} uses undefined variable {found.group('name')!r}"
-            ) from None
-        raise InputError(f"{where}: {label}: {exc.message or exc}") from None
+            name = _one_line(found.group("name"))
+            raise InputError(f"{where}: {label} uses undefined variable {name!r}") from None
+        raise InputError(f"{where}: {label}: {_one_line(exc.message or str(exc))}") from None
     except jinja2.TemplateError as exc:
-        raise InputError(f"{where}: {label}: {exc.message or exc}") from None
+        raise InputError(f"{where}: {label}: {_one_line(exc.message or str(exc))}") from None
     except Exception as exc:  # a filter or expression failing on this row's values
-        raise InputError(f"{where}: {label}: {type(exc).__name__}: {exc}") from None
+        message = f"{type(exc).__name__}: {_one_line(str(exc))}"
+        raise InputError(f"{where}: {label}: {message}") from None
 
 
 def _check_attachment(path: str, where: str, label: str) -> int:
@@ -583,7 +590,7 @@ def _subject_lines(subject: str) -> list[str] | None:
         use_q = _use_q(run.encode("utf-8"))
         while run:
             room = min(75, _MAX_LINE - len(lines[-1]) - len(gap))
-            if room < _MIN_WORD and (i > 0 or len(lines) > 1):
+            if room < _MIN_WORD and lines[-1] != "Subject:":
                 lines.append("")  # fold before the gap, or before the space between two words
                 room = min(75, _MAX_LINE - len(gap))
             word, run = _take_word(run, room, use_q)
@@ -647,16 +654,21 @@ def to_bytes_fast(message: Message) -> bytes:
     """``message.to_bytes()`` without building an ``EmailMessage``, for the common messages.
 
     Contract: the result parses back (``email.message_from_bytes`` with ``policy.default``)
-    to the same headers (From, To, Subject, Message-ID, MIME-Version, Content-Type apart from
-    the multipart boundary, Content-Transfer-Encoding) and the same decoded bodies as
-    ``message.to_bytes()``; CRLF line ends, no line over 78 octets. For plain ASCII headers
-    that fit one line the bytes are identical too, the boundary apart (this one is derived
-    from the content, so the same message always gives the same bytes).
+    to the same headers (From, To, Subject, Message-ID, MIME-Version, each part's
+    Content-Type apart from the multipart boundary, Content-Transfer-Encoding) and the same
+    decoded bodies as ``message.to_bytes()``, with CRLF line ends only and no line over 78
+    octets. One deliberate difference: where ``EmailMessage`` folds a long subject right
+    before an encoded word it adds a space (CPython 3.11's folder); this path never alters a
+    value, so there its Subject decodes to exactly ``message.subject``. In the common cases
+    the bytes are identical to ``to_bytes()``'s, the boundary apart: this one is derived from
+    the content, so the same message always gives the same bytes.
 
     The fast path covers a text body, or text + HTML, with no attachments or extra headers,
-    ASCII or non-ASCII bodies, names and subjects. Anything else (attachments, control or
-    separator characters, literal encoded words, names that would need folding, quoted
-    local parts, long Message-IDs...) goes through ``message.to_bytes()``, errors included.
+    ASCII or non-ASCII bodies, names and subjects. Anything else (attachments, control,
+    separator or other non-printable characters, text that looks like an encoded word,
+    names with leading, trailing or double spaces, names too long for one encoded word,
+    quoted local parts, long Message-IDs...) goes through ``message.to_bytes()``, errors
+    included.
     """
     if message.attachments or message.headers:
         return message.to_bytes()

@@ -126,6 +126,11 @@ def test_sender_with_and_without_display_name(tmp_path: Path) -> None:
     assert (c.sender_name, c.sender_email) == ("", "office@example.edu")
 
 
+def test_local_sender_for_the_outbox(tmp_path: Path) -> None:
+    c = composer(tmp_path, sender="bulkmail@localhost")
+    assert (c.sender_email, c.domain) == ("bulkmail@localhost", "localhost")
+
+
 @pytest.mark.parametrize(
     "sender", ["", "Course Office", "office@", "Office <office@exa mple.edu>", "a\r\nBcc: x@y.z"]
 )
@@ -397,6 +402,8 @@ def _intended(m: Message) -> dict[str, Any]:
 def _assert_equivalent(m: Message, fast: bytes, slow: bytes) -> None:
     assert b"\n" not in fast.replace(b"\r\n", b"") and b"\r" not in fast.replace(b"\r\n", b"")
     assert all(len(line) <= 998 for line in fast.split(b"\r\n"))
+    if fast == slow:  # fell back (or single-part and identical): nothing more to compare
+        return
     got, want, intended = _view(fast), _view(slow), _intended(m)
     for key in ("From", "To", "Subject"):
         # EmailMessage itself loses a space in a few foldings; the fast path never does
@@ -438,13 +445,13 @@ def test_fast_path_falls_back_for_attachments_and_odd_values() -> None:
         to_bytes_fast(_message(subject="a\u2028b"))
 
 
-_ODD = st.characters(exclude_categories=("Cs",), exclude_characters="\r\n")
+_ODD = st.characters(codec="utf-8", exclude_characters="\r\n")
 _PIECES = st.sampled_from(
     [" ", "  ", "a", "Ada", "Zoë", "Ångström", "李", "😀", '"', "\\", ",", ".", "(", ")", "=",
      "?", "_", "'", "-", ":", "<", "@", "\t", "\u00a0", "x" * 30, "é" * 25]
 )  # fmt: skip
 _HEADER_TEXT = st.text(_ODD, max_size=40) | st.lists(_PIECES, max_size=25).map("".join)
-_BODY = st.text(st.characters(exclude_categories=("Cs",)), max_size=200) | st.lists(
+_BODY = st.text(st.characters(codec="utf-8"), max_size=200) | st.lists(
     st.sampled_from(["a", "é", "\n", "\r\n", "\r", " ", "x" * 50, "=", ".", "From ", "😀"]),
     max_size=40,
 ).map("".join)
@@ -482,9 +489,14 @@ _WORD = st.text(
 )
 
 
+_NAME_PART = st.sampled_from(
+    ["Ada", "Zoë", "Ångström", "O'Brien", "Jean-Luc", "Müller", "李小龍", "Dr.", "Łukasz", "Nguyễn"]
+)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    to_name=st.lists(_WORD, max_size=3).map(" ".join),
+    to_name=st.lists(_NAME_PART, max_size=3).map(" ".join),
     subject=st.lists(_WORD, max_size=14).map(" ".join),
     text=_BODY,
     html=st.none() | _BODY,

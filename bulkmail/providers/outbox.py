@@ -15,6 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from bulkmail.compose import to_bytes_fast
 from bulkmail.config import OutboxSettings
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError
@@ -32,7 +33,7 @@ class OutboxProvider:
         self.directory = Path(settings.dir).expanduser() if settings.dir else default_dir
 
     def send(self, message: Message) -> str | None:
-        data = message.to_bytes()
+        data = to_bytes_fast(message)
         name = eml_name(message.message_id)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

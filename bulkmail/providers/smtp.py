@@ -16,6 +16,7 @@ import smtplib
 import ssl
 from collections.abc import Callable
 
+from bulkmail.compose import to_bytes_fast
 from bulkmail.config import SMTP_SECURITY, SmtpSettings
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError, PermanentError, ProviderError, TransientError
@@ -53,7 +54,7 @@ class SmtpProvider:
         self._sent_on_conn = 0
 
     def send(self, message: Message) -> str | None:
-        payload = _wire_data(message.to_bytes())
+        payload = _wire_data(to_bytes_fast(message))
         reused = self._conn is not None
         try:
             reply = self._send_once(message, payload)
