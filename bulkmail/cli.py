@@ -56,6 +56,15 @@ DetachOpt = Annotated[
     bool, typer.Option("--detach", help="Run in a background worker and return at once.")
 ]
 JobArg = Annotated[int, typer.Argument(help="The job id (see `bulkmail recent`).", min=1)]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="Run the job in N background workers on this host (implies --detach); "
+        "more can join from other hosts with `bulkmail worker JOB_ID`.",
+    ),
+]
 
 CsvOpt = Annotated[
     Path | None, typer.Option("--csv", help="CSV file of recipients (email, name, ...).")
@@ -143,22 +152,36 @@ def _setup_logging(quiet: bool = False) -> None:
 
 
 def _run_job(
-    store: Any, job_id: int, settings: Any, *, as_json: bool, detach: bool, config: str | None
+    store: Any,
+    job_id: int,
+    settings: Any,
+    *,
+    as_json: bool,
+    detach: bool,
+    config: str | None,
+    workers: int = 1,
 ) -> None:
     """Run (or detach) a job and report the outcome with the design's exit code."""
     from bulkmail import jobs, ui
 
     out = Console()
-    if detach:
-        started = jobs.start_detached(store, job_id, config=config)
+    if detach or workers > 1:
+        # the first worker is exclusive (a job a live worker holds is refused, as for a
+        # foreground resume); the others join it
+        started = [
+            jobs.start_detached(store, job_id, config=config, exclusive=n == 0)
+            for n in range(workers)
+        ]
+        pids = ", ".join(str(s.pid) for s in started)
         if as_json:
             doc = jobs.job_document(store.view(job_id))
-            doc.update(worker_pid=started.pid, log_path=started.log_path)
+            doc.update(worker_pid=started[0].pid, log_path=started[0].log_path)
             _print_json(doc)
         else:
             out.print(
-                f"job {job_id} started in the background: worker pid {started.pid}, "
-                f"log {started.log_path}\nwatch it with: bulkmail status {job_id} --watch",
+                f"job {job_id} started in the background: "
+                f"worker pid{'s' if workers > 1 else ''} {pids}, "
+                f"log {started[0].log_path}\nwatch it with: bulkmail status {job_id} --watch",
                 markup=False,
                 highlight=False,
             )
@@ -251,6 +274,7 @@ def send_reminders(
         typer.Option("--dedupe-key", help="Skip addresses already sent under this key (cron)."),
     ] = None,
     detach: DetachOpt = False,
+    workers: WorkersOpt = 1,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate and summarise; send nothing.")
     ] = False,
@@ -309,7 +333,9 @@ def send_reminders(
             fail("nothing sent and no job created", ExitCode.OK)
     db_store = _store(store, settings)
     job_id = jobs.create_job(db_store, plan)
-    _run_job(db_store, job_id, settings, as_json=as_json, detach=detach, config=config)
+    _run_job(
+        db_store, job_id, settings, as_json=as_json, detach=detach, config=config, workers=workers
+    )
 
 
 @app.command()
@@ -320,6 +346,9 @@ def status(
         bool, typer.Option("--watch", help="Follow the job live until it ends.")
     ] = False,
     failed: Annotated[bool, typer.Option("--failed", help="List failed deliveries.")] = False,
+    skipped: Annotated[
+        bool, typer.Option("--skipped", help="List skipped deliveries with the reason.")
+    ] = False,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -334,6 +363,8 @@ def status(
         doc = ui.watch(err, lambda: jobs.job_document(db.view(job_id)), live=err.is_terminal)
     if failed:
         doc["failures"] = jobs.failures(db, job_id)
+    if skipped:
+        doc["skips"] = jobs.skips(db, job_id)
     if as_json:
         _print_json(doc)
         return
@@ -344,6 +375,8 @@ def status(
         out.print(table)
     if failed:
         out.print(ui.failures_table(doc["failures"]))
+    if skipped:
+        out.print(ui.skips_table(doc["skips"]))
 
 
 @app.command()
@@ -371,6 +404,7 @@ def recent(
 def resume(
     job_id: JobArg,
     detach: DetachOpt = False,
+    workers: WorkersOpt = 1,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -388,7 +422,7 @@ def resume(
         else:
             Console().print(f"job {job_id} is {job.state}; nothing to resume", markup=False)
         raise typer.Exit(int(jobs.exit_code_of(view)))
-    _run_job(db, job_id, settings, as_json=as_json, detach=detach, config=config)
+    _run_job(db, job_id, settings, as_json=as_json, detach=detach, config=config, workers=workers)
 
 
 @app.command()
@@ -488,6 +522,7 @@ def report(
     if output is None:
         jobs.write_report(db, job_id, sys.stdout)
         return
+    db.get_job(job_id)  # an unknown job is exit 2 before an empty file is left behind
     try:
         with output.open("w", encoding="utf-8", newline="") as f:
             rows = jobs.write_report(db, job_id, f)
@@ -498,9 +533,18 @@ def report(
 
 @app.command(hidden=False)
 @handles_errors
-def worker(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> None:
-    """Internal: run a job's send loop headless (what --detach starts).
-    Example: bulkmail worker 3"""
+def worker(
+    job_id: JobArg,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    exclusive: Annotated[
+        bool,
+        typer.Option("--exclusive", hidden=True, help="Refuse a job a live worker holds."),
+    ] = False,
+) -> None:
+    """Run a job's send loop headless: what --detach starts, and how more workers join a
+    job, on this host or others sharing a PostgreSQL store.
+    Example: bulkmail worker 3 --store postgresql://bulkmail@db.example.edu/bulkmail"""
     from bulkmail import jobs
 
     def on_term(_signum: int, _frame: Any) -> None:
@@ -522,7 +566,7 @@ def worker(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> 
                 flush=True,
             )
 
-    result = jobs.manager(db, job_id, settings, on_event=on_event).run()
+    result = jobs.manager(db, job_id, settings, on_event=on_event, exclusive=exclusive).run()
     print(
         f"worker pid {os.getpid()} stopped: job {job_id} {result.state}"
         + (f" ({result.error})" if result.error else ""),

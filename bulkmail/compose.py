@@ -5,9 +5,10 @@ them once and renders them per recipient with ``StrictUndefined`` (the HTML body
 ``Composer.check`` renders everything a send will render and raises ``InputError`` naming the
 source, row, template and variable at fault, so a job is refused before anything is sent.
 
-No header value built here may carry a line break: ``header_safe_problem`` says why a value
-is unsafe (CR, LF, NUL, other controls, Unicode line separators, or an RFC 2047 encoded word
-that decodes to one of those).
+No header value built here may carry a line break: ``header_safe_problem`` (defined in
+``bulkmail.headersafe``, shared with ``sources`` and re-exported here) says why a value is
+unsafe (CR, LF, NUL, other controls, Unicode line separators, or an RFC 2047 encoded word that
+decodes to one of those).
 
 ``to_bytes_fast`` serialises the common messages (text, or text + HTML, no attachments)
 without going through ``EmailMessage``; see its docstring for the contract.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import mimetypes
 import os
@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email import quoprimime
+from email.policy import SMTPUTF8
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from email_validator import EmailNotValidError, validate_email
 from jinja2 import meta
 
 from bulkmail.errors import InputError
+from bulkmail.headersafe import header_safe_problem
 from bulkmail.models import Attachment, Message, Recipient
 
 __all__ = [
@@ -56,65 +58,6 @@ BUILTIN_VARIABLES = frozenset({"name", "email", "row"})
 """Variables every recipient provides whatever the source's columns."""
 
 DEFAULT_DOMAIN = "bulkmail.local"
-
-
-# --------------------------------------------------------------------------- header safety
-
-_LINE_BREAKS = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)", "\0": "a NUL character"}
-# Characters str.splitlines() treats as line boundaries besides CR and LF: EmailMessage refuses
-# them in a header value, and some readers break lines on them.
-_UNICODE_BREAKS = frozenset("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
-
-
-def _control_char(text: str) -> str | None:
-    """What the first character unsafe in a header is, e.g. "a line feed (LF)"; or None."""
-    for ch in text:
-        code = ord(ch)
-        if ch in _LINE_BREAKS:
-            return _LINE_BREAKS[ch]
-        if ch in _UNICODE_BREAKS:
-            return f"a line separator (U+{code:04X})"
-        if (code < 0x20 and ch != "\t") or code == 0x7F:
-            return f"a control character (U+{code:04X})"
-    return None
-
-
-def _decode_encoded_word(charset: str, encoding: str, payload: str) -> list[str]:
-    """The text of one RFC 2047 encoded word, decoded as its charset says and as Latin-1 (a
-    reader may ignore or misread the charset); empty when the payload does not decode."""
-    try:
-        if encoding in "qQ":
-            raw = quoprimime.header_decode(payload).encode("latin-1")
-        else:
-            raw = base64.b64decode(payload + "=" * (-len(payload) % 4))
-    except (ValueError, binascii.Error):
-        return []
-    texts = [raw.decode("latin-1")]
-    with contextlib.suppress(LookupError, ValueError):  # unknown charset: Latin-1 will do
-        texts.append(raw.decode(charset.partition("*")[0], errors="replace"))  # utf-8*en
-    return texts
-
-
-def header_safe_problem(value: str) -> str | None:
-    """Why ``value`` must not go into a mail header, or None when it is safe.
-
-    Unsafe: CR, LF, NUL, any other C0 control except TAB, DEL, the other characters
-    ``str.splitlines`` breaks lines on (VT, FF, FS, GS, RS, NEL, U+2028, U+2029), and RFC 2047
-    encoded words (``=?UTF-8?Q?=0A?=``, ``=?utf-8?b?DQo=?=``) whose decoded text has any of
-    those: a reader that decodes them would see a line break.
-    """
-    found = _control_char(value)
-    if found is not None:
-        return f"contains {found}"
-    if "=?" not in value:
-        return None
-    for match in _ENCODED_WORD.finditer(value):
-        for decoded in _decode_encoded_word(*match.groups()):
-            found = _control_char(decoded)
-            if found is not None:
-                return f"has an encoded word {match.group(0)!r} that decodes to {found}"
-    return None
 
 
 # --------------------------------------------------------------------------- templates
@@ -178,6 +121,27 @@ def _absolute_pattern(pattern: str) -> str:
     if any(d in base for d in _JINJA_DELIMITERS):
         base = "{% raw %}" + base + "{% endraw %}"
     return base + pattern
+
+
+def _fixed_dir(pattern: str) -> str | None:
+    """The folder an absolute attachment pattern's literal beginning fixes (e.g.
+    ``/srv/x/sheets`` for ``/srv/x/sheets/{{ course }}.pdf``), or None for a pattern without
+    template syntax. A rendered path must stay inside it: a value such as ``../../.ssh/id_rsa``
+    in a hostile CSV must not attach a file from elsewhere."""
+    raw_open, raw_close = "{% raw %}", "{% endraw %}"
+    literal, rest = "", pattern
+    if pattern.startswith(raw_open) and raw_close in pattern:
+        literal, _, rest = pattern[len(raw_open) :].partition(raw_close)
+    cuts = [rest.find(d) for d in _JINJA_DELIMITERS if d in rest]
+    if not cuts:
+        return None
+    literal += rest[: min(cuts)]
+    return os.path.normpath(os.path.dirname(literal) or os.sep)
+
+
+def _inside(path: str, folder: str) -> bool:
+    normal = os.path.normpath(path)
+    return normal == folder or normal.startswith(os.path.join(folder, ""))
 
 
 def _shown_path(path: str) -> str:
@@ -296,7 +260,11 @@ class Composer:
             html_name = templates.html_name or "HTML template"
             self._html = self._compile(html_env, templates.html, html_name, lines=True)
         self._attachments = tuple(
-            (pattern, self._compile(text_env, pattern, "--attach", lines=False))
+            (
+                pattern,
+                self._compile(text_env, pattern, "--attach", lines=False),
+                _fixed_dir(pattern),
+            )
             for pattern in templates.attachments
         )
 
@@ -380,9 +348,15 @@ class Composer:
             html = _render(self._html, context, where, label)
         paths: list[str] = []
         total = 0
-        for pattern, template in self._attachments:
+        for pattern, template, folder in self._attachments:
             label = f"--attach {_shown_path(pattern)!r}"
             path = _render(template, context, where, label)
+            if folder is not None and not _inside(path, folder):
+                shown_folder = _shown_path(os.path.join(folder, "")) or "./"
+                raise InputError(
+                    f"{where}: {label} renders {_shown_path(path)!r}, outside the folder "
+                    f"{shown_folder!r}; a value may not lead out of it"
+                )
             size = _check_attachment(path, where, label)
             total += size
             paths.append(path)
@@ -668,8 +642,15 @@ def to_bytes_fast(message: Message) -> bytes:
     separator or other non-printable characters, text that looks like an encoded word,
     names with leading, trailing or double spaces, names too long for one encoded word,
     quoted local parts, long Message-IDs...) goes through ``message.to_bytes()``, errors
-    included.
+    included. The one exception: a message to or from an address with a non-ASCII local part
+    (it can only travel with SMTPUTF8) is ``EmailMessage`` output under the ``SMTPUTF8``
+    policy, UTF-8 headers unencoded, rather than ``to_bytes()``'s, which is not valid there.
     """
+    if not (message.from_email + message.to_email).isascii():
+        # RFC 6531/6532: a non-ASCII local part is sent with SMTPUTF8 (the smtp provider asks
+        # for it) and its headers are UTF-8 as they are; EmailMessage's SMTP policy would put
+        # an encoded word inside the address, which no reader may decode there.
+        return message.to_email_message().as_bytes(policy=SMTPUTF8)
     if message.attachments or message.headers:
         return message.to_bytes()
     head = _fast_headers(message)

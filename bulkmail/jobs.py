@@ -257,9 +257,16 @@ def manager(
     settings: Settings,
     *,
     on_event: Callable[[Event], None] | None = None,
+    exclusive: bool = True,
 ) -> EmailManager:
+    """``exclusive``: refuse a job that a live worker holds (``resume``); False adds this
+    worker to the job's others (``bulkmail worker``, ``--workers N``)."""
     return EmailManager(
-        store, job_id, provider_factory=provider_factory(settings), on_event=on_event
+        store,
+        job_id,
+        provider_factory=provider_factory(settings),
+        on_event=on_event,
+        exclusive=exclusive,
     )
 
 
@@ -271,21 +278,33 @@ class Detached:
 
 
 def start_detached(
-    store: Store, job_id: int, *, config: str | None, timeout: float = 20.0
+    store: Store,
+    job_id: int,
+    *,
+    config: str | None,
+    timeout: float = 20.0,
+    exclusive: bool = True,
 ) -> Detached:
     """Start ``bulkmail worker JOB_ID`` in a new session (stdin closed, output to the job's
-    log file, mode 0600) and return once it has registered on the job."""
+    log file, mode 0600) and return once it has registered on the job. ``exclusive``: the
+    worker refuses a job that a live worker holds; False adds it to the job's workers.
+
+    The store reaches the worker through ``BULKMAIL_STORE``, not the command line: a
+    PostgreSQL URL may hold a password, and every user can read command lines."""
     logs = data_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = logs / f"job-{job_id}.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     store.set_log_path(job_id, str(log_path))
-    cmd = [sys.executable, "-m", "bulkmail", "worker", str(job_id), "--store", store.location]
+    cmd = [sys.executable, "-m", "bulkmail", "worker", str(job_id)]
+    if exclusive:
+        cmd.append("--exclusive")
     if config:
         cmd += ["--config", str(Path(config).absolute())]
     try:
         proc = subprocess.Popen(
             cmd,
+            env={**os.environ, "BULKMAIL_STORE": store.url},
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=subprocess.STDOUT,
@@ -378,6 +397,14 @@ def failures(store: Store, job_id: int) -> list[dict[str, Any]]:
     return [
         {"email": d.email, "name": d.name, "attempts": d.attempts, "error": d.last_error}
         for d in store.deliveries(job_id, states=("failed",))
+    ]
+
+
+def skips(store: Store, job_id: int) -> list[dict[str, Any]]:
+    """The job's skipped deliveries: the source row and why it is not sent."""
+    return [
+        {"row": d.row, "email": d.email, "name": d.name, "reason": d.last_error}
+        for d in store.deliveries(job_id, states=("skipped",))
     ]
 
 

@@ -27,11 +27,21 @@ from bulkmail.models import Message, Recipient
 from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, worker_alive
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
 from bulkmail.ratelimit import RateLimiter
-from bulkmail.store import Claimed, Counts, DeliveryRecord, JobRecord, Stop, Store, Wait
+from bulkmail.store import (
+    Claimed,
+    Counts,
+    DeliveryRecord,
+    JobRecord,
+    Reclaimed,
+    Stop,
+    Store,
+    Wait,
+)
 
 log = logging.getLogger("bulkmail")
 
 MAX_CONSECUTIVE_TRANSIENT = 10
+TAIL_POLL = 0.5  # seconds between looks at other workers' last messages in flight
 
 EventKind = Literal["sending", "sent", "failed", "retry", "stopped"]
 
@@ -234,11 +244,54 @@ class EmailManager:
             except BulkmailError as exc:  # a busy store must not kill the worker
                 log.warning("heartbeat failed: %s", exc)
                 continue
-            if state != "running":
+            if state == "stopped":
+                log.warning(
+                    "job %s: this worker's heartbeat had gone stale and other workers took "
+                    "over its deliveries: stopping before the next message",
+                    self.job_id,
+                )
+                self._stop.set()
+            elif state != "running":
                 log.warning(
                     "job %s is now %s: stopping before the next message", self.job_id, state
                 )
                 self._stop.set()
+            else:
+                try:
+                    self._reclaim()
+                except BulkmailError as exc:
+                    log.warning("looking for gone workers failed: %s", exc)
+
+    def _reclaim(self) -> Reclaimed:
+        """Take over the deliveries of the job's workers that are gone (several workers on
+        one job: a dead pid on this host, or a heartbeat gone stale anywhere)."""
+        now, host = self.clock(), this_host()
+        held = self.store.reclaim(
+            self.job_id,
+            worker_id=self.worker_id,
+            now=now,
+            alive=lambda w: worker_alive(w, now=now, host=host, stale_after=self.stale_after),
+        )
+        if held.reclaimed:
+            log.warning(
+                "job %s: %d deliveries were in flight under a worker that is gone; "
+                "sending them again with the same Message-ID",
+                self.job_id,
+                held.reclaimed,
+            )
+        return held
+
+    def _settled(self) -> bool:
+        """Nothing is pending: may this sending thread leave? Not while another worker holds
+        a message in flight: if that worker dies, its message comes back to us (reclaimed,
+        in doubt). Waits a little and returns False to look again; our own threads finish
+        their own messages."""
+        held = self._reclaim()
+        if held.reclaimed:
+            return False
+        if not held.elsewhere:
+            return True
+        return self.sleep(TAIL_POLL)  # True: a stop was requested meanwhile
 
     def _sender(self, job: JobRecord, limiter: RateLimiter, composer: Composer) -> None:
         provider: Provider | None = None
@@ -265,7 +318,9 @@ class EmailManager:
                 # burn the account's quota
                 due = self.store.next_due(self.job_id, now=self.clock())
                 if due is None:
-                    return  # nothing pending: done (other threads may still be finishing)
+                    if self._settled():
+                        return  # done (other threads may still be finishing)
+                    continue
                 if due > 0:
                     if self.sleep(min(due, self.heartbeat_interval)):
                         return
@@ -277,6 +332,8 @@ class EmailManager:
             if isinstance(claim, Stop):
                 if not claim.finished:
                     self._stop.set()  # cancelled, or stopped by another worker
+                elif not self._settled():
+                    continue
                 return
             if isinstance(claim, Wait):
                 if self.sleep(min(claim.seconds, self.heartbeat_interval)):

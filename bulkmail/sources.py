@@ -3,8 +3,10 @@
 ``open_csv`` / ``open_db`` check eagerly what they can (the file or database, the header or
 result columns, at least one data row) and return a ``Source``: iterating it streams one
 ``Recipient`` per data row, re-reading the file or re-running the query each time. Rows that
-must not be sent (bad or missing address, duplicate, CR/LF/NUL in a value) are still yielded,
-with ``skip_reason`` set, so nothing is dropped silently. Every user error is an ``InputError``
+must not be sent (bad or missing address, duplicate, a value that is unsafe in a mail header:
+CR, LF, NUL, other controls, Unicode line separators, an encoded word decoding to one of those;
+see ``bulkmail.headersafe``) are still yielded, with ``skip_reason`` set, so nothing is dropped
+silently and ``compose`` never meets a value it would refuse. Every user error is an ``InputError``
 whose one-line message names the file or database, the row and the column at fault.
 """
 
@@ -26,6 +28,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.pool import NullPool
 
 from bulkmail.errors import InputError
+from bulkmail.headersafe import header_safe_problem
 from bulkmail.models import Recipient
 
 __all__ = [
@@ -53,8 +56,6 @@ EMAIL_ALIASES = (
 )
 NAME_ALIASES = ("name", "full name", "fullname", "full_name", "instructor", "display name")
 
-_FORBIDDEN = ("\r", "\n", "\0")
-
 
 class Source:
     """Recipients from one CSV file or database query; iterate to stream them (repeatably)."""
@@ -78,7 +79,7 @@ class Source:
 
 def _one_line(text: str) -> str:
     """Text safe to embed in a one-line message (control characters escaped)."""
-    if any(ch in text for ch in _FORBIDDEN) or not text.isprintable():
+    if not text.isprintable():
         return repr(text)[1:-1]
     return text
 
@@ -165,6 +166,14 @@ def _layout(origin: str, labels: Sequence[str], what: str, hint: str = "") -> _L
     )
 
 
+def _deliverable(address: str) -> str:
+    """The address as it is sent: normalised by email-validator, an internationalised domain
+    in its ASCII form (``bücher.example`` -> ``xn--bcher-kva.example``) so that the To header
+    stays plain ASCII; only a non-ASCII local part still needs SMTPUTF8."""
+    info = validate_email(address, check_deliverability=False)
+    return info.ascii_email or info.normalized
+
+
 @dataclass
 class _Builder:
     """Turns raw rows into Recipients, remembering addresses already seen."""
@@ -179,8 +188,10 @@ class _Builder:
             self.layout.labels, self.layout.keys, self.layout.positions, strict=True
         ):
             value = raw[pos] if pos < len(raw) else ""
-            if reason is None and any(ch in value for ch in _FORBIDDEN):
-                reason = f"line break or NUL in column {_quote(label)}"
+            if reason is None:
+                problem = header_safe_problem(value)
+                if problem is not None:
+                    reason = f"column {_quote(label)} {problem}"
             fields[key] = value.strip()
         email = fields["email"]
         if reason is None:
@@ -188,7 +199,7 @@ class _Builder:
                 reason = "no email address"
             else:
                 try:
-                    email = validate_email(email, check_deliverability=False).normalized
+                    email = _deliverable(email)
                 except EmailNotValidError as exc:
                     reason = f"invalid address: {_one_line(str(exc))}"
                 else:
@@ -582,7 +593,7 @@ def _address_key(address: str) -> str:
     """How addresses are compared: normalised by email-validator when valid, case-folded."""
     address = address.strip()
     with suppress(EmailNotValidError):
-        address = validate_email(address, check_deliverability=False).normalized
+        address = _deliverable(address)
     return address.casefold()
 
 

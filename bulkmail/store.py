@@ -6,6 +6,18 @@ created with mode 0600, runs in WAL mode with ``synchronous=FULL`` (a recorded `
 survives a power loss) and a busy timeout, and every read-modify-write step runs in one
 short ``BEGIN IMMEDIATE`` transaction so several processes can share one file.
 
+A ``postgresql://`` URL (driver: psycopg 3, ``pip install 'bulkmail[postgres]'``) puts the
+same schema on PostgreSQL, where any number of workers on any number of hosts share a job:
+they claim deliveries with ``SELECT ... FOR UPDATE SKIP LOCKED``, take the job row with
+``SELECT ... FOR UPDATE`` whenever they change who runs it (register, reclaim, finish,
+cancel), and share one rate-limit row, also locked with ``FOR UPDATE``. Locks are always
+taken in the order jobs -> deliveries -> workers, so two transactions never wait on each
+other in a circle. On SQLite ``FOR UPDATE`` compiles to nothing: ``BEGIN IMMEDIATE``
+already serialises every writer.
+
+The schema carries its version (``meta.schema_version``); opening an older store applies
+the steps of ``MIGRATIONS`` in one transaction.
+
 Times are stored as POSIX seconds (floats) and passed in by the caller (``now``), so the
 logic that depends on them can be tested with a fixed clock.
 """
@@ -23,17 +35,29 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from bulkmail.errors import JobNotFound, JobStateError, StoreError
 
 SCHEMA_VERSION = 1
 
+# a constant key for pg_advisory_xact_lock: workers starting at once create the schema once
+_SCHEMA_LOCK = 0x62756C6B6D61696C  # "bulkmail"
+
 JOB_STATES = ("queued", "running", "paused", "aborted", "completed", "cancelled")
 DELIVERY_STATES = ("pending", "sending", "sent", "failed", "skipped", "cancelled")
 RESUMABLE = ("queued", "running", "paused", "aborted")  # 'running' only when stalled
 
 metadata = sa.MetaData()
+
+
+def _text(length: int) -> sa.types.TypeEngine[str]:
+    """A string column: bounded as before on SQLite (where lengths are not enforced),
+    unbounded on PostgreSQL (where they are), so an over-long address in a CSV is stored
+    as a skipped delivery rather than failing the whole job."""
+    return sa.String(length).with_variant(sa.Text(), "postgresql")
+
 
 meta = sa.Table(
     "meta",
@@ -50,8 +74,8 @@ jobs = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("provider", sa.String(16), nullable=False),
     sa.Column("provider_settings", sa.Text, nullable=False),  # JSON, never a secret
-    sa.Column("account", sa.String(255), nullable=False),  # the rate-limit key
-    sa.Column("sender", sa.String(500), nullable=False),
+    sa.Column("account", _text(255), nullable=False),  # the rate-limit key
+    sa.Column("sender", _text(500), nullable=False),
     sa.Column("subject", sa.Text, nullable=False),  # the subject template
     sa.Column("templates", sa.Text, nullable=False),  # JSON: text, html, attachments, names
     sa.Column("source", sa.Text, nullable=False),
@@ -60,7 +84,7 @@ jobs = sa.Table(
     sa.Column("concurrency", sa.Integer, nullable=False),
     sa.Column("max_retries", sa.Integer, nullable=False),
     sa.Column("backoff", sa.Float, nullable=False),
-    sa.Column("dedupe_key", sa.String(255), nullable=True, index=True),
+    sa.Column("dedupe_key", _text(255), nullable=True, index=True),
     sa.Column("total", sa.Integer, nullable=False, default=0),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float, nullable=True),
@@ -74,7 +98,7 @@ workers = sa.Table(
     metadata,
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False, index=True),
-    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("host", _text(255), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("heartbeat_at", sa.Float, nullable=False),
@@ -89,16 +113,16 @@ deliveries = sa.Table(
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("row", sa.Integer, nullable=False),
-    sa.Column("email", sa.String(320), nullable=False),
-    sa.Column("email_key", sa.String(320), nullable=False),  # lower-cased, for dedupe
+    sa.Column("email", _text(320), nullable=False),
+    sa.Column("email_key", _text(320), nullable=False),  # lower-cased, for dedupe
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("fields", sa.Text, nullable=False),  # JSON
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("last_error", sa.Text, nullable=True),  # or the skip reason
     sa.Column("next_attempt_at", sa.Float, nullable=False, default=0.0),
-    sa.Column("provider_message_id", sa.String(255), nullable=True),
-    sa.Column("message_id", sa.String(255), nullable=False),
+    sa.Column("provider_message_id", _text(255), nullable=True),
+    sa.Column("message_id", _text(255), nullable=False),
     sa.Column("sent_at", sa.Float, nullable=True),
     sa.Column("worker_id", sa.String(32), nullable=True),
     sa.Column("in_doubt", sa.Boolean, nullable=False, default=False),
@@ -112,9 +136,35 @@ deliveries = sa.Table(
 rate_buckets = sa.Table(
     "rate_buckets",
     metadata,
-    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("key", _text(255), primary_key=True),
     sa.Column("tat", sa.Float, nullable=False),  # GCRA theoretical arrival time
 )
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def schema_version(conn: Connection) -> int | None:
+    """The schema version recorded in a store: None for an empty database (a new store), 0
+    for one holding bulkmail's tables but no recorded version."""
+    tables = set(sa.inspect(conn).get_table_names())
+    if "jobs" not in tables:
+        return None
+    if "meta" not in tables:
+        return 0
+    value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+    return 0 if value is None else int(value)
+
+
+def _record_version(conn: Connection) -> None:
+    """0 -> 1: the tables are those of version 1; only the version was never recorded (the
+    ``meta`` table, when missing, is created after the steps)."""
+
+
+# MIGRATIONS[n] upgrades a store from schema n to n + 1, inside the transaction that opens it.
+# A change to the tables above adds a step here and bumps SCHEMA_VERSION; a step uses plain
+# DDL that both SQLite and PostgreSQL understand (e.g. ALTER TABLE ... ADD COLUMN).
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _record_version}
 
 
 # --------------------------------------------------------------------------- records
@@ -255,6 +305,14 @@ class Registration:
     reclaimed: int  # deliveries found in 'sending' of dead workers: in doubt, to be resent
 
 
+@dataclass(frozen=True)
+class Reclaimed:
+    """What a live worker found when it looked for the deliveries of gone workers."""
+
+    reclaimed: int  # put back to 'pending', in doubt: they will be sent again
+    elsewhere: int  # still in 'sending' under other live workers (they may come back)
+
+
 @dataclass
 class JobView:
     """A job with its counts and workers, for status/recent and the JSON document."""
@@ -336,21 +394,52 @@ def _sqlite_engine(url: sa.URL) -> Engine:
     return engine
 
 
+def _postgres_engine(url: sa.URL) -> Engine:
+    shown = url.render_as_string(hide_password=True)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")  # psycopg 3, not SQLAlchemy's psycopg2
+    if url.get_backend_name() != "postgresql":
+        raise StoreError(
+            f"--store {shown}: a job store is a SQLite file (a path or sqlite:///PATH) or a "
+            "PostgreSQL database (postgresql://USER@HOST/DB)"
+        )
+    try:
+        return sa.create_engine(
+            url,
+            pool_pre_ping=True,  # a worker outlives a server restart
+            connect_args={"connect_timeout": 10, "application_name": "bulkmail"},
+        )
+    except ImportError as exc:
+        raise StoreError(
+            f"{shown}: a PostgreSQL store needs the psycopg driver "
+            f"(pip install 'bulkmail[postgres]'): {exc}"
+        ) from None
+    except sa.exc.ArgumentError as exc:
+        raise StoreError(f"cannot open store {shown}: {exc}") from None
+
+
 def open_store(location: str | os.PathLike[str] | None = None) -> Store:
-    """Open (creating on first use) the job store at ``location``."""
-    url = sa.make_url(store_url(location))
+    """Open (creating on first use, upgrading when older) the job store at ``location``."""
+    try:
+        url = sa.make_url(store_url(location))
+    except sa.exc.ArgumentError as exc:
+        raise StoreError(f"--store: not a path or database URL: {exc}") from None
     path = _sqlite_path(url)
     if path is not None:
         _prepare_sqlite_file(path)
-        engine = _sqlite_engine(url)
+        store = Store(_sqlite_engine(url), str(path))
     else:
-        try:
-            engine = sa.create_engine(url, pool_pre_ping=True)
-        except (ImportError, sa.exc.ArgumentError) as exc:
-            raise StoreError(f"cannot open store {url.render_as_string()}: {exc}") from None
-    store = Store(engine, str(path) if path else url.render_as_string(hide_password=True))
+        store = Store(
+            _postgres_engine(url),
+            url.render_as_string(hide_password=True),
+            url=url.render_as_string(hide_password=False),
+        )
     store.create_schema()
     return store
+
+
+def _one_line(error: object) -> str:
+    return " ".join(str(error).split())
 
 
 def _json(value: Any) -> str:
@@ -371,9 +460,11 @@ class Store:
     """Every read and write of the job store. Thread-safe: each call takes its own
     connection from the pool and holds a transaction only for its own duration."""
 
-    def __init__(self, engine: Engine, location: str) -> None:
+    def __init__(self, engine: Engine, location: str, *, url: str | None = None) -> None:
         self.engine = engine
-        self.location = location
+        self.location = location  # for messages: never shows a password
+        self.url = url or location  # to hand to a worker process: may hold a password
+        self.server = engine.dialect.name == "postgresql"  # several hosts may share it
 
     def close(self) -> None:
         self.engine.dispose()
@@ -389,7 +480,7 @@ class Store:
                 with conn.begin():
                     yield conn
         except sa.exc.OperationalError as exc:
-            raise StoreError(f"{self.location}: {exc.orig}") from exc
+            raise StoreError(f"{self.location}: {_one_line(exc.orig)}") from exc
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -397,24 +488,36 @@ class Store:
             with self.engine.connect() as conn, conn.begin():
                 yield conn
         except sa.exc.OperationalError as exc:
-            raise StoreError(f"{self.location}: {exc.orig}") from exc
+            raise StoreError(f"{self.location}: {_one_line(exc.orig)}") from exc
 
     def create_schema(self) -> None:
+        """Create the schema on first use, or bring an older one up to ``SCHEMA_VERSION``:
+        every step of ``MIGRATIONS`` from the recorded version on, then the new version
+        number, in ONE transaction (a failed step leaves the store as it was)."""
         try:
             with self._write() as conn:
-                metadata.create_all(conn)
-                version = conn.execute(
-                    sa.select(meta.c.value).where(meta.c.key == "schema_version")
-                ).scalar()
-                if version is None:
+                if self.server:
+                    # several workers may open a new store at once: one creates it
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+                version = schema_version(conn)
+                if version is None:  # a new store
+                    metadata.create_all(conn)
                     conn.execute(
                         meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
                     )
-                elif int(version) > SCHEMA_VERSION:
+                    return
+                if version > SCHEMA_VERSION:
                     raise StoreError(
                         f"{self.location}: made by a newer bulkmail (schema {version}); "
                         "upgrade bulkmail to use it"
                     )
+                if version == SCHEMA_VERSION:
+                    return
+                for step in range(version, SCHEMA_VERSION):
+                    MIGRATIONS[step](conn)
+                metadata.create_all(conn)  # tables new since then
+                conn.execute(meta.delete().where(meta.c.key == "schema_version"))
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
         except sa.exc.DatabaseError as exc:
             raise StoreError(f"{self.location}: not a bulkmail job store ({exc.orig})") from None
 
@@ -519,8 +622,13 @@ class Store:
         with self._read() as conn:
             return self._job(conn, job_id)
 
-    def _job(self, conn: Connection, job_id: int) -> JobRecord:
-        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+    def _job(self, conn: Connection, job_id: int, *, lock: bool = False) -> JobRecord:
+        """The job; ``lock``: hold its row until the transaction ends (``FOR UPDATE`` on
+        PostgreSQL; on SQLite the write transaction already excludes other writers)."""
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).mappings().first()
         if row is None:
             raise JobNotFound(job_id)
         values = dict(row)
@@ -611,7 +719,7 @@ class Store:
         sent again with the same Message-ID.
         """
         with self._write() as conn:
-            job = self._job(conn, job_id)
+            job = self._job(conn, job_id, lock=True)
             if job.state in ("completed", "cancelled"):
                 raise JobStateError(f"job {job_id} is {job.state}; there is nothing to run")
             current = self._workers(conn, job_id, live_only=True)
@@ -623,18 +731,7 @@ class Store:
                     f"watch it with `bulkmail status {job_id} --watch` or stop it with "
                     f"`bulkmail cancel {job_id}`"
                 )
-            dead = [w.id for w in current if w not in live]
-            if dead:
-                conn.execute(workers.update().where(workers.c.id.in_(dead)).values(stopped_at=now))
-            live_ids = [w.id for w in live]
-            reclaim = deliveries.update().where(
-                deliveries.c.job_id == job_id, deliveries.c.state == "sending"
-            )
-            if live_ids:
-                reclaim = reclaim.where(deliveries.c.worker_id.not_in(live_ids))
-            reclaimed = conn.execute(
-                reclaim.values(state="pending", in_doubt=True, next_attempt_at=0.0)
-            ).rowcount
+            reclaimed = self._take_over(conn, job_id, current, live, now=now)
             conn.execute(
                 workers.insert().values(
                     id=worker_id,
@@ -652,16 +749,89 @@ class Store:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         return Registration(worker_id, reclaimed)
 
+    def _take_over(
+        self,
+        conn: Connection,
+        job_id: int,
+        current: Sequence[WorkerRecord],
+        live: Sequence[WorkerRecord],
+        *,
+        now: float,
+    ) -> int:
+        """Put the job's deliveries in ``sending`` that no live worker holds back to
+        ``pending``, in doubt, and mark the gone workers stopped; return how many. The
+        caller holds the job row (lock order: jobs, deliveries, workers)."""
+        live_ids = [w.id for w in live]
+        reclaim = deliveries.update().where(
+            deliveries.c.job_id == job_id, deliveries.c.state == "sending"
+        )
+        if live_ids:
+            reclaim = reclaim.where(deliveries.c.worker_id.not_in(live_ids))
+        reclaimed = conn.execute(
+            reclaim.values(state="pending", in_doubt=True, next_attempt_at=0.0)
+        ).rowcount
+        dead = [w.id for w in current if w.id not in live_ids]
+        if dead:
+            conn.execute(workers.update().where(workers.c.id.in_(dead)).values(stopped_at=now))
+        return int(reclaimed)
+
     def heartbeat(self, worker_id: str, *, now: float) -> str:
-        """Renew a worker's heartbeat; return its job's state (so a cancel is noticed)."""
+        """Renew a worker's heartbeat; return its job's state (so a cancel is noticed), or
+        ``"stopped"`` when other workers took this one for gone (its heartbeat had gone
+        stale) and took over its deliveries: it must stop before its next message."""
         with self._write() as conn:
             conn.execute(workers.update().where(workers.c.id == worker_id).values(heartbeat_at=now))
-            state = conn.execute(
-                sa.select(jobs.c.state)
+            row = conn.execute(
+                sa.select(jobs.c.state, workers.c.stopped_at)
                 .join(workers, workers.c.job_id == jobs.c.id)
                 .where(workers.c.id == worker_id)
-            ).scalar()
-        return str(state)
+            ).first()
+        if row is None:
+            return "None"
+        return "stopped" if row.stopped_at is not None else str(row.state)
+
+    def reclaim(self, job_id: int, *, worker_id: str, now: float, alive: WorkerAlive) -> Reclaimed:
+        """Take over the deliveries of the job's gone workers (what a live worker does at
+        each heartbeat, and while it waits for the last messages of others).
+
+        A worker is gone when ``alive`` says so: its pid no longer runs on this host, or its
+        heartbeat is stale. Its deliveries in ``sending`` go back to ``pending`` in doubt
+        (they are sent again with the same Message-ID) and it is marked stopped. A worker
+        that heart-beats is never touched, however long its message takes; ``worker_id``
+        (the caller) counts as alive. Only a ``running`` job is touched.
+        """
+
+        def is_alive(w: WorkerRecord) -> bool:
+            return w.id == worker_id or alive(w)
+
+        # a plain read first: the common case (everyone alive) takes no lock
+        with self._read() as conn:
+            state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            if state != "running":
+                return Reclaimed(0, 0)
+            current = self._workers(conn, job_id, live_only=True)
+            live = {w.id for w in current if is_alive(w)}
+            held = self._sending_by_worker(conn, job_id)
+        orphans = any(w not in live for w in held)
+        if len(live) == len(current) and not orphans:
+            return Reclaimed(0, sum(n for w, n in held.items() if w != worker_id))
+        with self._write() as conn:
+            job = self._job(conn, job_id, lock=True)
+            if job.state != "running":
+                return Reclaimed(0, 0)
+            current = self._workers(conn, job_id, live_only=True)
+            live_workers = [w for w in current if is_alive(w)]
+            reclaimed = self._take_over(conn, job_id, current, live_workers, now=now)
+            held = self._sending_by_worker(conn, job_id)
+        return Reclaimed(reclaimed, sum(n for w, n in held.items() if w != worker_id))
+
+    def _sending_by_worker(self, conn: Connection, job_id: int) -> dict[str, int]:
+        rows = conn.execute(
+            sa.select(deliveries.c.worker_id, sa.func.count())
+            .where(deliveries.c.job_id == job_id, deliveries.c.state == "sending")
+            .group_by(deliveries.c.worker_id)
+        )
+        return {str(w): int(n) for w, n in rows}
 
     def finish_worker(
         self, worker_id: str, *, now: float, stop: str | None, error: str | None
@@ -677,8 +847,9 @@ class Store:
             job_id = conn.execute(
                 sa.select(workers.c.job_id).where(workers.c.id == worker_id)
             ).scalar_one()
+            # the job row first: two workers finishing at once settle the state one by one
+            job = self._job(conn, job_id, lock=True)
             conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=now))
-            job = self._job(conn, job_id)
             if job.state != "running":
                 return job.state  # cancelled, or paused/aborted by another worker
             if stop is not None:
@@ -747,6 +918,8 @@ class Store:
                     )
                     .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
                     .limit(1)
+                    # other workers' claims in progress are skipped, not waited for
+                    .with_for_update(skip_locked=True)
                 )
                 .mappings()
                 .first()
@@ -754,7 +927,7 @@ class Store:
             if row is not None:
                 conn.execute(
                     deliveries.update()
-                    .where(deliveries.c.id == row["id"])
+                    .where(deliveries.c.id == row["id"], deliveries.c.state == "pending")
                     .values(state="sending", attempts=row["attempts"] + 1, worker_id=worker_id)
                 )
                 values = dict(row)
@@ -836,7 +1009,7 @@ class Store:
         """Cancel a job: pending deliveries become ``cancelled``; a running worker stops
         before its next message. Returns how many deliveries were cancelled."""
         with self._write() as conn:
-            job = self._job(conn, job_id)
+            job = self._job(conn, job_id, lock=True)
             if job.state in ("completed", "cancelled"):
                 raise JobStateError(f"job {job_id} is already {job.state}")
             count = conn.execute(
@@ -852,7 +1025,7 @@ class Store:
     def retry_failed(self, job_id: int) -> int:
         """Put a job's failed deliveries back to pending with fresh attempts."""
         with self._write() as conn:
-            job = self._job(conn, job_id)
+            job = self._job(conn, job_id, lock=True)
             if job.state == "cancelled":
                 raise JobStateError(f"job {job_id} is cancelled; start a new job instead")
             count = conn.execute(
@@ -900,15 +1073,25 @@ class Store:
         ``reserve(tat) -> (slot, new_tat)`` is the pure computation (see ratelimit.py); the
         caller sleeps until ``slot`` outside the transaction.
         """
+        bucket = sa.select(rate_buckets.c.tat).where(rate_buckets.c.key == key).with_for_update()
         with self._write() as conn:
-            tat = conn.execute(
-                sa.select(rate_buckets.c.tat).where(rate_buckets.c.key == key)
-            ).scalar()
+            tat = conn.execute(bucket).scalar()
             slot, new_tat = reserve(None if tat is None else float(tat))
-            if tat is None:
+            if tat is None and self.server:
+                # first use: another worker may be creating the row right now; whoever
+                # loses reads the winner's row (locked) and computes again
+                created = conn.execute(
+                    pg_insert(rate_buckets)
+                    .values(key=key, tat=new_tat)
+                    .on_conflict_do_nothing(index_elements=[rate_buckets.c.key])
+                    .returning(rate_buckets.c.key)
+                ).first()
+                if created is not None:
+                    return slot
+                tat = conn.execute(bucket).scalar_one()
+                slot, new_tat = reserve(float(tat))
+            elif tat is None:
                 conn.execute(rate_buckets.insert().values(key=key, tat=new_tat))
-            else:
-                conn.execute(
-                    rate_buckets.update().where(rate_buckets.c.key == key).values(tat=new_tat)
-                )
+                return slot
+            conn.execute(rate_buckets.update().where(rate_buckets.c.key == key).values(tat=new_tat))
         return slot

@@ -41,6 +41,26 @@ STATE_STYLE = {
 }
 
 
+def shown(text: str | None, *, multiline: bool = False, **options: Any) -> Text:
+    """``text`` as a Rich ``Text`` that is safe to print on a terminal: control characters,
+    escape sequences and other non-printable characters (which a hostile CSV or server
+    can put in a name, an address, a reason or an error) are shown escaped, e.g. ``\\x1b``,
+    never sent to the terminal. ``multiline`` keeps line feeds and tabs (message bodies);
+    ``options`` go to ``Text`` (style, no_wrap...)."""
+    text = text or ""
+    if multiline:
+        text = text.replace("\r\n", "\n")
+    if text.isprintable():
+        return Text(text, **options)
+    out: list[str] = []
+    for ch in text:
+        if ch.isprintable() or (multiline and ch in "\n\t"):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return Text("".join(out), **options)
+
+
 def _state(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state, ""))
 
@@ -144,8 +164,8 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     table.add_column()
     table.add_row("state", _state(doc["state"]))
     table.add_row("provider", doc["provider"])
-    table.add_row("source", str(doc.get("source") or ""))
-    table.add_row("subject", Text(doc["subject"]))
+    table.add_row("source", shown(str(doc.get("source") or "")))
+    table.add_row("subject", shown(doc["subject"]))
     counts = Text()
     for key, style in (
         ("sent", "green"),
@@ -174,7 +194,7 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     if doc.get("log_path"):
         table.add_row("log", doc["log_path"])
     if doc.get("error"):
-        table.add_row("stopped by", Text(doc["error"], style="red"))
+        table.add_row("stopped by", shown(doc["error"], style="red"))
     hint = next_step(doc)
     if hint:
         table.add_row("next", Text(hint, style="dim"))
@@ -188,6 +208,8 @@ def next_step(doc: dict[str, Any]) -> str:
         return f"bulkmail resume {job}"
     if state == "completed" and doc["failed"]:
         return f"bulkmail status {job} --failed; bulkmail retry {job}"
+    if state == "completed" and doc["skipped"]:
+        return f"bulkmail status {job} --skipped (why {doc['skipped']} were not sent)"
     if state in ("running", "queued"):
         return f"bulkmail status {job} --watch"
     return ""
@@ -218,7 +240,18 @@ def failures_table(failures: Sequence[dict[str, Any]]) -> Table:
     table.add_column("attempts", justify="right")
     table.add_column("error")
     for f in failures:
-        table.add_row(f["email"], f["name"], str(f["attempts"]), f["error"] or "")
+        table.add_row(shown(f["email"]), shown(f["name"]), str(f["attempts"]), shown(f["error"]))
+    return table
+
+
+def skips_table(skips: Sequence[dict[str, Any]]) -> Table:
+    table = Table(title=f"{len(skips)} skipped deliveries (not sent)")
+    table.add_column("row", justify="right")
+    table.add_column("email")
+    table.add_column("name")
+    table.add_column("reason")
+    for s in skips:
+        table.add_row(str(s["row"]), shown(s["email"]), shown(s["name"]), shown(s["reason"]))
     return table
 
 
@@ -240,7 +273,7 @@ def recent_table(docs: Sequence[dict[str, Any]]) -> Table:
         table.add_row(
             str(d["id"]),
             _state(d["state"]),
-            Text(d["subject"], no_wrap=True, overflow="ellipsis"),
+            shown(d["subject"], no_wrap=True, overflow="ellipsis"),
             f"{d['sent']}/{d['total']}",
             str(d["failed"]),
             str(d["pending"]),
@@ -254,18 +287,25 @@ def summary(doc: dict[str, Any]) -> Group:
     return Group(*lines)
 
 
+def _mailbox(name: str, address: str) -> Text:
+    return shown(f"{name} <{address}>" if name else address)
+
+
 def message_panel(message: Message, index: int) -> Panel:
+    """One rendered message as it will be sent: headers, text body, HTML body, attachments."""
     head = Table.grid(padding=(0, 1))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("From:", f"{message.from_name} <{message.from_email}>".strip())
-    head.add_row("To:", Text(f"{message.to_name} <{message.to_email}>"))
-    head.add_row("Subject:", Text(message.subject))
+    head.add_row("From:", _mailbox(message.from_name, message.from_email))
+    head.add_row("To:", _mailbox(message.to_name, message.to_email))
+    head.add_row("Subject:", shown(message.subject))
     for att in message.attachments:
-        head.add_row("Attach:", f"{att.filename} ({att.content_type}, {len(att.data)} bytes)")
-    parts: list[Any] = [head, Text(""), Text(message.text)]
+        head.add_row(
+            "Attach:", shown(f"{att.filename} ({att.content_type}, {len(att.data)} bytes)")
+        )
+    parts: list[Any] = [head, Text(""), shown(message.text, multiline=True)]
     if message.html is not None:
-        parts += [Text("--- HTML part ---", style="dim"), Text(message.html)]
+        parts += [Text("--- HTML part ---", style="dim"), shown(message.html, multiline=True)]
     return Panel(Group(*parts), title=f"message {index}", expand=True)
 
 
@@ -344,9 +384,7 @@ def select_rows(console: Console, recipients: Sequence[Any]) -> set[int]:
     table.add_column("name")
     table.add_column("note")
     for n, r in enumerate(recipients, 1):
-        table.add_row(
-            str(n), Text(r.email), Text(r.name), Text(r.skip_reason or "", style="yellow")
-        )
+        table.add_row(str(n), shown(r.email), shown(r.name), shown(r.skip_reason, style="yellow"))
     console.print(table)
     while True:
         answer = typer.prompt("Send to which (e.g. 1-3,5 or all)", err=True)
@@ -372,22 +410,27 @@ def dry_run_document(summary: Any) -> dict[str, Any]:
 
 
 def dry_run_view(summary: Any) -> Group:
+    """What a send would do: how many messages, how long at the rate, and every skipped row
+    with its reason."""
     head = Text()
-    head.append(f"dry run of {summary.source}: ", style="bold")
+    head.append("dry run of ", style="bold")
+    head.append_text(shown(summary.source, style="bold"))
+    head.append(": ", style="bold")
     head.append(f"{summary.to_send} to send", style="green")
-    head.append(
-        f", {len(summary.skipped)} skipped, via {summary.provider} at {_rate(summary.rate)}"
-    )
+    head.append(f", {len(summary.skipped)} skipped", style="yellow" if summary.skipped else "")
     if summary.rate > 0:
-        head.append(f"; about {_duration(summary.estimated_seconds)}")
+        head.append(f", via {summary.provider} at {_rate(summary.rate)}, burst {summary.burst}")
+        head.append(f": about {_duration(summary.estimated_seconds)}")
+    else:
+        head.append(f", via {summary.provider} with no rate limit")
     parts: list[Any] = [head]
     if summary.skipped:
-        table = Table(title="skipped")
+        table = Table(title="skipped (not sent, recorded with the reason)")
         table.add_column("row", justify="right")
         table.add_column("email")
         table.add_column("reason")
         for row, email, why in summary.skipped:
-            table.add_row(str(row), Text(email), Text(why))
+            table.add_row(str(row), shown(email), shown(why))
         parts.append(table)
     parts.append(Text("nothing was sent and no job was created", style="dim"))
     return Group(*parts)

@@ -24,4 +24,5 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     yield home
 
 
+from tests.pg import pg_server, pg_url, store_url  # noqa: E402, F401
 from tests.smtp_sink import smtp_sink  # noqa: E402, F401

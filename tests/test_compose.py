@@ -280,6 +280,32 @@ def test_attachment_too_large_or_not_a_file(tmp_path: Path) -> None:
         c.check(person(f=""), "p.csv")
 
 
+def test_a_value_cannot_lead_an_attachment_out_of_its_folder(tmp_path: Path) -> None:
+    """A hostile row must not attach an arbitrary file (an SSH key, a password file): the
+    rendered path stays inside the folder the pattern's literal beginning names."""
+    write(tmp_path / "secret.txt", b"private")
+    write(tmp_path / "sheets" / "CS101.pdf", b"%PDF")
+    write(tmp_path / "sheets" / "sub" / "x.pdf", b"%PDF")
+    c = composer(tmp_path, attach=("sheets/{{ course }}",))
+    assert c.build(person(course="CS101.pdf"), "<m@x>").attachments[0].data == b"%PDF"
+    assert c.build(person(course="sub/x.pdf"), "<m@x>").attachments[0].filename == "x.pdf"
+    assert c.build(person(course="sub/../CS101.pdf"), "<m@x>").attachments[0].data == b"%PDF"
+    for value in ("../secret.txt", "sub/../../secret.txt", "/../secret.txt"):
+        with pytest.raises(InputError) as info:
+            c.check(person(row=5, course=value), "p.csv")
+        assert str(info.value).startswith("p.csv: row 5: --attach 'sheets/{{ course }}' renders")
+        assert "outside the folder 'sheets/'" in str(info.value)
+    # a pattern that is all template: the current directory is the folder
+    c = composer(tmp_path, attach=("{{ f }}",))
+    with pytest.raises(InputError, match=r"outside the folder '\./'"):
+        c.check(person(f="../x"), "p.csv")
+    assert c.build(person(f="secret.txt"), "<m@x>").attachments[0].data == b"private"
+    # a fixed path (no template syntax) is the operator's own choice, '..' included
+    os.chdir(tmp_path / "sheets")
+    c = composer(tmp_path / "sheets", attach=("../secret.txt",))
+    assert c.build(person(), "<m@x>").attachments[0].data == b"private"
+
+
 def test_attachments_total_limit_per_message(tmp_path: Path) -> None:
     for name in ("a.pdf", "b.pdf"):
         os.truncate(write(tmp_path / name, b""), MAX_ATTACHMENT_BYTES // 2 + 1)
@@ -316,10 +342,26 @@ def test_message_id_is_stable_and_uses_the_sender_domain(tmp_path: Path) -> None
         "Hi =?utf-8?q?a=0D=0ABcc:_x@y.z?= there",
         "=?utf-8?b?DQpCY2M6IHhAeS56?=",
         "=?utf-8?B?AA==?=",
+        "tab\x0bvertical",
+        "form\x0cfeed",
+        "del\x7f",
+        "para\u2029separator",
+        "file\x1cseparator",
+        "=?utf-8?b?Cg==?=",
+        "=?ISO-8859-1?Q?a=85b?=",  # NEL once decoded as Latin-1
     ],
 )
 def test_header_safe_problem_flags_line_breaks(value: str) -> None:
     assert header_safe_problem(value) is not None
+
+
+def test_sources_and_compose_share_one_definition() -> None:
+    """One function decides what is unsafe in a header, so a row the source lets through is
+    never one the composer refuses (which would fail the whole command)."""
+    from bulkmail import headersafe, sources
+
+    assert header_safe_problem is headersafe.header_safe_problem
+    assert sources.header_safe_problem is headersafe.header_safe_problem
 
 
 @pytest.mark.parametrize(
@@ -443,6 +485,22 @@ def test_fast_path_falls_back_for_attachments_and_odd_values() -> None:
         assert to_bytes_fast(m) == m.to_bytes()
     with pytest.raises(ValueError):  # EmailMessage's own refusal, not hidden
         to_bytes_fast(_message(subject="a\u2028b"))
+
+
+def test_non_ascii_local_part_is_sent_as_an_smtputf8_message() -> None:
+    """EmailMessage's SMTP policy would write ``=?utf-8?q?zo=C3=AB?=@example.org``: an
+    encoded word inside an address, which readers must not decode. Such an address only
+    travels with SMTPUTF8, where headers are plain UTF-8 (RFC 6532)."""
+    m = _message(to_email="zoë@example.org", to_name="Zoë", subject="Café", html="<p>é</p>")
+    data = to_bytes_fast(m)
+    assert b"=?" not in data.split(b"\r\n\r\n", 1)[0]
+    assert "To: Zoë <zoë@example.org>\r\n".encode() in data
+    assert "Subject: Café\r\n".encode() in data
+    parsed = email.message_from_string(data.decode("utf-8"), policy=email.policy.default)
+    assert parsed["To"].addresses[0].addr_spec == "zoë@example.org"
+    body = email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.default)
+    assert body.get_body(("html",)).get_content() == "<p>é</p>\n"  # type: ignore[union-attr]
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
 
 
 _ODD = st.characters(codec="utf-8", exclude_characters="\r\n")

@@ -269,7 +269,7 @@ def test_concurrency_sends_each_recipient_once(smtp_sink: SmtpSink, store: Store
     result = mgr.run()
     assert result.state == "completed"
     assert sorted(received(smtp_sink)) == sorted(emails)
-    assert smtp_sink.connections == 4
+    assert 1 <= smtp_sink.connections <= 4  # one connection per sending thread, at most
 
 
 def test_backoff_delays() -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,8 +63,11 @@ def start(store: Store, job_id: int, worker: str = "w1", now: float = 100.0) -> 
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return open_store(tmp_path / "jobs.db")
+def store(store_url: str) -> Iterator[Store]:
+    """The contract: every test taking ``store`` runs on SQLite and on PostgreSQL."""
+    s = open_store(store_url)
+    yield s
+    s.close()
 
 
 def test_store_file_is_private_wal_and_full_sync(tmp_path: Path) -> None:
@@ -107,8 +110,8 @@ def test_a_failing_source_leaves_no_job(store: Store) -> None:
     with pytest.raises(InputError):
         store.create_job(new_job(), rows(), now=1.0, domain="d")
     assert store.recent(10) == []
-    with sqlite3.connect(store.location) as conn:
-        assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar() == 0
 
 
 def test_unknown_job(store: Store) -> None:
