@@ -32,6 +32,7 @@ from bulkmail.store import (
     Counts,
     DeliveryRecord,
     JobRecord,
+    Outcome,
     Reclaimed,
     Stop,
     Store,
@@ -41,6 +42,7 @@ from bulkmail.store import (
 log = logging.getLogger("bulkmail")
 
 MAX_CONSECUTIVE_TRANSIENT = 10
+CLAIM_LEAD = 0.05  # seconds before its rate slot that a delivery is claimed and built
 TAIL_POLL = 0.5  # seconds between looks at other workers' last messages in flight
 
 EventKind = Literal["sending", "sent", "failed", "retry", "stopped"]
@@ -312,89 +314,111 @@ class EmailManager:
     def _send_loop(
         self, job: JobRecord, provider: Provider, limiter: RateLimiter, composer: Composer
     ) -> None:
-        while not self._stop.is_set():
-            if not limiter.unlimited:
-                # take a rate slot only when a delivery is due, so backoff waits don't
-                # burn the account's quota
-                due = self.store.next_due(self.job_id, now=self.clock())
-                if due is None:
-                    if self._settled():
-                        return  # done (other threads may still be finishing)
-                    continue
-                if due > 0:
-                    if self.sleep(min(due, self.heartbeat_interval)):
+        # the outcome of the last message, when it can ride along with the next claim's
+        # transaction (unlimited rate: the next claim follows at once); always committed
+        # before the next message is handed to the provider
+        pending: Outcome | None = None
+        try:
+            while not self._stop.is_set():
+                slot: float | None = None
+                if not limiter.unlimited:
+                    # take a rate slot only when a delivery is due, so backoff waits don't
+                    # burn the account's quota
+                    due = self.store.next_due(self.job_id, now=self.clock())
+                    if due is None:
+                        if self._settled():
+                            return  # done (other threads may still be finishing)
+                        continue
+                    if due > 0:
+                        if self.sleep(min(due, self.heartbeat_interval)):
+                            return
+                        continue
+                    # claim and build just before the slot, so the time between the slot
+                    # and the send (what the server sees) stays small
+                    slot = limiter.reserve()
+                    if not self._wait_until(slot - CLAIM_LEAD) or self._stop.is_set():
+                        return
+                self._failpoint.reached("before_claim")
+                claim = self.store.claim(
+                    self.job_id, self.worker_id, now=self.clock(), settle=pending
+                )
+                pending = None
+                if isinstance(claim, Stop):
+                    if not claim.finished:
+                        self._stop.set()  # cancelled, or stopped by another worker
+                    elif not self._settled():
+                        continue
+                    return
+                if isinstance(claim, Wait):
+                    if self.sleep(min(claim.seconds, self.heartbeat_interval)):
                         return
                     continue
-                if not limiter.acquire() or self._stop.is_set():
-                    return
-            self._failpoint.reached("before_claim")
-            claim = self.store.claim(self.job_id, self.worker_id, now=self.clock())
-            if isinstance(claim, Stop):
-                if not claim.finished:
-                    self._stop.set()  # cancelled, or stopped by another worker
-                elif not self._settled():
-                    continue
-                return
-            if isinstance(claim, Wait):
-                if self.sleep(min(claim.seconds, self.heartbeat_interval)):
-                    return
-                continue
-            assert isinstance(claim, Claimed)
-            self._deliver(job, provider, composer, claim.delivery)
+                assert isinstance(claim, Claimed)
+                outcome = self._deliver(job, provider, composer, claim.delivery, slot)
+                if outcome is None:
+                    return  # stopped while waiting for the slot: given back untried
+                if limiter.unlimited and not self._stop.is_set():
+                    pending = outcome
+                else:
+                    self.store.record(outcome, self.worker_id)
+        finally:
+            if pending is not None:
+                self.store.record(pending, self.worker_id)
+
+    def _wait_until(self, when: float) -> bool:
+        """Sleep until ``when``; False when a stop interrupted the wait."""
+        delay = when - self.clock()
+        return delay <= 0 or not self.sleep(delay)
 
     def _deliver(
-        self, job: JobRecord, provider: Provider, composer: Composer, d: DeliveryRecord
-    ) -> None:
+        self,
+        job: JobRecord,
+        provider: Provider,
+        composer: Composer,
+        d: DeliveryRecord,
+        slot: float | None,
+    ) -> Outcome | None:
+        """Send one claimed delivery; return its outcome (for the caller to commit), or None
+        when the job stopped before the send (the delivery is given back untried)."""
         self.on_event(Event("sending", d.email, d.name, attempts=d.attempts))
         try:
             message: Message = composer.build(recipient_of(d), d.message_id)
         except BulkmailError as exc:  # e.g. an attachment removed since the job was created
-            self.store.record_failed(d.id, self.worker_id, error=str(exc))
             self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
-            return
+            return Outcome.failed(d.id, str(exc))
+        if slot is not None and (not self._wait_until(slot) or self._stop.is_set()):
+            self.store.release(d.id, self.worker_id)
+            return None
         self._failpoint.reached("after_claim")
         try:
             provider_id = provider.send(message)
         except TransientError as exc:
-            self._transient(job, d, exc)
-            return
+            return self._transient(job, d, exc)
         except PermanentError as exc:
-            self.store.record_failed(d.id, self.worker_id, error=str(exc))
             self._reset_transient()
             self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
-            return
-        except FatalError:
-            self.store.release(d.id, self.worker_id)
-            raise
-        except BaseException:
+            return Outcome.failed(d.id, str(exc))
+        except BaseException:  # fatal (abort the job) or a bug: the message was not sent
             self.store.release(d.id, self.worker_id)
             raise
         self._failpoint.reached("after_send")
-        self.store.record_sent(
-            d.id, self.worker_id, provider_message_id=provider_id, now=self.clock()
-        )
         self._reset_transient()
         self.on_event(Event("sent", d.email, d.name, attempts=d.attempts))
+        return Outcome.sent(d.id, provider_id, self.clock())
 
     def _reset_transient(self) -> None:
         with self._lock:
             self._consecutive_transient = 0
 
-    def _transient(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> None:
+    def _transient(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> Outcome:
         error = str(exc)
         if d.attempts > job.max_retries:
             error = f"gave up after {d.attempts} attempts: {error}"
-            self.store.record_failed(d.id, self.worker_id, error=error)
+            outcome = Outcome.failed(d.id, error)
             self.on_event(Event("failed", d.email, d.name, error, d.attempts))
         else:
             delay = backoff_delay(d.attempts, job.backoff, exc.retry_after)
-            self.store.record_retry(
-                d.id,
-                self.worker_id,
-                error=error,
-                next_attempt_at=self.clock() + delay,
-                in_doubt=exc.outcome_unknown,
-            )
+            outcome = Outcome.retry(d.id, error, self.clock() + delay, exc.outcome_unknown)
             self.on_event(Event("retry", d.email, d.name, error, d.attempts))
         with self._lock:
             self._consecutive_transient += 1
@@ -405,6 +429,7 @@ class EmailManager:
                 f"{self.max_consecutive_transient} consecutive transient failures "
                 f"(last: {exc}); resume with `bulkmail resume {self.job_id}`",
             )
+        return outcome
 
 
 class _Failpoint:

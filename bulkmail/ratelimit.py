@@ -82,16 +82,22 @@ class RateLimiter:
     def unlimited(self) -> bool:
         return self.rate <= 0
 
+    def reserve(self) -> float:
+        """Reserve the next slot and return its time (now, when unlimited); the caller
+        waits until then."""
+        now = self.clock()
+        if self.unlimited:
+            return now
+        return self.slots.reserve_slot(
+            self.key, lambda tat: gcra_reserve(tat, now, self.rate, self.burst)
+        )
+
     def acquire(self) -> bool:
         """Wait for the next slot. Returns False when the wait was interrupted (the slot is
         then simply unused, which only ever slows the account down)."""
         if self.unlimited:
             return True
-        now = self.clock()
-        slot = self.slots.reserve_slot(
-            self.key, lambda tat: gcra_reserve(tat, now, self.rate, self.burst)
-        )
-        delay = slot - self.clock()
+        delay = self.reserve() - self.clock()
         if delay > 0:
             return not self.sleep(delay)
         return True

@@ -24,6 +24,7 @@ logic that depends on them can be tested with a fixed clock.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -323,6 +324,109 @@ class JobView:
 
 
 WorkerAlive = Callable[[WorkerRecord], bool]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one claimed delivery, as the column values to commit."""
+
+    delivery_id: int
+    values: tuple[tuple[str, Any], ...]
+    is_sent: bool = False
+
+    @classmethod
+    def sent(cls, delivery_id: int, provider_message_id: str | None, now: float) -> Outcome:
+        values = (
+            ("state", "sent"),
+            ("sent_at", now),
+            ("provider_message_id", provider_message_id),
+            ("last_error", None),
+        )
+        return cls(delivery_id, values, is_sent=True)
+
+    @classmethod
+    def failed(cls, delivery_id: int, error: str) -> Outcome:
+        return cls(delivery_id, (("state", "failed"), ("last_error", error)))
+
+    @classmethod
+    def retry(
+        cls, delivery_id: int, error: str, next_attempt_at: float, in_doubt: bool = False
+    ) -> Outcome:
+        values: tuple[tuple[str, Any], ...] = (
+            ("state", "pending"),
+            ("last_error", error),
+            ("next_attempt_at", next_attempt_at),
+        )
+        if in_doubt:
+            values += (("in_doubt", True),)
+        return cls(delivery_id, values)
+
+
+# The send loop's statements, built once (building a Core statement costs more than running
+# it on SQLite) and executed with bound parameters.
+
+
+@functools.cache
+def _stmt_job_state() -> sa.Select[Any]:
+    return sa.select(jobs.c.state).where(jobs.c.id == sa.bindparam("b_job"))
+
+
+@functools.cache
+def _stmt_next_due_row() -> sa.Select[Any]:
+    return (
+        sa.select(deliveries)
+        .where(
+            deliveries.c.job_id == sa.bindparam("b_job"),
+            deliveries.c.state == "pending",
+            deliveries.c.next_attempt_at <= sa.bindparam("b_now"),
+        )
+        .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
+        .limit(1)
+        # other workers' claims in progress are skipped, not waited for (PostgreSQL)
+        .with_for_update(skip_locked=True)
+    )
+
+
+@functools.cache
+def _stmt_mark_sending() -> sa.Update:
+    return (
+        deliveries.update()
+        .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.state == "pending")
+        .values(
+            state="sending",
+            attempts=sa.bindparam("b_attempts"),
+            worker_id=sa.bindparam("b_worker"),
+        )
+    )
+
+
+@functools.cache
+def _stmt_min_due() -> sa.Select[Any]:
+    return sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+        deliveries.c.job_id == sa.bindparam("b_job"), deliveries.c.state == "pending"
+    )
+
+
+@functools.cache
+def _stmt_outcome(keys: tuple[str, ...]) -> sa.Update:
+    return (
+        deliveries.update()
+        .where(
+            deliveries.c.id == sa.bindparam("o_id"),
+            deliveries.c.state == "sending",
+            deliveries.c.worker_id == sa.bindparam("o_worker"),
+        )
+        .values({key: sa.bindparam(f"v_{key}") for key in keys})
+    )
+
+
+@functools.cache
+def _stmt_worker_sent() -> sa.Update:
+    return (
+        workers.update()
+        .where(workers.c.id == sa.bindparam("b_worker"))
+        .values(sent=workers.c.sent + 1)
+    )
 
 
 # --------------------------------------------------------------------------- opening
@@ -892,89 +996,63 @@ class Store:
         """Seconds until the next pending delivery is due (0 = now), or None when nothing
         is pending. A plain read: it takes no lock."""
         with self._read() as conn:
-            due = conn.execute(
-                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
-                    deliveries.c.job_id == job_id, deliveries.c.state == "pending"
-                )
-            ).scalar()
+            due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
         if due is None:
             return None
         return max(0.0, float(due) - now)
 
-    def claim(self, job_id: int, worker_id: str, *, now: float) -> ClaimResult:
+    def claim(
+        self, job_id: int, worker_id: str, *, now: float, settle: Outcome | None = None
+    ) -> ClaimResult:
         """Claim the next due pending delivery for ``worker_id``: mark it ``sending`` and
-        count the attempt, committed before the provider is called."""
+        count the attempt, committed before the provider is called.
+
+        ``settle``: the outcome of this worker's previous delivery, committed in the same
+        transaction (first), so a worker sending back to back pays one commit per message;
+        the previous outcome is still durable before the next message goes out.
+        """
         with self._write() as conn:
-            state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            if settle is not None:
+                self._settle(conn, settle, worker_id)
+            state = conn.execute(_stmt_job_state(), {"b_job": job_id}).scalar()
             if state != "running":
                 return Stop(str(state))
-            row = (
-                conn.execute(
-                    sa.select(deliveries)
-                    .where(
-                        deliveries.c.job_id == job_id,
-                        deliveries.c.state == "pending",
-                        deliveries.c.next_attempt_at <= now,
-                    )
-                    .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
-                    .limit(1)
-                    # other workers' claims in progress are skipped, not waited for
-                    .with_for_update(skip_locked=True)
-                )
-                .mappings()
-                .first()
-            )
+            row = conn.execute(_stmt_next_due_row(), {"b_job": job_id, "b_now": now}).first()
             if row is not None:
+                values = row._asdict()
+                attempts = values["attempts"] + 1
                 conn.execute(
-                    deliveries.update()
-                    .where(deliveries.c.id == row["id"], deliveries.c.state == "pending")
-                    .values(state="sending", attempts=row["attempts"] + 1, worker_id=worker_id)
+                    _stmt_mark_sending(),
+                    {"b_id": values["id"], "b_attempts": attempts, "b_worker": worker_id},
                 )
-                values = dict(row)
-                values.update(state="sending", attempts=row["attempts"] + 1, worker_id=worker_id)
+                values.update(state="sending", attempts=attempts, worker_id=worker_id)
                 return Claimed(_delivery(values))
-            due = conn.execute(
-                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
-                    deliveries.c.job_id == job_id, deliveries.c.state == "pending"
-                )
-            ).scalar()
+            due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
             if due is not None:
                 return Wait(max(0.0, float(due) - now))
             return Stop("running", finished=True)
 
-    def _outcome(self, delivery_id: int, worker_id: str, **values: Any) -> bool:
+    def record(self, outcome: Outcome, worker_id: str) -> bool:
+        """Commit one delivery's outcome. False when the delivery is no longer this
+        worker's (another worker took it over as in doubt): nothing is changed then."""
         with self._write() as conn:
-            updated = conn.execute(
-                deliveries.update()
-                .where(
-                    deliveries.c.id == delivery_id,
-                    deliveries.c.state == "sending",
-                    deliveries.c.worker_id == worker_id,
-                )
-                .values(**values)
-            ).rowcount
-            if updated and values.get("state") == "sent":
-                conn.execute(
-                    workers.update()
-                    .where(workers.c.id == worker_id)
-                    .values(sent=workers.c.sent + 1)
-                )
-        return bool(updated)
+            return self._settle(conn, outcome, worker_id)
+
+    def _settle(self, conn: Connection, outcome: Outcome, worker_id: str) -> bool:
+        params = {f"v_{k}": v for k, v in outcome.values}
+        params.update(o_id=outcome.delivery_id, o_worker=worker_id)
+        updated = conn.execute(_stmt_outcome(tuple(k for k, _ in outcome.values)), params)
+        if updated.rowcount and outcome.is_sent:
+            conn.execute(_stmt_worker_sent(), {"b_worker": worker_id})
+        return bool(updated.rowcount)
 
     def record_sent(
         self, delivery_id: int, worker_id: str, *, provider_message_id: str | None, now: float
     ) -> bool:
-        return self._outcome(
-            delivery_id,
-            worker_id,
-            state="sent",
-            sent_at=now,
-            provider_message_id=provider_message_id,
-            last_error=None,
-        )
+        return self.record(Outcome.sent(delivery_id, provider_message_id, now), worker_id)
 
     def record_failed(self, delivery_id: int, worker_id: str, *, error: str) -> bool:
-        return self._outcome(delivery_id, worker_id, state="failed", last_error=error)
+        return self.record(Outcome.failed(delivery_id, error), worker_id)
 
     def record_retry(
         self,
@@ -987,15 +1065,20 @@ class Store:
     ) -> bool:
         """Back to pending until ``next_attempt_at``. ``in_doubt``: the server may have
         accepted the message (connection lost after the data was sent)."""
-        values: dict[str, Any] = {"in_doubt": True} if in_doubt else {}
-        return self._outcome(
-            delivery_id,
-            worker_id,
-            state="pending",
-            last_error=error,
-            next_attempt_at=next_attempt_at,
-            **values,
-        )
+        return self.record(Outcome.retry(delivery_id, error, next_attempt_at, in_doubt), worker_id)
+
+    def _outcome(self, delivery_id: int, worker_id: str, **values: Any) -> bool:
+        with self._write() as conn:
+            updated = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.id == delivery_id,
+                    deliveries.c.state == "sending",
+                    deliveries.c.worker_id == worker_id,
+                )
+                .values(**values)
+            ).rowcount
+        return bool(updated)
 
     def release(self, delivery_id: int, worker_id: str) -> bool:
         """Give a claimed delivery back untried (the job stopped before it was sent)."""

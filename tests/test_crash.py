@@ -149,28 +149,34 @@ def assert_delivered(sink: Sink, emails: list[str], *, max_duplicates: int) -> l
 
 
 @pytest.mark.parametrize(
-    ("point", "in_doubt", "duplicates"),
+    ("point", "rate", "in_doubt", "duplicates"),
     [
-        ("before_claim", 0, 0),  # nothing claimed yet: nothing in doubt
-        ("after_claim", 1, 0),  # 'sending' committed, never handed to the server
-        ("after_send", 1, 1),  # the server has it, 'sent' not committed: resent once
+        # rate-limited: each outcome is committed on its own, so before the 4th claim
+        # nothing is in flight and nothing is in doubt
+        ("before_claim", "100", 0, 0),
+        # unlimited: the 3rd outcome rides in the 4th claim's transaction (one commit per
+        # message), so a kill before that commit leaves the 3rd message in doubt
+        ("before_claim", "0", 1, 1),
+        ("after_claim", "0", 1, 0),  # 'sending' committed, never handed to the server
+        ("after_send", "0", 1, 1),  # the server has it, 'sent' not committed: resent once
+        ("after_send", "100", 1, 1),
     ],
 )
 def test_kill_9_at_each_step_then_resume(
-    tmp_path: Path, sink: Sink, point: str, in_doubt: int, duplicates: int
+    tmp_path: Path, sink: Sink, point: str, rate: str, in_doubt: int, duplicates: int
 ) -> None:
     csv, emails = recipients(tmp_path, 8)
     env = env_for(tmp_path, sink)
     started = bulkmail(
         {**env, "BULKMAIL_FAILPOINT": f"{point}:4"},
-        *send_args(csv, tmp_path, "--rate", "0", "--detach", "--json"),
+        *send_args(csv, tmp_path, "--rate", rate, "--burst", "8", "--detach", "--json"),
     )
     assert started.returncode == 0, started.stderr
     pid = json.loads(started.stdout)["worker_pid"]
     wait_dead(pid)
     doc = status(env)
     assert doc["state"] == "stalled"
-    assert doc["sent"] == 3
+    assert doc["sent"] == (2 if point == "before_claim" and rate == "0" else 3)
     resumed = bulkmail(env, "resume", "1", "--json")
     assert resumed.returncode == 0, resumed.stderr
     final = json.loads(resumed.stdout)

@@ -1,0 +1,198 @@
+"""``--provider mailtrap`` end to end: the command line, the job store and the send loop
+against a real HTTP server on loopback (pytest-httpserver) that checks every request the
+way the sending API would, then the outcome read back with ``bulkmail report``."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from bulkmail import __version__
+from tests.e2e import SENDER, bulkmail, data_dir
+
+TOKEN = "mt-e2e-token-7f3a9c0d5e1b2468"
+PEOPLE = (
+    "name,email,course\n"
+    "Ada Lovelace,ada@example.edu,CS101\n"
+    "Ben Okafor,ben@example.edu,CS102\n"
+    "Bad,not-an-address,CS103\n"
+    "Zoë Ångström,zoe@example.edu,PHYS210\n"
+)
+SHEETS = {"CS101": b"%PDF-1.4 \x00\xff one", "CS102": b"%PDF two \r\n", "PHYS210": b"%PDF \x80"}
+
+
+class Api:
+    """A stand-in for the Mailtrap sending API: checks each request, records it, answers
+    200 with a message id unless ``plan`` says otherwise for that recipient (a list of
+    (status, headers) consumed one per request)."""
+
+    def __init__(self, httpserver: HTTPServer, token: str = TOKEN) -> None:
+        self.token = token
+        self.lock = threading.Lock()
+        self.seen: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        self.plan: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        httpserver.expect_request("/api/send", method="POST").respond_with_handler(self.handle)
+
+    def check(self, request: Request, body: dict[str, Any]) -> None:
+        def expect(ok: bool, what: str) -> None:
+            if not ok:
+                self.problems.append(f"{what}: {request.headers} {body}")
+
+        expect(request.headers.get("Authorization") == f"Bearer {self.token}", "token")
+        expect(request.headers.get("User-Agent") == f"bulkmail/{__version__}", "user agent")
+        expect(request.headers.get("Content-Type") == "application/json", "content type")
+        expect(body.get("from") == {"email": "office@example.edu", "name": "Course Office"}, "from")
+        to = body.get("to")
+        expect(isinstance(to, list) and len(to) == 1 and set(to[0]) == {"email", "name"}, "to")
+        for key in ("subject", "text", "html"):
+            expect(isinstance(body.get(key), str) and bool(body[key]), key)
+        expect(set(body.get("headers", {})) == {"Message-ID"}, "headers")
+        [attachment] = body.get("attachments") or [{}]
+        expect(attachment.get("type") == "application/pdf", "attachment type")
+        expect(attachment.get("disposition") == "attachment", "disposition")
+
+    def handle(self, request: Request) -> Response:
+        body = json.loads(request.get_data())
+        with self.lock:
+            self.check(request, body)
+            n = len(self.seen) + 1
+            self.seen.append({"body": body, "at": time.monotonic()})
+            address = body["to"][0]["email"]
+            planned = self.plan.get(address)
+            if planned:
+                status, headers = planned.pop(0)
+                errors = {"errors": [f"planned {status}"]}
+                return Response(json.dumps(errors), status, headers, mimetype="application/json")
+        answer = {"success": True, "message_ids": [f"mt-{n}-{address}"]}
+        return Response(json.dumps(answer), 200, mimetype="application/json")
+
+
+def setup_files() -> None:
+    Path("people.csv").write_text(PEOPLE, encoding="utf-8")
+    Path("t.txt").write_text("Dear {{ name }},\ngrades for {{ course }}.\n", encoding="utf-8")
+    Path("t.html").write_text("<p>Dear {{ name }}, grades for {{ course }}.</p>\n")
+    Path("sheets").mkdir()
+    for course, data in SHEETS.items():
+        Path("sheets", f"{course}.pdf").write_bytes(data)
+
+
+def mailtrap_env(httpserver: HTTPServer, token: str = TOKEN) -> dict[str, str]:
+    return {
+        "BULKMAIL_MAILTRAP_TOKEN": token,
+        "BULKMAIL_MAILTRAP_API_URL": httpserver.url_for("/"),
+    }
+
+
+def send(httpserver: HTTPServer, *extra: str, token: str = TOKEN) -> Any:
+    return bulkmail(
+        "send-reminders", "--csv", "people.csv", "--template", "t.txt",
+        "--html-template", "t.html", "--attach", "sheets/{{ course }}.pdf",
+        "--subject", "Grades: {{ course }}", "--provider", "mailtrap", "--from", SENDER,
+        "--rate", "0", "--backoff", "0", "--json", *extra,
+        env=mailtrap_env(httpserver, token),
+    )  # fmt: skip
+
+
+def report(job: int = 1) -> dict[str, dict[str, str]]:
+    result = bulkmail("report", str(job))
+    assert result.exit_code == 0, result.output
+    return {row["email"]: row for row in csv.DictReader(io.StringIO(result.stdout))}
+
+
+def store_bytes() -> bytes:
+    """Every file of the default store (the WAL and shared-memory files included)."""
+    return b"".join(p.read_bytes() for p in sorted(data_dir().glob("bulkmail.db*")))
+
+
+def test_mailtrap_job_end_to_end(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    result = send(httpserver)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["provider"], doc["sent"], doc["skipped"]) == (
+        "completed",
+        "mailtrap",
+        3,
+        1,
+    )
+    assert api.problems == []
+    bodies = {s["body"]["to"][0]["email"]: s["body"] for s in api.seen}
+    assert set(bodies) == {"ada@example.edu", "ben@example.edu", "zoe@example.edu"}
+    zoe = bodies["zoe@example.edu"]
+    assert zoe["to"] == [{"email": "zoe@example.edu", "name": "Zoë Ångström"}]
+    assert zoe["subject"] == "Grades: PHYS210"
+    assert zoe["text"] == "Dear Zoë Ångström,\ngrades for PHYS210.\n"
+    assert zoe["html"] == "<p>Dear Zoë Ångström, grades for PHYS210.</p>\n"
+    for address, body in bodies.items():
+        [attachment] = body["attachments"]
+        course = body["subject"].removeprefix("Grades: ")
+        assert attachment["filename"] == f"{course}.pdf"
+        assert base64.b64decode(attachment["content"]) == SHEETS[course], address
+
+    rows = report()
+    for address, body in bodies.items():
+        row = rows[address]
+        assert row["state"] == "sent" and row["attempts"] == "1"
+        assert row["message_id"] == body["headers"]["Message-ID"]
+        n = next(i for i, s in enumerate(api.seen, 1) if s["body"] is body)
+        assert row["provider_message_id"] == f"mt-{n}-{address}"
+    assert rows["not-an-address"]["state"] == "skipped"
+    assert rows["not-an-address"]["provider_message_id"] == ""
+    assert len({r["message_id"] for r in rows.values()}) == 4
+
+    assert TOKEN.encode() not in store_bytes(), "the job store must never hold the token"
+
+
+def test_rejected_token_aborts_with_every_delivery_pending_then_resume(
+    httpserver: HTTPServer,
+) -> None:
+    setup_files()
+    api = Api(httpserver, token="the-right-token")
+    api.plan["ada@example.edu"] = [(401, {})]
+    result = send(httpserver, token="a-wrong-token")
+    assert result.exit_code == 3, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["sent"], doc["pending"], doc["skipped"]) == ("aborted", 0, 3, 1)
+    assert "Mailtrap rejected the API token (401)" in doc["error"]
+    assert "bulkmail resume 1" in result.stderr
+    assert len(api.seen) == 1, "nothing more is tried once the token is rejected"
+    assert {r["state"] for e, r in report().items() if e != "not-an-address"} == {"pending"}
+    assert b"a-wrong-token" not in store_bytes()
+
+    # fixed in the environment: resume reads the secret again and finishes the job
+    resumed = bulkmail("resume", "1", "--json", env=mailtrap_env(httpserver, "the-right-token"))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["sent"] == 3
+    assert {r["state"] for e, r in report().items() if e != "not-an-address"} == {"sent"}
+    assert b"the-right-token" not in store_bytes()
+
+
+def test_429_with_retry_after_is_retried_while_the_others_go_on(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    api.plan["ada@example.edu"] = [(429, {"Retry-After": "1"})]
+    result = send(httpserver)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sent"] == 3
+    order = [s["body"]["to"][0]["email"] for s in api.seen]
+    # Ada first (refused), the others are not held up, then Ada again after Retry-After
+    assert order == ["ada@example.edu", "ben@example.edu", "zoe@example.edu", "ada@example.edu"]
+    assert api.seen[3]["at"] - api.seen[0]["at"] >= 0.9
+    first, retry = (s["body"] for s in api.seen if s["body"]["to"][0]["email"] == "ada@example.edu")
+    assert first["headers"]["Message-ID"] == retry["headers"]["Message-ID"]
+    rows = report()
+    assert rows["ada@example.edu"]["state"] == "sent"
+    assert rows["ada@example.edu"]["attempts"] == "2"
+    assert rows["ada@example.edu"]["provider_message_id"] == "mt-4-ada@example.edu"
+    assert rows["ben@example.edu"]["attempts"] == "1"
