@@ -137,6 +137,18 @@ def _store(store: str | None, settings: Any = None) -> Any:
     return open_store(store or (settings.store if settings is not None else None) or None)
 
 
+def _reader(store: str | None, config: str | None) -> Any:
+    """The store to read from for status/recent/report: on the embedded SQLite store a
+    light read-only reader that never imports SQLAlchemy, and that creates nothing."""
+    from bulkmail.store.lite import open_reader
+
+    if not store:
+        from bulkmail.config import load_settings
+
+        store = load_settings(config=config).store or None
+    return open_reader(store)
+
+
 def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
     sys.stdout.flush()
@@ -162,7 +174,7 @@ def _run_job(
     workers: int = 1,
 ) -> None:
     """Run (or detach) a job and report the outcome with the design's exit code."""
-    from bulkmail import jobs, ui
+    from bulkmail import jobs, ui, views
 
     out = Console()
     if detach or workers > 1:
@@ -174,7 +186,7 @@ def _run_job(
         ]
         pids = ", ".join(str(s.pid) for s in started)
         if as_json:
-            doc = jobs.job_document(store.view(job_id))
+            doc = views.job_document(store.view(job_id))
             doc.update(worker_pid=started[0].pid, log_path=started[0].log_path)
             _print_json(doc)
         else:
@@ -202,7 +214,7 @@ def _run_job(
     mgr = jobs.manager(store, job_id, settings, on_event=display.handle)
     with display.running():
         result = mgr.run()
-    doc = jobs.job_document(store.view(job_id))
+    doc = views.job_document(store.view(job_id))
     if as_json:
         _print_json(doc)
     else:
@@ -354,17 +366,17 @@ def status(
     config: ConfigOpt = None,
 ) -> None:
     """Show a job's state and counts.  Example: bulkmail status 1 --failed"""
-    from bulkmail import jobs, ui
+    from bulkmail import ui, views
 
-    db = _store(store)
-    doc = jobs.job_document(db.view(job_id))
+    db = _reader(store, config)
+    doc = views.job_document(db.view(job_id))
     if watch:
         err = _stderr()
-        doc = ui.watch(err, lambda: jobs.job_document(db.view(job_id)), live=err.is_terminal)
+        doc = ui.watch(err, lambda: views.job_document(db.view(job_id)), live=err.is_terminal)
     if failed:
-        doc["failures"] = jobs.failures(db, job_id)
+        doc["failures"] = views.failures(db, job_id)
     if skipped:
-        doc["skips"] = jobs.skips(db, job_id)
+        doc["skips"] = views.skips(db, job_id)
     if as_json:
         _print_json(doc)
         return
@@ -388,9 +400,9 @@ def recent(
     config: ConfigOpt = None,
 ) -> None:
     """List the newest jobs.  Example: bulkmail recent --limit 5"""
-    from bulkmail import jobs, ui
+    from bulkmail import ui, views
 
-    docs = [jobs.job_document(v) for v in _store(store).recent(limit)]
+    docs = [views.job_document(v) for v in _reader(store, config).recent(limit)]
     if as_json:
         _print_json(docs)
     elif not docs:
@@ -414,11 +426,11 @@ def resume(
     db = _store(store, settings)
     job = db.get_job(job_id)
     if job.state in ("completed", "cancelled"):
-        from bulkmail import jobs
+        from bulkmail import jobs, views
 
         view = db.view(job_id)
         if as_json:
-            _print_json(jobs.job_document(view))
+            _print_json(views.job_document(view))
         else:
             Console().print(f"job {job_id} is {job.state}; nothing to resume", markup=False)
         raise typer.Exit(int(jobs.exit_code_of(view)))
@@ -516,19 +528,20 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Per-recipient outcomes as CSV.  Example: bulkmail report 3 --output job3.csv"""
-    from bulkmail import jobs
+    from bulkmail import views
 
-    db = _store(store)
+    db = _reader(store, config)
     if output is None:
-        jobs.write_report(db, job_id, sys.stdout)
+        views.write_report(db, job_id, sys.stdout)
         return
     db.get_job(job_id)  # an unknown job is exit 2 before an empty file is left behind
     try:
         with output.open("w", encoding="utf-8", newline="") as f:
-            rows = jobs.write_report(db, job_id, f)
+            rows = views.write_report(db, job_id, f)
     except OSError as exc:
         raise InputError(f"{output}: cannot write: {exc.strerror}") from None
-    _stderr().print(f"wrote {rows} rows to {output}", markup=False, highlight=False)
+    noun = "row" if rows == 1 else "rows"
+    _stderr().print(f"wrote {rows} {noun} to {output}", markup=False, highlight=False)
 
 
 @app.command(hidden=False)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -27,8 +27,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from bulkmail.manager import Event
-from bulkmail.models import Message
+if TYPE_CHECKING:  # the send machinery is not loaded by status/recent
+    from bulkmail.manager import Event
+    from bulkmail.models import Message
 
 STATE_STYLE = {
     "completed": "green",

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bulkmail import store as store_module
 from bulkmail.errors import JobStateError, StoreError
 from bulkmail.procs import STALE_AFTER, worker_alive
 from bulkmail.ratelimit import gcra_reserve
@@ -26,8 +25,9 @@ from bulkmail.store import (
     Wait,
     WorkerRecord,
     open_store,
-    schema_version,
 )
+from bulkmail.store import sql as store_module
+from bulkmail.store.sql import schema_version
 from tests.test_store import new_job, people
 
 

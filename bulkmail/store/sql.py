@@ -28,9 +28,8 @@ import functools
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,30 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from bulkmail.errors import JobNotFound, JobStateError, StoreError
-
-SCHEMA_VERSION = 1
+from bulkmail.store.reads import Query, StoreReads
+from bulkmail.store.records import (
+    SCHEMA_VERSION,
+    Claimed,
+    ClaimResult,
+    JobRecord,
+    NewDelivery,
+    NewJob,
+    Outcome,
+    Reclaimed,
+    Registration,
+    Stop,
+    Wait,
+    WorkerAlive,
+    WorkerRecord,
+    delivery_from_row,
+    job_from_row,
+    store_url,
+    worker_from_row,
+)
 
 # a constant key for pg_advisory_xact_lock: workers starting at once create the schema once
 _SCHEMA_LOCK = 0x62756C6B6D61696C  # "bulkmail"
 
-JOB_STATES = ("queued", "running", "paused", "aborted", "completed", "cancelled")
-DELIVERY_STATES = ("pending", "sending", "sent", "failed", "skipped", "cancelled")
-RESUMABLE = ("queued", "running", "paused", "aborted")  # 'running' only when stalled
 
 metadata = sa.MetaData()
 
@@ -132,6 +146,13 @@ deliveries = sa.Table(
     sa.Index("ix_deliveries_claim", "job_id", "state", "next_attempt_at", "position"),
     # cron de-duplication: "was this address sent under that key?"
     sa.Index("ix_deliveries_email_state", "email_key", "state"),
+    # `status` counts deliveries resent after a crash: a handful among millions
+    sa.Index(
+        "ix_deliveries_in_doubt",
+        "job_id",
+        sqlite_where=sa.text("in_doubt"),
+        postgresql_where=sa.text("in_doubt"),
+    ),
 )
 
 rate_buckets = sa.Table(
@@ -165,201 +186,13 @@ def _record_version(conn: Connection) -> None:
 # MIGRATIONS[n] upgrades a store from schema n to n + 1, inside the transaction that opens it.
 # A change to the tables above adds a step here and bumps SCHEMA_VERSION; a step uses plain
 # DDL that both SQLite and PostgreSQL understand (e.g. ALTER TABLE ... ADD COLUMN).
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _record_version}
+def _index_in_doubt(conn: Connection) -> None:
+    """Schema 2: the partial index behind the in-doubt count of `status`."""
+    ix = next(i for i in deliveries.indexes if i.name == "ix_deliveries_in_doubt")
+    ix.create(conn, checkfirst=True)
 
 
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: int
-    token: str
-    state: str
-    provider: str
-    provider_settings: dict[str, Any]
-    account: str
-    sender: str
-    subject: str
-    templates: dict[str, Any]
-    source: str
-    rate: float
-    burst: int
-    concurrency: int
-    max_retries: int
-    backoff: float
-    dedupe_key: str | None
-    total: int
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    error: str | None
-    log_path: str | None
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    id: str
-    job_id: int
-    host: str
-    pid: int
-    started_at: float
-    heartbeat_at: float
-    stopped_at: float | None
-    sent: int
-
-
-@dataclass(frozen=True)
-class DeliveryRecord:
-    id: int
-    job_id: int
-    position: int
-    row: int
-    email: str
-    name: str
-    fields: dict[str, str]
-    state: str
-    attempts: int
-    last_error: str | None
-    next_attempt_at: float
-    provider_message_id: str | None
-    message_id: str
-    sent_at: float | None
-    worker_id: str | None
-    in_doubt: bool
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """What the caller knows about a job before it exists."""
-
-    provider: str
-    provider_settings: Mapping[str, Any]
-    account: str
-    sender: str
-    subject: str
-    templates: Mapping[str, Any]
-    source: str
-    rate: float
-    burst: int
-    concurrency: int
-    max_retries: int
-    backoff: float
-    dedupe_key: str | None
-
-
-@dataclass(frozen=True)
-class NewDelivery:
-    row: int
-    email: str
-    name: str
-    fields: Mapping[str, str]
-    skip_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Counts:
-    pending: int = 0
-    sending: int = 0
-    sent: int = 0
-    failed: int = 0
-    skipped: int = 0
-    cancelled: int = 0
-    in_doubt: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
-
-    @property
-    def open(self) -> int:
-        """Deliveries still to be done (pending or in flight)."""
-        return self.pending + self.sending
-
-
-@dataclass(frozen=True)
-class Claimed:
-    delivery: DeliveryRecord
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Nothing ready now; the earliest pending delivery is due in ``seconds``."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Stop claiming: the job is no longer running (``state``), or nothing is left."""
-
-    state: str
-    finished: bool = False  # nothing pending and nothing in flight
-
-
-ClaimResult = Claimed | Wait | Stop
-
-
-@dataclass(frozen=True)
-class Registration:
-    worker_id: str
-    reclaimed: int  # deliveries found in 'sending' of dead workers: in doubt, to be resent
-
-
-@dataclass(frozen=True)
-class Reclaimed:
-    """What a live worker found when it looked for the deliveries of gone workers."""
-
-    reclaimed: int  # put back to 'pending', in doubt: they will be sent again
-    elsewhere: int  # still in 'sending' under other live workers (they may come back)
-
-
-@dataclass
-class JobView:
-    """A job with its counts and workers, for status/recent and the JSON document."""
-
-    job: JobRecord
-    counts: Counts
-    workers: list[WorkerRecord] = field(default_factory=list)
-
-
-WorkerAlive = Callable[[WorkerRecord], bool]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one claimed delivery, as the column values to commit."""
-
-    delivery_id: int
-    values: tuple[tuple[str, Any], ...]
-    is_sent: bool = False
-
-    @classmethod
-    def sent(cls, delivery_id: int, provider_message_id: str | None, now: float) -> Outcome:
-        values = (
-            ("state", "sent"),
-            ("sent_at", now),
-            ("provider_message_id", provider_message_id),
-            ("last_error", None),
-        )
-        return cls(delivery_id, values, is_sent=True)
-
-    @classmethod
-    def failed(cls, delivery_id: int, error: str) -> Outcome:
-        return cls(delivery_id, (("state", "failed"), ("last_error", error)))
-
-    @classmethod
-    def retry(
-        cls, delivery_id: int, error: str, next_attempt_at: float, in_doubt: bool = False
-    ) -> Outcome:
-        values: tuple[tuple[str, Any], ...] = (
-            ("state", "pending"),
-            ("last_error", error),
-            ("next_attempt_at", next_attempt_at),
-        )
-        if in_doubt:
-            values += (("in_doubt", True),)
-        return cls(delivery_id, values)
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _record_version, 1: _index_in_doubt}
 
 
 # The send loop's statements, built once (building a Core statement costs more than running
@@ -430,22 +263,6 @@ def _stmt_worker_sent() -> sa.Update:
 
 
 # --------------------------------------------------------------------------- opening
-
-
-def default_store_path() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("bulkmail")) / "bulkmail.db"
-
-
-def store_url(location: str | os.PathLike[str] | None) -> str:
-    """A store location (a path, a ``sqlite:///`` URL or another SQLAlchemy URL) as a URL."""
-    if location is None or str(location) == "":
-        return f"sqlite:///{default_store_path()}"
-    text = str(location)
-    if "://" in text:
-        return text
-    return f"sqlite:///{Path(text).expanduser().absolute()}"
 
 
 def _sqlite_path(url: sa.URL) -> Path | None:
@@ -550,17 +367,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _delivery(values: dict[str, Any]) -> DeliveryRecord:
-    values.pop("email_key", None)
-    values["fields"] = json.loads(values["fields"])
-    values["in_doubt"] = bool(values["in_doubt"])
-    return DeliveryRecord(**values)
-
-
-# --------------------------------------------------------------------------- the store
-
-
-class Store:
+class Store(StoreReads):
     """Every read and write of the job store. Thread-safe: each call takes its own
     connection from the pool and holds a transaction only for its own duration."""
 
@@ -593,6 +400,15 @@ class Store:
                 yield conn
         except sa.exc.OperationalError as exc:
             raise StoreError(f"{self.location}: {_one_line(exc.orig)}") from exc
+
+    @contextmanager
+    def _reading(self) -> Iterator[Query]:
+        with self._read() as conn:
+
+            def query(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+                return [dict(row) for row in conn.execute(sa.text(sql), params).mappings()]
+
+            yield query
 
     def create_schema(self) -> None:
         """Create the schema on first use, or bring an older one up to ``SCHEMA_VERSION``:
@@ -722,10 +538,6 @@ class Store:
                 job = sent_in[row["email_key"]]
                 row["last_error"] = f"already sent under dedupe key {dedupe_key!r} (job {job})"
 
-    def get_job(self, job_id: int) -> JobRecord:
-        with self._read() as conn:
-            return self._job(conn, job_id)
-
     def _job(self, conn: Connection, job_id: int, *, lock: bool = False) -> JobRecord:
         """The job; ``lock``: hold its row until the transaction ends (``FOR UPDATE`` on
         PostgreSQL; on SQLite the write transaction already excludes other writers)."""
@@ -735,59 +547,7 @@ class Store:
         row = conn.execute(query).mappings().first()
         if row is None:
             raise JobNotFound(job_id)
-        values = dict(row)
-        values["provider_settings"] = json.loads(values["provider_settings"])
-        values["templates"] = json.loads(values["templates"])
-        return JobRecord(**values)
-
-    def counts(self, job_id: int) -> Counts:
-        with self._read() as conn:
-            return self._counts(conn, [job_id]).get(job_id, Counts())
-
-    def _counts(self, conn: Connection, job_ids: Sequence[int]) -> dict[int, Counts]:
-        rows = conn.execute(
-            sa.select(deliveries.c.job_id, deliveries.c.state, sa.func.count())
-            .where(deliveries.c.job_id.in_(job_ids))
-            .group_by(deliveries.c.job_id, deliveries.c.state)
-        )
-        per_job: dict[int, dict[str, int]] = {}
-        for job_id, state, count in rows:
-            per_job.setdefault(job_id, {})[state] = count
-        doubt = conn.execute(
-            sa.select(deliveries.c.job_id, sa.func.count())
-            .where(deliveries.c.job_id.in_(job_ids), deliveries.c.in_doubt.is_(True))
-            .group_by(deliveries.c.job_id)
-        )
-        for job_id, count in doubt:
-            per_job.setdefault(job_id, {})["in_doubt"] = count
-        return {job_id: Counts(**values) for job_id, values in per_job.items()}
-
-    def view(self, job_id: int) -> JobView:
-        """The job, its counts and its workers, read in one transaction."""
-        with self._read() as conn:
-            job = self._job(conn, job_id)
-            counts = self._counts(conn, [job_id]).get(job_id, Counts())
-            return JobView(job, counts, self._workers(conn, job_id))
-
-    def recent(self, limit: int) -> list[JobView]:
-        """The newest ``limit`` jobs, newest first."""
-        with self._read() as conn:
-            ids = list(
-                conn.execute(sa.select(jobs.c.id).order_by(jobs.c.id.desc()).limit(limit)).scalars()
-            )
-            if not ids:
-                return []
-            counts = self._counts(conn, ids)
-            views = []
-            for job_id in ids:
-                views.append(
-                    JobView(
-                        self._job(conn, job_id),
-                        counts.get(job_id, Counts()),
-                        self._workers(conn, job_id, live_only=True),
-                    )
-                )
-            return views
+        return job_from_row(dict(row))
 
     def set_log_path(self, job_id: int, path: str) -> None:
         with self._write() as conn:
@@ -802,7 +562,7 @@ class Store:
         if live_only:
             query = query.where(workers.c.stopped_at.is_(None))
         rows = conn.execute(query.order_by(workers.c.started_at)).mappings()
-        return [WorkerRecord(**row) for row in rows]
+        return [worker_from_row(dict(row)) for row in rows]
 
     def register_worker(
         self,
@@ -1026,7 +786,7 @@ class Store:
                     {"b_id": values["id"], "b_attempts": attempts, "b_worker": worker_id},
                 )
                 values.update(state="sending", attempts=attempts, worker_id=worker_id)
-                return Claimed(_delivery(values))
+                return Claimed(delivery_from_row(values))
             due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
             if due is not None:
                 return Wait(max(0.0, float(due) - now))
@@ -1123,28 +883,6 @@ class Store:
                     .values(state="queued", finished_at=None)
                 )
         return int(count)
-
-    def deliveries(
-        self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000
-    ) -> Iterator[DeliveryRecord]:
-        """A job's deliveries in order, streamed in batches (for reports and --failed)."""
-        after = 0
-        while True:
-            with self._read() as conn:
-                query = (
-                    sa.select(deliveries)
-                    .where(deliveries.c.job_id == job_id, deliveries.c.position > after)
-                    .order_by(deliveries.c.position)
-                    .limit(batch)
-                )
-                if states:
-                    query = query.where(deliveries.c.state.in_(states))
-                rows = [dict(r) for r in conn.execute(query).mappings()]
-            if not rows:
-                return
-            for values in rows:
-                yield _delivery(values)
-            after = rows[-1]["position"]
 
     # -- the shared rate limit
 

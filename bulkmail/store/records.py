@@ -1,0 +1,281 @@
+"""The job store's plain records, shared by every backend and by the views.
+
+Nothing here imports SQLAlchemy: ``bulkmail status`` and ``bulkmail recent`` read a SQLite
+store through :mod:`bulkmail.store.lite` without paying for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DELIVERY_STATES",
+    "JOB_STATES",
+    "SCHEMA_VERSION",
+    "ClaimResult",
+    "Claimed",
+    "Counts",
+    "DeliveryRecord",
+    "JobRecord",
+    "JobView",
+    "NewDelivery",
+    "NewJob",
+    "Outcome",
+    "Reclaimed",
+    "Registration",
+    "Stop",
+    "Wait",
+    "WorkerAlive",
+    "WorkerRecord",
+    "default_store_path",
+    "delivery_from_row",
+    "job_from_row",
+    "store_url",
+    "worker_from_row",
+]
+
+SCHEMA_VERSION = 2  # 2: the partial index on deliveries.in_doubt
+
+JOB_STATES = ("queued", "running", "paused", "aborted", "completed", "cancelled")
+DELIVERY_STATES = ("pending", "sending", "sent", "failed", "skipped", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    token: str
+    state: str
+    provider: str
+    provider_settings: dict[str, Any]
+    account: str
+    sender: str
+    subject: str
+    templates: dict[str, Any]
+    source: str
+    rate: float
+    burst: int
+    concurrency: int
+    max_retries: int
+    backoff: float
+    dedupe_key: str | None
+    total: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    log_path: str | None
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    id: str
+    job_id: int
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+    sent: int
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    id: int
+    job_id: int
+    position: int
+    row: int
+    email: str
+    name: str
+    fields: dict[str, str]
+    state: str
+    attempts: int
+    last_error: str | None
+    next_attempt_at: float
+    provider_message_id: str | None
+    message_id: str
+    sent_at: float | None
+    worker_id: str | None
+    in_doubt: bool
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the caller knows about a job before it exists."""
+
+    provider: str
+    provider_settings: Mapping[str, Any]
+    account: str
+    sender: str
+    subject: str
+    templates: Mapping[str, Any]
+    source: str
+    rate: float
+    burst: int
+    concurrency: int
+    max_retries: int
+    backoff: float
+    dedupe_key: str | None
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    row: int
+    email: str
+    name: str
+    fields: Mapping[str, str]
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Counts:
+    pending: int = 0
+    sending: int = 0
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    cancelled: int = 0
+    in_doubt: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
+
+    @property
+    def open(self) -> int:
+        """Deliveries still to be done (pending or in flight)."""
+        return self.pending + self.sending
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery: DeliveryRecord
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing ready now; the earliest pending delivery is due in ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop claiming: the job is no longer running (``state``), or nothing is left."""
+
+    state: str
+    finished: bool = False  # nothing pending and nothing in flight
+
+
+ClaimResult = Claimed | Wait | Stop
+
+
+@dataclass(frozen=True)
+class Registration:
+    worker_id: str
+    reclaimed: int  # deliveries found in 'sending' of dead workers: in doubt, to be resent
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """What a live worker found when it looked for the deliveries of gone workers."""
+
+    reclaimed: int  # put back to 'pending', in doubt: they will be sent again
+    elsewhere: int  # still in 'sending' under other live workers (they may come back)
+
+
+@dataclass
+class JobView:
+    """A job with its counts and workers, for status/recent and the JSON document."""
+
+    job: JobRecord
+    counts: Counts
+    workers: list[WorkerRecord] = field(default_factory=list)
+
+
+WorkerAlive = Callable[[WorkerRecord], bool]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one claimed delivery, as the column values to commit."""
+
+    delivery_id: int
+    values: tuple[tuple[str, Any], ...]
+    is_sent: bool = False
+
+    @classmethod
+    def sent(cls, delivery_id: int, provider_message_id: str | None, now: float) -> Outcome:
+        values = (
+            ("state", "sent"),
+            ("sent_at", now),
+            ("provider_message_id", provider_message_id),
+            ("last_error", None),
+        )
+        return cls(delivery_id, values, is_sent=True)
+
+    @classmethod
+    def failed(cls, delivery_id: int, error: str) -> Outcome:
+        return cls(delivery_id, (("state", "failed"), ("last_error", error)))
+
+    @classmethod
+    def retry(
+        cls, delivery_id: int, error: str, next_attempt_at: float, in_doubt: bool = False
+    ) -> Outcome:
+        values: tuple[tuple[str, Any], ...] = (
+            ("state", "pending"),
+            ("last_error", error),
+            ("next_attempt_at", next_attempt_at),
+        )
+        if in_doubt:
+            values += (("in_doubt", True),)
+        return cls(delivery_id, values)
+
+
+def default_store_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("bulkmail")) / "bulkmail.db"
+
+
+def store_url(location: str | os.PathLike[str] | None) -> str:
+    """A store location (a path, a ``sqlite:///`` URL or another SQLAlchemy URL) as a URL."""
+    if location is None or str(location) == "":
+        return f"sqlite:///{default_store_path()}"
+    text = str(location)
+    if "://" in text:
+        return text
+    return f"sqlite:///{Path(text).expanduser().absolute()}"
+
+
+def _known(cls: type, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's values for the record's fields (``SELECT *`` may bring more columns)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in fields(cls))
+    return {k: v for k, v in row.items() if k in names}
+
+
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def job_from_row(row: Mapping[str, Any]) -> JobRecord:
+    values = _known(JobRecord, row)
+    values["provider_settings"] = json.loads(values["provider_settings"])
+    values["templates"] = json.loads(values["templates"])
+    return JobRecord(**values)
+
+
+def delivery_from_row(row: Mapping[str, Any]) -> DeliveryRecord:
+    values = _known(DeliveryRecord, row)
+    values["fields"] = json.loads(values["fields"])
+    values["in_doubt"] = bool(values["in_doubt"])
+    return DeliveryRecord(**values)
+
+
+def worker_from_row(row: Mapping[str, Any]) -> WorkerRecord:
+    return WorkerRecord(**_known(WorkerRecord, row))

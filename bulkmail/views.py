@@ -1,0 +1,134 @@
+"""What a job looks like to a user: the JSON document, the effective state (``stalled``),
+failures, skips and the per-delivery report. Read-only and light: ``status`` and ``recent``
+import this, not the send machinery.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from bulkmail.procs import STALE_AFTER, this_host, worker_alive
+from bulkmail.store.reads import StoreReads
+from bulkmail.store.records import JobView
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def effective_state(view: JobView, *, now: float, stale_after: float = STALE_AFTER) -> str:
+    """The job's state as a user should see it: a ``running`` job none of whose workers is
+    alive is ``stalled`` (``bulkmail resume`` takes it over)."""
+    if view.job.state != "running":
+        return view.job.state
+    host = this_host()
+    live = [w for w in view.workers if worker_alive(w, now=now, host=host, stale_after=stale_after)]
+    return "running" if live else "stalled"
+
+
+def job_document(view: JobView, *, now: float | None = None) -> dict[str, Any]:
+    """The job as the JSON document of the design (also the data behind the Rich views)."""
+    now = time.time() if now is None else now
+    job, c = view.job, view.counts
+    live = [w for w in view.workers if w.stopped_at is None]
+    latest = max(live or view.workers, key=lambda w: w.heartbeat_at, default=None)
+    return {
+        "id": job.id,
+        "state": effective_state(view, now=now),
+        "provider": job.provider,
+        "subject": job.subject,
+        "source": job.source,
+        "total": job.total,
+        "sent": c.sent,
+        "failed": c.failed,
+        "skipped": c.skipped,
+        "pending": c.pending + c.sending,
+        "sending": c.sending,
+        "cancelled": c.cancelled,
+        "in_doubt": c.in_doubt,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "rate": job.rate,
+        "burst": job.burst,
+        "concurrency": job.concurrency,
+        "dedupe_key": job.dedupe_key,
+        "error": job.error,
+        "worker_pid": latest.pid if latest and latest.stopped_at is None else None,
+        "worker_host": latest.host if latest and latest.stopped_at is None else None,
+        "heartbeat_at": iso(latest.heartbeat_at) if latest else None,
+        "log_path": job.log_path,
+        "workers": [
+            {
+                "id": w.id,
+                "host": w.host,
+                "pid": w.pid,
+                "started_at": iso(w.started_at),
+                "heartbeat_at": iso(w.heartbeat_at),
+                "stopped_at": iso(w.stopped_at),
+                "sent": w.sent,
+            }
+            for w in view.workers
+        ],
+    }
+
+
+def failures(store: StoreReads, job_id: int) -> list[dict[str, Any]]:
+    return [
+        {"email": d.email, "name": d.name, "attempts": d.attempts, "error": d.last_error}
+        for d in store.deliveries(job_id, states=("failed",))
+    ]
+
+
+def skips(store: StoreReads, job_id: int) -> list[dict[str, Any]]:
+    """The job's skipped deliveries: the source row and why it is not sent."""
+    return [
+        {"row": d.row, "email": d.email, "name": d.name, "reason": d.last_error}
+        for d in store.deliveries(job_id, states=("skipped",))
+    ]
+
+
+REPORT_COLUMNS = (
+    "position",
+    "row",
+    "email",
+    "name",
+    "state",
+    "attempts",
+    "error",
+    "sent_at",
+    "message_id",
+    "provider_message_id",
+    "in_doubt",
+)
+
+
+def write_report(store: StoreReads, job_id: int, out: TextIO) -> int:
+    """Write one CSV row per delivery; returns the number of rows."""
+    store.get_job(job_id)  # JobNotFound before writing a header
+    writer = csv.writer(out)
+    writer.writerow(REPORT_COLUMNS)
+    count = 0
+    for d in store.deliveries(job_id):
+        writer.writerow(
+            [
+                d.position,
+                d.row,
+                d.email,
+                d.name,
+                d.state,
+                d.attempts,
+                d.last_error or "",
+                iso(d.sent_at) or "",
+                d.message_id,
+                d.provider_message_id or "",
+                "yes" if d.in_doubt else "",
+            ]
+        )
+        count += 1
+    return count
