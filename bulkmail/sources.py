@@ -13,6 +13,7 @@ whose one-line message names the file or database, the row and the column at fau
 from __future__ import annotations
 
 import csv
+import functools
 import re
 import sqlite3
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -169,9 +170,36 @@ def _layout(origin: str, labels: Sequence[str], what: str, hint: str = "") -> _L
 def _deliverable(address: str) -> str:
     """The address as it is sent: normalised by email-validator, an internationalised domain
     in its ASCII form (``bücher.example`` -> ``xn--bcher-kva.example``) so that the To header
-    stays plain ASCII; only a non-ASCII local part still needs SMTPUTF8."""
+    stays plain ASCII; only a non-ASCII local part still needs SMTPUTF8.
+
+    The common address (a plain ASCII dot-atom before the @) takes a short cut with the same
+    result: its local part is checked here and its domain, shared by many rows, is checked
+    by email-validator once. Anything else, and any doubt, goes through email-validator.
+    """
+    match = _PLAIN_ADDRESS.fullmatch(address)
+    if match is not None and len(match["local"]) <= 64:
+        domain = _plain_domain(match["domain"])
+        if domain is not None:
+            candidate = f"{match['local']}@{domain}"
+            if len(candidate) <= 254:
+                return candidate
     info = validate_email(address, check_deliverability=False)
     return info.ascii_email or info.normalized
+
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>[A-Za-z0-9.-]+)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_domain(domain: str) -> str | None:
+    """The normalised form of an ASCII domain as email-validator gives it, or None when it
+    refuses it (the caller then lets email-validator word the error)."""
+    try:
+        info = validate_email(f"a@{domain}", check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    return info.ascii_domain
 
 
 @dataclass
@@ -612,8 +640,12 @@ def select(
     wanted = {_address_key(value): value.strip() for value in only}
     unwanted = {_address_key(value) for value in exclude}
     matched: set[str] = set()
+    if not wanted and not unwanted:
+        yield from recipients
+        return
     for recipient in recipients:
-        key = _address_key(recipient.email)
+        # a recipient's address is already normalised (or kept as given when invalid)
+        key = recipient.email.strip().casefold()
         if wanted:
             if key not in wanted:
                 continue

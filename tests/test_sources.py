@@ -566,3 +566,35 @@ def test_select_on_a_real_source(course_db: Path) -> None:
     source = open_db("sqlite:///course.db")
     chosen = list(select(source, ["ZOE.ANGSTROM@example.edu"], []))
     assert [r.name for r in chosen] == ["Zoë Ångström"]
+
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-."
+
+
+@given(
+    local=st.text(alphabet=_ATEXT, min_size=0, max_size=70),
+    domain=st.one_of(
+        st.text(alphabet="abcXYZ019.-", min_size=0, max_size=30),
+        st.sampled_from(["example.edu", "EXAMPLE.org", "localhost", "a..b", "-x.com", "x.c"]),
+        st.text(max_size=12),
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_plain_address_short_cut_agrees_with_email_validator(local: str, domain: str) -> None:
+    """The cached-domain short cut for plain ASCII addresses gives exactly email-validator's
+    answer: the same normalised address, or a refusal."""
+    from email_validator import EmailNotValidError, validate_email
+
+    from bulkmail.sources import _deliverable
+
+    address = f"{local}@{domain}"
+    try:
+        info = validate_email(address, check_deliverability=False)
+        expected: str | None = info.ascii_email or info.normalized
+    except EmailNotValidError:
+        expected = None
+    try:
+        got: str | None = _deliverable(address)
+    except EmailNotValidError:
+        got = None
+    assert got == expected
