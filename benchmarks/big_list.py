@@ -305,7 +305,7 @@ def build_store(path: Path, total: int) -> dict[str, int]:
 
 
 def _status_recent(ctx: Context, result: Result) -> None:
-    total = 10_000 if ctx.quick else 1_000_000
+    total = 2_000 if ctx.quick else 1_000_000
     where = ctx.fresh_dir("big-store")
     store = where / "bulkmail.db"
     ctx.log(f"{NAME}: building a store with {total:,} deliveries")
@@ -321,7 +321,7 @@ def _status_recent(ctx: Context, result: Result) -> None:
     def cli(*args: str, db: Path) -> Proc:
         return run_process([bm, *args, "--store", str(db)], env=env, cwd=where).check(args[0])
 
-    repeats = 3 if ctx.quick else 5
+    repeats = 1 if ctx.quick else 5
     ctx.log(f"{NAME}: status / recent, {repeats} runs each")
     walls = timed_repeats(
         {

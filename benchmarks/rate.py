@@ -25,7 +25,7 @@ JITTER = 0.010  # receive-time noise allowed when checking windows of any length
 
 
 def run(ctx: Context) -> Result:
-    seconds = 2 if ctx.quick else 10
+    seconds = 1 if ctx.quick else 10
     n = int(RATE * seconds)
     result = Result(NAME, f"--rate {RATE:g} --burst {BURST} for {seconds} s ({n} recipients)")
     where = ctx.fresh_dir(NAME)

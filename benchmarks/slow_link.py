@@ -38,7 +38,7 @@ def _check_sent(run: SendRun, n: int, got: int, what: str) -> None:
 
 
 def run(ctx: Context) -> Result:
-    n = 20 if ctx.quick else 200
+    n = 10 if ctx.quick else 200
     result = Result(NAME, f"{n} recipients, every SMTP reply {DELAY * 1000:.0f} ms late")
     where = ctx.fresh_dir(NAME)
     csv_path = write_csv(where / "recipients.csv", n)

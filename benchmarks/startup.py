@@ -72,7 +72,7 @@ def _hyperfine(
 
 
 def run(ctx: Context) -> Result:
-    repeats = 3 if ctx.quick else 15
+    repeats = 1 if ctx.quick else 15
     result = Result(NAME, f"process start to exit, median of {repeats} interleaved runs")
     where = ctx.fresh_dir(NAME)
     env = clean_env(where / "home")
