@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from tenacity import RetryCallState, wait_exponential
-
 from bulkmail.compose import Composer, Templates
 from bulkmail.errors import BulkmailError, ExitCode
 from bulkmail.models import Message, Recipient
@@ -86,6 +84,8 @@ def backoff_delay(attempts: int, backoff: float, retry_after: float | None = Non
     Retry-After when it gave one, else ``backoff`` doubling (5, 10, 20 ... for 5)."""
     if retry_after is not None and retry_after >= 0:
         return retry_after
+    from tenacity import RetryCallState, wait_exponential  # only paid for when retrying
+
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = max(1, attempts)
     return float(wait_exponential(multiplier=backoff, exp_base=2, max=24 * 3600)(state))

@@ -164,7 +164,7 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("state", _state(doc["state"]))
-    table.add_row("provider", doc["provider"])
+    table.add_row("provider", shown(_transport(doc)))
     table.add_row("source", shown(str(doc.get("source") or "")))
     table.add_row("subject", shown(doc["subject"]))
     counts = Text()
@@ -200,6 +200,21 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     if hint:
         table.add_row("next", Text(hint, style="dim"))
     return Panel(table, title=f"job {doc['id']}", expand=False)
+
+
+def _transport(doc: dict[str, Any]) -> str:
+    """The provider and where it sends: the outbox folder, the SMTP server, the API."""
+    settings = doc.get("provider_settings") or {}
+    provider = str(doc["provider"])
+    if provider == "outbox" and settings.get("dir"):
+        return f"outbox: .eml files in {settings['dir']}"
+    if provider == "smtp" and settings.get("host"):
+        user = f"{settings['username']}@" if settings.get("username") else ""
+        return f"smtp: {user}{settings['host']}:{settings.get('port')} ({settings.get('security')})"
+    if provider == "mailtrap" and settings.get("api_url"):
+        inbox = f", sandbox inbox {settings['inbox_id']}" if settings.get("inbox_id") else ""
+        return f"mailtrap: {settings['api_url']}{inbox}"
+    return provider
 
 
 def next_step(doc: dict[str, Any]) -> str:

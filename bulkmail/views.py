@@ -41,6 +41,7 @@ def job_document(view: JobView, *, now: float | None = None) -> dict[str, Any]:
         "id": job.id,
         "state": effective_state(view, now=now),
         "provider": job.provider,
+        "provider_settings": job.provider_settings,  # never a secret
         "subject": job.subject,
         "source": job.source,
         "total": job.total,
@@ -119,11 +120,11 @@ def write_report(store: StoreReads, job_id: int, out: TextIO) -> int:
             [
                 d.position,
                 d.row,
-                d.email,
-                d.name,
+                _cell(d.email),
+                _cell(d.name),
                 d.state,
                 d.attempts,
-                d.last_error or "",
+                _cell(d.last_error or ""),
                 iso(d.sent_at) or "",
                 d.message_id,
                 d.provider_message_id or "",
@@ -132,3 +133,9 @@ def write_report(store: StoreReads, job_id: int, out: TextIO) -> int:
         )
         count += 1
     return count
+
+
+def _cell(text: str) -> str:
+    """A value from a CSV or a server, made inert for spreadsheets: a cell starting with
+    = + - @ (or a tab/CR) would run as a formula when the report is opened in one."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

@@ -77,3 +77,24 @@ def test_an_older_store_is_upgraded_before_it_is_read(tmp_path: Path) -> None:
         version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert "ix_deliveries_in_doubt" in names and version == ("2",)
     assert isinstance(open_reader(path), LiteReader)
+
+
+def test_report_cells_cannot_run_as_spreadsheet_formulas(tmp_path: Path) -> None:
+    import csv
+    import io
+
+    from bulkmail.store import NewDelivery
+    from bulkmail.views import write_report
+
+    store = open_store(tmp_path / "jobs.db")
+    rows = [
+        NewDelivery(2, "ada@example.edu", '=HYPERLINK("http://x.example","click")', {}),
+        NewDelivery(3, "ben@example.edu", "Ben Okafor", {}, "+1 duplicate"),
+    ]
+    job = store.create_job(new_job(), rows, now=1.0, domain="d")
+    out = io.StringIO()
+    assert write_report(open_reader(tmp_path / "jobs.db"), job, out) == 2
+    report = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert report[0]["name"] == '\'=HYPERLINK("http://x.example","click")'
+    assert report[1]["name"] == "Ben Okafor"
+    assert report[1]["error"] == "'+1 duplicate"
