@@ -40,6 +40,7 @@ StoreOpt = Annotated[
     str | None,
     typer.Option(
         "--store",
+        metavar="PATH|URL",
         envvar="BULKMAIL_STORE",
         help="Job store: a path or SQLAlchemy URL (default: bulkmail.db in the user data dir).",
         show_default=False,
@@ -48,7 +49,11 @@ StoreOpt = Annotated[
 ConfigOpt = Annotated[
     str | None,
     typer.Option(
-        "--config", envvar="BULKMAIL_CONFIG", help="TOML config file.", show_default=False
+        "--config",
+        metavar="PATH",
+        envvar="BULKMAIL_CONFIG",
+        help="TOML config file.",
+        show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -60,6 +65,7 @@ WorkersOpt = Annotated[
     int,
     typer.Option(
         "--workers",
+        metavar="N",
         min=1,
         help="Run the job in N background workers on this host (implies --detach); "
         "more can join from other hosts with `bulkmail worker JOB_ID`.",
@@ -67,34 +73,52 @@ WorkersOpt = Annotated[
 ]
 
 CsvOpt = Annotated[
-    Path | None, typer.Option("--csv", help="CSV file of recipients (email, name, ...).")
+    Path | None,
+    typer.Option("--csv", metavar="PATH", help="CSV file of recipients (email, name, ...)."),
 ]
 DbOpt = Annotated[
     str | None,
-    typer.Option("--db", help="Course database: any SQLAlchemy URL.", show_default=False),
+    typer.Option(
+        "--db", metavar="URL", help="Course database: any SQLAlchemy URL.", show_default=False
+    ),
 ]
 QueryOpt = Annotated[
     str | None,
-    typer.Option("--query", help="SELECT for --db (default: SELECT name, email FROM instructors)."),
+    typer.Option(
+        "--query",
+        metavar="SQL",
+        help="SELECT for --db (default: SELECT name, email FROM instructors).",
+    ),
 ]
-TemplateOpt = Annotated[Path, typer.Option("--template", help="Text body template (Jinja2).")]
+TemplateOpt = Annotated[
+    Path, typer.Option("--template", metavar="PATH", help="Text body template (Jinja2).")
+]
 HtmlOpt = Annotated[
-    Path | None, typer.Option("--html-template", help="HTML body template (autoescaped).")
+    Path | None,
+    typer.Option("--html-template", metavar="PATH", help="HTML body template (autoescaped)."),
 ]
-SubjectOpt = Annotated[str, typer.Option("--subject", help="Subject template (Jinja2).")]
+SubjectOpt = Annotated[
+    str, typer.Option("--subject", metavar="TEXT", help="Subject template (Jinja2).")
+]
 AttachOpt = Annotated[
     list[str] | None,
-    typer.Option("--attach", help="Attachment path, may be a template (repeatable)."),
+    typer.Option(
+        "--attach", metavar="PATH", help="Attachment path, may be a template (repeatable)."
+    ),
 ]
 FromOpt = Annotated[
     str | None,
-    typer.Option("--from", envvar="BULKMAIL_FROM", help="Sender, e.g. 'Office <o@x.edu>'."),
+    typer.Option(
+        "--from", metavar="ADDR", envvar="BULKMAIL_FROM", help="Sender, e.g. 'Office <o@x.edu>'."
+    ),
 ]
 OnlyOpt = Annotated[
-    list[str] | None, typer.Option("--only", help="Send only to this address (repeatable).")
+    list[str] | None,
+    typer.Option("--only", metavar="EMAIL", help="Send only to this address (repeatable)."),
 ]
 ExcludeOpt = Annotated[
-    list[str] | None, typer.Option("--exclude", help="Leave this address out (repeatable).")
+    list[str] | None,
+    typer.Option("--exclude", metavar="EMAIL", help="Leave this address out (repeatable)."),
 ]
 
 T = TypeVar("T")
@@ -261,20 +285,33 @@ def send_reminders(
     sender: FromOpt = None,
     provider: Annotated[
         str | None,
-        typer.Option("--provider", help="smtp | mailtrap | outbox (default: config, else outbox)."),
+        typer.Option(
+            "--provider",
+            metavar="NAME",
+            help="smtp | mailtrap | outbox (default: config, else outbox).",
+        ),
     ] = None,
     rate: Annotated[
-        float | None, typer.Option("--rate", help="Emails per second; 0 = unlimited.")
+        float | None,
+        typer.Option("--rate", metavar="PER_SECOND", help="Emails per second; 0 = unlimited."),
     ] = None,
-    burst: Annotated[int | None, typer.Option("--burst", help="Token bucket capacity.")] = None,
+    burst: Annotated[
+        int | None, typer.Option("--burst", metavar="N", help="Token bucket capacity.")
+    ] = None,
     concurrency: Annotated[
-        int, typer.Option("--concurrency", help="Parallel connections, one shared rate limit.")
+        int,
+        typer.Option(
+            "--concurrency", metavar="N", help="Parallel connections, one shared rate limit."
+        ),
     ] = 1,
     max_retries: Annotated[
-        int, typer.Option("--max-retries", help="Retries of a transient failure.")
+        int, typer.Option("--max-retries", metavar="N", help="Retries of a transient failure.")
     ] = 3,
     backoff: Annotated[
-        float, typer.Option("--backoff", help="First retry delay in seconds, doubling.")
+        float,
+        typer.Option(
+            "--backoff", metavar="SECONDS", help="First retry delay in seconds, doubling."
+        ),
     ] = 5.0,
     only: OnlyOpt = None,
     exclude: ExcludeOpt = None,
@@ -283,7 +320,9 @@ def send_reminders(
     ] = False,
     dedupe_key: Annotated[
         str | None,
-        typer.Option("--dedupe-key", help="Skip addresses already sent under this key (cron)."),
+        typer.Option(
+            "--dedupe-key", metavar="KEY", help="Skip addresses already sent under this key (cron)."
+        ),
     ] = None,
     detach: DetachOpt = False,
     workers: WorkersOpt = 1,
@@ -394,7 +433,7 @@ def status(
 @app.command()
 @handles_errors
 def recent(
-    limit: Annotated[int, typer.Option("--limit", help="How many jobs.", min=1)] = 10,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", help="How many jobs.", min=1)] = 10,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -483,10 +522,14 @@ def preview(
     html_template: HtmlOpt = None,
     attach: AttachOpt = None,
     sender: FromOpt = None,
-    provider: Annotated[str | None, typer.Option("--provider", help="As for sending.")] = None,
+    provider: Annotated[
+        str | None, typer.Option("--provider", metavar="NAME", help="As for sending.")
+    ] = None,
     only: OnlyOpt = None,
     exclude: ExcludeOpt = None,
-    count: Annotated[int, typer.Option("--count", help="How many messages.", min=1)] = 3,
+    count: Annotated[
+        int, typer.Option("--count", metavar="N", help="How many messages.", min=1)
+    ] = 3,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -522,7 +565,8 @@ def preview(
 def report(
     job_id: JobArg,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="CSV file to write (default: stdout).")
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help="CSV file to write (default: stdout)."),
     ] = None,
     store: StoreOpt = None,
     config: ConfigOpt = None,
