@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from bulkmail import __version__
-from bulkmail.errors import BulkmailError, ExitCode, InputError
+from bulkmail.errors import BulkmailError, ExitCode, InputError, JobStateError
 
 app = typer.Typer(
     name="bulkmail",
@@ -60,7 +60,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 DetachOpt = Annotated[
     bool, typer.Option("--detach", help="Run in a background worker and return at once.")
 ]
-JobArg = Annotated[int, typer.Argument(help="The job id (see `bulkmail recent`).", min=1)]
+JobArg = Annotated[
+    int, typer.Argument(metavar="JOB_ID", help="The job id (see `bulkmail recent`).", min=1)
+]
 WorkersOpt = Annotated[
     int,
     typer.Option(
@@ -174,8 +176,11 @@ def _reader(store: str | None, config: str | None) -> Any:
 
 
 def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        raise BulkmailError(f"cannot write to standard output: {exc.strerror}") from None
 
 
 def _setup_logging(quiet: bool = False) -> None:
@@ -259,16 +264,48 @@ def _run_job(
     raise typer.Exit(int(result.exit_code))
 
 
+def _source_options(
+    csv: Path | None,
+    db: str | None,
+    query: str | None,
+    template: Path,
+    html_template: Path | None,
+    subject: str,
+    attach: list[str] | None,
+    sender: str | None,
+    only: list[str] | None,
+    exclude: list[str] | None,
+) -> Any:
+    """The source and template options shared by send-reminders and preview."""
+    from bulkmail import jobs
+
+    return jobs.SourceOptions(
+        csv=str(csv) if csv else None,
+        db=db,
+        query=query,
+        template=str(template),
+        html_template=str(html_template) if html_template else None,
+        subject=subject,
+        attach=attach or (),
+        sender=sender,
+        only=only or (),
+        exclude=exclude or (),
+    )
+
+
 def _confirm(plan: Any, summary: Any) -> bool:
     """Ask on a terminal only; --yes and non-terminals never ask."""
-    err = _stderr()
+    from bulkmail import ui
+
     line = (
         f"Send {summary.to_send} reminders via {plan.provider} from {plan.sender} "
         f"({len(summary.skipped)} skipped)"
     )
-    if plan.rate > 0:
-        line += f", about {summary.estimated_seconds / 60:.1f} min at {plan.rate:g}/s"
-    err.print(line, markup=False, highlight=False)
+    if plan.rate > 0 and summary.to_send > plan.burst:
+        line += f", taking about {ui.duration(summary.estimated_seconds)} at {ui.rate(plan.rate)}"
+        if summary.estimated_seconds > 600:
+            line += "; --detach runs it in the background"
+    _stderr().print(line, markup=False, highlight=False)
     return typer.confirm("Continue?", default=False, err=True)
 
 
@@ -343,17 +380,8 @@ def send_reminders(
 
     settings = _settings(config)
     plan = jobs.plan(
-        jobs.SourceOptions(
-            csv=str(csv) if csv else None,
-            db=db,
-            query=query,
-            template=str(template),
-            html_template=str(html_template) if html_template else None,
-            subject=subject,
-            attach=attach or (),
-            sender=sender,
-            only=only or (),
-            exclude=exclude or (),
+        _source_options(
+            csv, db, query, template, html_template, subject, attach, sender, only, exclude
         ),
         jobs.SendOptions(
             provider=provider,
@@ -371,15 +399,20 @@ def send_reminders(
         if not interactive:
             raise InputError("--select needs a terminal; use --only/--exclude in scripts")
         plan.chosen = ui.select_rows(_stderr(), list(plan.recipients()))
-    if dry_run:
-        summary = jobs.dry_run(plan)
-        if as_json:
-            _print_json(ui.dry_run_document(summary))
-        else:
-            Console().print(ui.dry_run_view(summary))
-        raise typer.Exit(0)
-    if interactive and not yes:
-        summary = jobs.dry_run(plan)
+    if dry_run or (interactive and not yes):
+        sent_under = None
+        if plan.send.dedupe_key:
+            sent_under = _reader(store, config).sent_under(plan.send.dedupe_key)
+        summary = jobs.dry_run(plan, sent_under=sent_under)
+        if dry_run:
+            if as_json:
+                _print_json(ui.dry_run_document(summary))
+            else:
+                Console().print(ui.dry_run_view(summary))
+        if summary.nothing_valid:
+            fail(f"{summary.source}: no valid recipient; every row is skipped")
+        if dry_run:
+            raise typer.Exit(0)
         if not _confirm(plan, summary):
             fail("nothing sent and no job created", ExitCode.OK)
     db_store = _store(store, settings)
@@ -481,7 +514,7 @@ def resume(
 def cancel(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> None:
     """Cancel a job: pending deliveries are cancelled; a running worker stops.
     Example: bulkmail cancel 3"""
-    count = _store(store).cancel(job_id, now=time.time())
+    count = _store(store, _settings(config)).cancel(job_id, now=time.time())
     Console().print(
         f"job {job_id} cancelled: {count} pending deliveries will not be sent",
         markup=False,
@@ -499,8 +532,22 @@ def retry(
     config: ConfigOpt = None,
 ) -> None:
     """Put failed deliveries back to pending and run the job.  Example: bulkmail retry 3"""
+    from bulkmail import views
+
     settings = _settings(config)
     db = _store(store, settings)
+    view = db.view(job_id)
+    if views.effective_state(view, now=time.time()) == "running":
+        raise JobStateError(
+            f"job {job_id} is being run by a worker; retry its failures once it has finished "
+            f"(bulkmail status {job_id} --watch)"
+        )
+    if view.counts.failed == 0 and view.job.state == "completed":
+        if as_json:
+            _print_json(views.job_document(view))
+        else:
+            Console().print(f"job {job_id} has no failed deliveries; nothing to retry")
+        raise typer.Exit(0)
     count = db.retry_failed(job_id)
     if not as_json:
         _stderr().print(
@@ -540,17 +587,8 @@ def preview(
 
     settings = _settings(config)
     plan = jobs.plan(
-        jobs.SourceOptions(
-            csv=str(csv) if csv else None,
-            db=db,
-            query=query,
-            template=str(template),
-            html_template=str(html_template) if html_template else None,
-            subject=subject,
-            attach=attach or (),
-            sender=sender,
-            only=only or (),
-            exclude=exclude or (),
+        _source_options(
+            csv, db, query, template, html_template, subject, attach, sender, only, exclude
         ),
         jobs.SendOptions(provider=provider),
         settings,
@@ -576,7 +614,13 @@ def report(
 
     db = _reader(store, config)
     if output is None:
-        views.write_report(db, job_id, sys.stdout)
+        try:
+            views.write_report(db, job_id, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # `bulkmail report 1 | head`: click exits quietly
+        except OSError as exc:
+            raise BulkmailError(f"cannot write to standard output: {exc.strerror}") from None
         return
     db.get_job(job_id)  # an unknown job is exit 2 before an empty file is left behind
     try:

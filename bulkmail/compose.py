@@ -26,9 +26,10 @@ import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email import quoprimime
 from email.policy import SMTPUTF8
-from email.utils import parseaddr
+from email.utils import format_datetime, parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,7 @@ class Composer:
             html=rendered.html,
             message_id=message_id,
             attachments=tuple(attachments),
+            date=format_datetime(datetime.now(UTC)),
         )
 
     # -- rendering
@@ -688,6 +690,9 @@ def to_bytes_fast(message: Message) -> bytes:
     )
 
 
+_DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} (GMT|[+-]\d{4})")
+
+
 def _fast_headers(message: Message) -> bytes | None:
     """From, To, Subject and Message-ID lines (CRLF-terminated), or None to fall back."""
     sender = _address_lines("From", message.from_name, message.from_email)
@@ -702,5 +707,10 @@ def _fast_headers(message: Message) -> bytes | None:
     mid = message.message_id
     if not _MSG_ID.fullmatch(mid) or len("Message-ID: ") + len(mid) > _MAX_LINE:
         return None
-    lines = [*sender, *to, *subject, f"Message-ID: {mid}", ""]
+    lines = [*sender, *to, *subject, f"Message-ID: {mid}"]
+    if message.date:
+        if not _DATE.fullmatch(message.date):
+            return None
+        lines.append(f"Date: {message.date}")
+    lines.append("")
     return "\r\n".join(lines).encode("ascii")

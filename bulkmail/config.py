@@ -7,6 +7,7 @@ never from a flag, and are never written to the job store. Nothing here runs at 
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import tomllib
@@ -123,6 +124,7 @@ _DEFAULT_KEYS = {
     "burst": "burst",
     "store": "store",
 }
+_DEFAULT_TYPES = {"rate": "float", "burst": "int"}
 _SECTIONS: dict[str, type[SmtpSettings] | type[MailtrapSettings] | type[OutboxSettings]] = {
     "smtp": SmtpSettings,
     "mailtrap": MailtrapSettings,
@@ -157,7 +159,10 @@ def _coerce(where: str, value: Any, to: type | str) -> Any:
     kind = to if isinstance(to, str) else to.__name__
     try:
         if "float" in kind:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         if "int" in kind:
             if isinstance(value, bool):
                 raise ValueError
@@ -217,9 +222,11 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
 
     # environment: BULKMAIL_<KEY> for [defaults], BULKMAIL_<SECTION>_<KEY> otherwise
     for key, attr in _DEFAULT_KEYS.items():
-        value = env.get(f"BULKMAIL_{key.upper()}")
+        var = f"BULKMAIL_{key.upper()}"
+        value = env.get(var)
         if value is not None and value != "":
-            top[attr] = value
+            # checked here, so an error names the variable rather than the config file
+            top[attr] = _coerce(var, value, _DEFAULT_TYPES.get(attr, "str"))
     for name, cls in _SECTIONS.items():
         known = {f.name: f.type for f in fields(cls)}
         for key, typ in known.items():

@@ -4,11 +4,12 @@ and the CLI renders them."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from email.utils import parseaddr
 from pathlib import Path
@@ -18,9 +19,9 @@ from bulkmail.config import PROVIDERS, OutboxSettings, Settings
 from bulkmail.errors import BulkmailError, ExitCode, InputError
 from bulkmail.manager import EmailManager, Event, exit_code_for
 from bulkmail.models import Message, Recipient
-from bulkmail.providers import Provider, account_key, make_provider
+from bulkmail.providers import Provider, account_key, check_provider, make_provider
 from bulkmail.sources import Source, open_csv, open_db, select
-from bulkmail.store import JobRecord, JobView, NewDelivery, NewJob, Store
+from bulkmail.store import JobRecord, JobView, NewDelivery, NewJob, Store, dedupe_reason
 
 TERMINAL_STATES = ("completed", "cancelled", "paused", "aborted")
 
@@ -101,16 +102,29 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
     provider = send.provider or settings.provider_name
     if provider not in PROVIDERS:
         raise InputError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
-    if send.rate is not None and send.rate < 0:
-        raise InputError("--rate: must be 0 (unlimited) or a positive number of emails per second")
-    if send.burst is not None and send.burst < 1:
-        raise InputError("--burst: must be at least 1")
+    # flags win over the environment and the config file: name where a bad value came from
+    rate = send.rate if send.rate is not None else settings.default_rate(provider)
+    rate_from = "--rate" if send.rate is not None else "rate (BULKMAIL_RATE or the config file)"
+    if not math.isfinite(rate) or rate < 0:
+        raise InputError(
+            f"{rate_from}: must be 0 (unlimited) or a positive number of emails per second, "
+            f"got {rate}"
+        )
+    burst = send.burst if send.burst is not None else settings.burst
+    burst_from = (
+        "--burst" if send.burst is not None else "burst (BULKMAIL_BURST or the config file)"
+    )
+    if burst < 1:
+        raise InputError(f"{burst_from}: must be at least 1, got {burst}")
     if send.concurrency < 1:
         raise InputError("--concurrency: must be at least 1")
-    if send.max_retries < 0 or send.backoff < 0:
-        raise InputError("--max-retries and --backoff must not be negative")
+    if send.max_retries < 0:
+        raise InputError("--max-retries: must not be negative")
+    if not math.isfinite(send.backoff) or send.backoff < 0:
+        raise InputError(f"--backoff: must be a number of seconds, 0 or more, got {send.backoff}")
     if provider == "outbox" and not settings.outbox.dir:
         settings = replace(settings, outbox=OutboxSettings(dir=str(data_dir() / "outbox")))
+    check_provider(provider, settings)
     sender = opts.sender or settings.sender_for(provider)
     templates = Templates.load(
         subject=opts.subject,
@@ -136,25 +150,36 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         composer=composer,
         only=opts.only,
         exclude=opts.exclude,
-        rate=send.rate if send.rate is not None else settings.default_rate(provider),
-        burst=send.burst if send.burst is not None else settings.burst,
+        rate=rate,
+        burst=burst,
         send=send,
     )
 
 
-def _checked(plan: Plan, on_row: Callable[[Recipient], None] | None = None) -> Iterator[Recipient]:
+def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient]:
     """The plan's recipients, each rendered once as it will be sent (exit 2 on the first
-    template problem); raises when there is no recipient at all."""
-    count = 0
+    template problem). Raises at the end when there is nobody to send to: no rows at all,
+    or only rows that are skipped (invalid addresses, duplicates...): a job of nothing but
+    skips is a mistake in the list, not a job. (Skips by --dedupe-key come later, in the
+    store: a cron re-run that finds everyone already reminded is fine.)"""
+    count = sendable = 0
+    first_skip: Recipient | None = None
     for r in plan.recipients():
         if r.skip_reason is None:
             plan.composer.check(r, plan.source.description)
+            sendable += 1
+        elif first_skip is None:
+            first_skip = r
         count += 1
-        if on_row is not None:
-            on_row(r)
         yield r
+    where = plan.source.description
     if count == 0:
-        raise InputError(f"{plan.source.description}: no recipients")
+        raise InputError(f"{where}: no recipients")
+    if sendable == 0 and first_skip is not None and require_sendable:
+        raise InputError(
+            f"{where}: no valid recipient: all {count} rows are skipped "
+            f"(row {first_skip.row}: {first_skip.skip_reason}); see --dry-run"
+        )
 
 
 def create_job(store: Store, plan: Plan, *, now: float | None = None) -> int:
@@ -195,6 +220,12 @@ class DryRun:
     burst: int
     to_send: int = 0
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # row, email, reason
+    deduped: int = 0  # of the skipped: already sent under the --dedupe-key
+
+    @property
+    def nothing_valid(self) -> bool:
+        """Nobody to send to, and not because everyone was already reminded (exit 2)."""
+        return self.to_send == 0 and self.deduped == 0
 
     @property
     def estimated_seconds(self) -> float:
@@ -203,12 +234,20 @@ class DryRun:
         return max(0.0, (self.to_send - self.burst) / self.rate)
 
 
-def dry_run(plan: Plan) -> DryRun:
-    """Validate and render everything as ``create_job`` would, and create nothing."""
+def dry_run(plan: Plan, *, sent_under: Mapping[str, int] | None = None) -> DryRun:
+    """Validate and render everything as ``create_job`` would, and create nothing.
+
+    ``sent_under``: the addresses already sent under the plan's ``--dedupe-key`` (from the
+    store), shown as the skips the real run will make."""
     result = DryRun(plan.source.description, plan.provider, plan.rate, plan.burst)
-    for r in _checked(plan):
+    key = plan.send.dedupe_key
+    for r in _checked(plan, require_sendable=False):
+        job = sent_under.get(r.email.lower()) if sent_under and key else None
         if r.skip_reason:
             result.skipped.append((r.row, r.email, r.skip_reason))
+        elif key and job is not None:
+            result.skipped.append((r.row, r.email, dedupe_reason(key, job)))
+            result.deduped += 1
         else:
             result.to_send += 1
     return result

@@ -426,8 +426,7 @@ class EmailManager:
         if too_many:
             self.request_stop(
                 "paused",
-                f"{self.max_consecutive_transient} consecutive transient failures "
-                f"(last: {exc}); resume with `bulkmail resume {self.job_id}`",
+                f"{self.max_consecutive_transient} consecutive transient failures (last: {exc})",
             )
         return outcome
 

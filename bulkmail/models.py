@@ -47,6 +47,9 @@ class Message:
     html: str | None = None
     attachments: tuple[Attachment, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()  # extra headers, already checked for CR/LF
+    # RFC 5322 Date ("Fri, 27 Nov 2026 19:24:35 +0000"), set when the message is built;
+    # unlike the Message-ID it is not stable across resends
+    date: str = ""
 
     def to_email_message(self) -> EmailMessage:
         """Build the standards-correct MIME message (policy=SMTP: CRLF line ends)."""
@@ -55,6 +58,8 @@ class Message:
         msg["To"] = _address(self.to_name, self.to_email)
         msg["Subject"] = self.subject
         msg["Message-ID"] = self.message_id
+        if self.date:
+            msg["Date"] = self.date
         for key, value in self.headers:
             msg[key] = value
         msg.set_content(self.text)

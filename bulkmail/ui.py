@@ -66,12 +66,13 @@ def _state(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state, ""))
 
 
-def _rate(rate: float) -> str:
-    if rate <= 0:
+def rate(per_second: float) -> str:
+    """A rate as a person reads it: "unlimited", "20/s", "0.1/s (one every 10 s)"."""
+    if per_second <= 0:
         return "unlimited"
-    if rate >= 1:
-        return f"{rate:g}/s"
-    return f"{rate:g}/s (one every {1 / rate:g} s)"
+    if per_second >= 1:
+        return f"{per_second:g}/s"
+    return f"{per_second:g}/s (one every {1 / per_second:g} s)"
 
 
 def new_progress(console: Console) -> Progress:
@@ -106,6 +107,7 @@ class RunDisplay:
         self.sent_now = 0
         self.live = live
         self.started = time.monotonic()
+        self._first_sent = self.started
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._task: TaskID | None = None
@@ -128,10 +130,12 @@ class RunDisplay:
             yield self
 
     def _speed(self) -> str:
-        elapsed = time.monotonic() - self.started
-        if self.sent_now == 0 or elapsed <= 0:
+        """Messages per second between the first and the latest send of this run (nothing
+        before the second: a burst's first message says nothing about the rate)."""
+        now = time.monotonic()
+        if self.sent_now < 2 or now <= self._first_sent:
             return ""
-        per_s = self.sent_now / elapsed
+        per_s = (self.sent_now - 1) / (now - self._first_sent)
         return f"{per_s:.2f}/s" if per_s < 10 else f"{per_s:.0f}/s"
 
     def handle(self, event: Event) -> None:
@@ -139,6 +143,8 @@ class RunDisplay:
             if event.kind == "sent":
                 self.done += 1
                 self.sent_now += 1
+                if self.sent_now == 1:
+                    self._first_sent = time.monotonic()
             elif event.kind == "failed":
                 self.done += 1
                 self.failed += 1
@@ -181,7 +187,7 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     table.add_row("deliveries", counts)
     if doc["in_doubt"]:
         table.add_row("in doubt", f"{doc['in_doubt']} resent after a crash (same Message-ID)")
-    table.add_row("rate", f"{_rate(doc['rate'])}, burst {doc['burst']}")
+    table.add_row("rate", f"{rate(doc['rate'])}, burst {doc['burst']}")
     if doc.get("dedupe_key"):
         table.add_row("dedupe key", doc["dedupe_key"])
     for key in ("created_at", "started_at", "finished_at"):
@@ -435,8 +441,8 @@ def dry_run_view(summary: Any) -> Group:
     head.append(f"{summary.to_send} to send", style="green")
     head.append(f", {len(summary.skipped)} skipped", style="yellow" if summary.skipped else "")
     if summary.rate > 0:
-        head.append(f", via {summary.provider} at {_rate(summary.rate)}, burst {summary.burst}")
-        head.append(f": about {_duration(summary.estimated_seconds)}")
+        head.append(f", via {summary.provider} at {rate(summary.rate)}, burst {summary.burst}")
+        head.append(f": about {duration(summary.estimated_seconds)}")
     else:
         head.append(f", via {summary.provider} with no rate limit")
     parts: list[Any] = [head]
@@ -452,7 +458,7 @@ def dry_run_view(summary: Any) -> Group:
     return Group(*parts)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

@@ -144,6 +144,7 @@ def test_send_through_real_smtp_server(smtp_sink: SmtpSink, tmp_path: Path) -> N
     assert zoe["Subject"] == "Reminder: PHYS210 grades due 2025-09-08"
     assert "Dear Zoë Ångström," in zoe.get_content()
     assert zoe["From"].addresses[0].addr_spec == "office@example.edu"
+    assert zoe["Date"].datetime.tzinfo is not None  # RFC 5322 requires a Date
     assert len({m["Message-ID"] for m in messages}) == 12
     assert all(m.rcpt_tos == [m.parse()["To"].addresses[0].addr_spec] for m in smtp_sink.messages)
 

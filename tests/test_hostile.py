@@ -64,7 +64,7 @@ ROWS: list[tuple[str, str, str, str | None]] = [
 
 SENT = {"ada@example.edu", "ann@example.org", "jane@example.org", "zoe@example.edu"}
 SENT |= {"tab@example.org", "ida@xn--bcher-kva.example"}
-HEADERS = {"From", "To", "Subject", "Message-ID", "MIME-Version", "Content-Type"}
+HEADERS = {"From", "To", "Subject", "Message-ID", "Date", "MIME-Version", "Content-Type"}
 HEADERS |= {"Content-Transfer-Encoding"}
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "ProviderError",
     "TransientError",
     "account_key",
+    "check_provider",
     "make_provider",
 ]
 
@@ -37,6 +38,24 @@ def account_key(provider: str, settings: Settings) -> str:
         digest = hashlib.sha256(m.token.encode()).hexdigest()[:12]
         return f"mailtrap:{m.api_url.rstrip('/')}/{m.inbox_id}:{digest}"
     return f"outbox:{settings.outbox.dir}"
+
+
+def check_provider(provider: str, settings: Settings) -> None:
+    """Refuse settings that could not send a single message (a missing token, a port out of
+    range, a password over plain text to a remote host) before any job exists: exit 2."""
+    from bulkmail.errors import ConfigError
+
+    problem: str | None = None
+    if provider == "smtp":
+        from bulkmail.providers.smtp import config_problem
+
+        problem = config_problem(settings.smtp)
+    elif provider == "mailtrap":
+        from bulkmail.providers.mailtrap import config_problem as mailtrap_problem
+
+        problem = mailtrap_problem(settings.mailtrap)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def make_provider(provider: str, settings: Settings, *, data_dir: Path) -> Provider:

@@ -202,6 +202,12 @@ def _address(email_addr: str, name: str) -> dict[str, str]:
     return {"email": email_addr, "name": name} if name else {"email": email_addr}
 
 
+def config_problem(settings: MailtrapSettings) -> str | None:
+    """What makes these settings unusable before any request, or None (checked when a job
+    is planned, so a missing token never creates a job, and again at the first send)."""
+    return _config_problem(settings, settings.token.strip())
+
+
 def _config_problem(settings: MailtrapSettings, token: str) -> str | None:
     if not token:
         return TOKEN_MISSING

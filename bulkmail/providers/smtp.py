@@ -175,15 +175,9 @@ class SmtpProvider:
 
     def _open(self) -> smtplib.SMTP:
         s = self._settings
-        if s.security not in SMTP_SECURITY:
-            raise FatalError(
-                f"unknown SMTP security {s.security!r}: use one of {', '.join(SMTP_SECURITY)}"
-            )
-        if s.username and s.security == "none" and not is_loopback(s.host):
-            raise FatalError(
-                f"refusing to send the SMTP password of {s.username} unencrypted to {s.host}: "
-                "set security to 'starttls' or 'tls' (plain login is allowed to loopback only)"
-            )
+        problem = config_problem(s)
+        if problem is not None:
+            raise FatalError(problem)
         try:
             conn = self._factory(s)
         except OSError as exc:  # smtplib's and ssl's errors are OSErrors too
@@ -231,6 +225,23 @@ class SmtpProvider:
         if isinstance(exc, smtplib.SMTPException):  # e.g. no usable AUTH mechanism
             return FatalError(text)
         return TransientError(text)  # refused, DNS failure, timeout: the server is down
+
+
+def config_problem(s: SmtpSettings) -> str | None:
+    """What makes these settings unusable before any connection is tried, or None (checked
+    when a job is planned, so a bad setting never creates a job, and again at connect)."""
+    if s.security not in SMTP_SECURITY:
+        return f"unknown SMTP security {s.security!r}: use one of {', '.join(SMTP_SECURITY)}"
+    if not 0 < s.port < 65536:
+        return f"SMTP port {s.port} is not a TCP port (1-65535): check BULKMAIL_SMTP_PORT"
+    if not s.host.strip():
+        return "no SMTP host: set BULKMAIL_SMTP_HOST or `host` under [smtp]"
+    if s.username and s.security == "none" and not is_loopback(s.host):
+        return (
+            f"refusing to send the SMTP password of {s.username} unencrypted to {s.host}: "
+            "set security to 'starttls' or 'tls' (plain login is allowed to loopback only)"
+        )
+    return None
 
 
 def is_loopback(host: str) -> bool:

@@ -33,8 +33,10 @@ SQL_RECENT = "SELECT id FROM jobs ORDER BY id DESC LIMIT :limit"
 SQL_COUNTS = "SELECT state, count(*) AS n FROM deliveries WHERE job_id = :job GROUP BY state"
 SQL_IN_DOUBT = "SELECT count(*) AS n FROM deliveries WHERE job_id = :job AND in_doubt"
 SQL_WORKERS = "SELECT * FROM workers WHERE job_id = :job ORDER BY started_at"
-SQL_LIVE_WORKERS = (
-    "SELECT * FROM workers WHERE job_id = :job AND stopped_at IS NULL ORDER BY started_at"
+SQL_SENT_UNDER = (
+    "SELECT d.email_key AS email_key, max(d.job_id) AS job FROM deliveries d "
+    "JOIN jobs j ON j.id = d.job_id WHERE j.dedupe_key = :key AND d.state = 'sent' "
+    "GROUP BY d.email_key"
 )
 SQL_DELIVERIES = (
     "SELECT * FROM deliveries WHERE job_id = :job AND position > :after{states} "
@@ -63,17 +65,24 @@ class StoreReads:
             return JobView(job, _counts(query, job_id), _workers(query, job_id))
 
     def recent(self, limit: int) -> list[JobView]:
-        """The newest ``limit`` jobs, newest first, with their live workers."""
+        """The newest ``limit`` jobs, newest first (with their workers, as ``view``)."""
         with self._reading() as query:
             ids = [row["id"] for row in query(SQL_RECENT, {"limit": limit})]
             return [
                 JobView(
                     _job(query, job_id),
                     _counts(query, job_id),
-                    _workers(query, job_id, live_only=True),
+                    _workers(query, job_id),
                 )
                 for job_id in ids
             ]
+
+    def sent_under(self, dedupe_key: str) -> dict[str, int]:
+        """Addresses (lower-cased) already sent under ``dedupe_key``, with the newest job
+        that sent each: what a new job with that key will skip."""
+        with self._reading() as query:
+            rows = query(SQL_SENT_UNDER, {"key": dedupe_key})
+        return {row["email_key"]: row["job"] for row in rows}
 
     def deliveries(
         self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000
@@ -107,6 +116,6 @@ def _counts(query: Query, job_id: int) -> Counts:
     return Counts(**values)
 
 
-def _workers(query: Query, job_id: int, *, live_only: bool = False) -> list[WorkerRecord]:
-    rows = query(SQL_LIVE_WORKERS if live_only else SQL_WORKERS, {"job": job_id})
+def _workers(query: Query, job_id: int) -> list[WorkerRecord]:
+    rows = query(SQL_WORKERS, {"job": job_id})
     return [worker_from_row(row) for row in rows]

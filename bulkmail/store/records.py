@@ -32,6 +32,7 @@ __all__ = [
     "Wait",
     "WorkerAlive",
     "WorkerRecord",
+    "dedupe_reason",
     "default_store_path",
     "delivery_from_row",
     "job_from_row",
@@ -261,6 +262,11 @@ def _known(cls: type, row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _FIELDS: dict[type, frozenset[str]] = {}
+
+
+def dedupe_reason(dedupe_key: str, job_id: int) -> str:
+    """The skip reason of an address already sent under ``dedupe_key`` (in job ``job_id``)."""
+    return f"already sent under dedupe key {dedupe_key!r} (job {job_id})"
 
 
 def job_from_row(row: Mapping[str, Any]) -> JobRecord:

@@ -54,6 +54,7 @@ from bulkmail.store.records import (
     Wait,
     WorkerAlive,
     WorkerRecord,
+    dedupe_reason,
     delivery_from_row,
     job_from_row,
     store_url,
@@ -420,6 +421,16 @@ class Store(StoreReads):
                     # several workers may open a new store at once: one creates it
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
                 version = schema_version(conn)
+                if version is None and not self.server:
+                    # an SQLite file of someone else's (`--store course.db` for `--db`):
+                    # never add our tables to it
+                    others = sorted(sa.inspect(conn).get_table_names())
+                    if others:
+                        raise StoreError(
+                            f"{self.location}: an SQLite database with other tables "
+                            f"({', '.join(others[:4])}), not a bulkmail job store; give "
+                            "--store a new file (is this meant for --db sqlite:///...?)"
+                        )
                 if version is None:  # a new store
                     metadata.create_all(conn)
                     conn.execute(
@@ -536,7 +547,7 @@ class Store(StoreReads):
             if row["state"] == "pending" and row["email_key"] in sent_in:
                 row["state"] = "skipped"
                 job = sent_in[row["email_key"]]
-                row["last_error"] = f"already sent under dedupe key {dedupe_key!r} (job {job})"
+                row["last_error"] = dedupe_reason(dedupe_key, job)
 
     def _job(self, conn: Connection, job_id: int, *, lock: bool = False) -> JobRecord:
         """The job; ``lock``: hold its row until the transaction ends (``FOR UPDATE`` on
