@@ -172,9 +172,9 @@ def _coerce(where: str, value: Any, to: type | str) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"{where}: expected a {kind.split('|')[0].strip()}, got {value!r}"
-        ) from None
+        name = kind.split("|")[0].strip()
+        wanted = {"float": "number", "int": "whole number", "str": "string"}.get(name, name)
+        raise ConfigError(f"{where}: expected a {wanted}, got {value!r}") from None
     return value
 
 

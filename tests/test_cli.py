@@ -401,3 +401,93 @@ def test_failed_deliveries_listed_then_retried(smtp_sink: SmtpSink, tmp_path: Pa
     assert json.loads(retried.stdout)["sent"] == 12
     assert [m.rcpt_tos[0] for m in smtp_sink.messages].count("chen.wei@example.edu") == 1
     assert len(smtp_sink.messages) == 12
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--rate", "nan"], {}, "--rate: must be 0 (unlimited) or a positive number"),
+        (["--rate", "-1"], {}, "--rate: must be 0 (unlimited) or a positive number"),
+        (["--backoff", "inf"], {}, "--backoff: must be a number of seconds"),
+        ([], {"BULKMAIL_RATE": "-5"}, "rate (BULKMAIL_RATE or the config file): must be 0"),
+        ([], {"BULKMAIL_RATE": "abc"}, "BULKMAIL_RATE: expected a number, got 'abc'"),
+        (
+            [],
+            {"BULKMAIL_BURST": "0"},
+            "burst (BULKMAIL_BURST or the config file): must be at least 1",
+        ),
+        (["--provider", "mailtrap"], {}, "the mailtrap provider needs a token"),
+        (["--provider", "smtp"], {"BULKMAIL_SMTP_PORT": "99999"}, "SMTP port 99999 is not"),
+    ],
+)
+def test_bad_settings_are_refused_before_a_job_exists(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    store = tmp_path / "s.db"
+    result = bulkmail(
+        "send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
+        "--template", str(EXAMPLES / "reminder.txt"), "--subject", SUBJECT,
+        "--from", "office@example.edu", "--store", str(store), *args,
+        env=env,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert job_count(store) == 0
+
+
+def test_a_list_with_no_valid_recipient_creates_no_job(tmp_path: Path) -> None:
+    write("bad.csv", "name,email\nAda,not-an-address\nBen,also bad\n")
+    write("t.txt", "Hi {{ name }}")
+    store = tmp_path / "s.db"
+    result = bulkmail("send-reminders", "--csv", "bad.csv", "--template", "t.txt",
+                      "--subject", "x", "--store", str(store))  # fmt: skip
+    assert result.exit_code == 2
+    assert "bad.csv: no valid recipient: all 2 rows are skipped (row 2: invalid address" in (
+        result.stderr
+    )
+    assert job_count(store) == 0
+    dry = bulkmail("send-reminders", "--csv", "bad.csv", "--template", "t.txt",
+                   "--subject", "x", "--store", str(store), "--dry-run")  # fmt: skip
+    assert dry.exit_code == 2 and "not-an-address" in dry.stdout
+
+
+def test_a_course_database_is_never_used_as_a_job_store(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    sp.run([sys.executable, str(EXAMPLES / "make_course_db.py"), "course.db"], check=True)
+    before = Path("course.db").read_bytes()
+    result = bulkmail("recent", "--store", "course.db")
+    assert result.exit_code == 2
+    assert "not a bulkmail job store" in result.stderr
+    assert Path("course.db").read_bytes() == before
+
+
+def test_dry_run_shows_the_skips_of_the_dedupe_key(tmp_path: Path) -> None:
+    store = str(tmp_path / "s.db")
+    args = ["send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
+            "--template", str(EXAMPLES / "reminder.txt"), "--subject", SUBJECT,
+            "--store", store, "--dedupe-key", "autumn"]  # fmt: skip
+    assert bulkmail(*args, "--only", "chen.wei@example.edu").exit_code == 0
+    dry = bulkmail(*args, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    doc = json.loads(dry.stdout)
+    assert doc["to_send"] == 11
+    assert [s["reason"] for s in doc["skipped"]] == [
+        "already sent under dedupe key 'autumn' (job 1)"
+    ]
+
+
+def test_cancel_and_status_use_the_store_of_the_config_file(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    write("bulkmail.toml", f'[defaults]\nstore = "{other}"\n')
+    sent = bulkmail("send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
+                    "--template", str(EXAMPLES / "reminder.txt"), "--subject", "x",
+                    "--config", "bulkmail.toml")  # fmt: skip
+    assert sent.exit_code == 0, sent.output
+    assert job_count(other) == 1
+    assert bulkmail("status", "1", "--config", "bulkmail.toml").exit_code == 0
+    cancel = bulkmail("cancel", "1", "--config", "bulkmail.toml")
+    assert cancel.exit_code == 2 and "job 1 is already completed" in cancel.stderr
+    again = bulkmail("retry", "1", "--config", "bulkmail.toml")
+    assert again.exit_code == 0 and "nothing to retry" in again.stdout

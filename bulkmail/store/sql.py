@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import secrets
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -274,10 +275,14 @@ def _sqlite_path(url: sa.URL) -> Path | None:
 
 def _prepare_sqlite_file(path: Path) -> None:
     """Create the store file (and its folder) with owner-only permissions before SQLite
-    does, so the deliveries (names, addresses) are never readable by other users."""
+    does, so the deliveries (names, addresses) are never readable by other users. An
+    existing file is checked, read-only, to be a bulkmail store (or empty) before the
+    engine opens it: opening switches the file to WAL mode, which must never happen to
+    someone else's database (``--store course.db`` typed for ``--db``)."""
     if path.exists():
         if path.is_dir():
             raise StoreError(f"{path}: is a directory, not a job store")
+        _check_sqlite_store(path)
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -287,6 +292,25 @@ def _prepare_sqlite_file(path: Path) -> None:
         pass
     except OSError as exc:
         raise StoreError(f"{path}: cannot create the job store: {exc.strerror}") from None
+
+
+def _check_sqlite_store(path: Path) -> None:
+    """Refuse an existing file that is not SQLite, or an SQLite database with tables that
+    are not bulkmail's."""
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30.0)
+        try:
+            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: not a bulkmail job store ({exc})") from None
+    tables = [t for t in tables if not t.startswith("sqlite_")]
+    if tables and "jobs" not in tables:
+        raise StoreError(
+            f"{path}: an SQLite database with other tables ({', '.join(tables[:4])}), not a "
+            "bulkmail job store; give --store a new file (was it meant for --db sqlite:///...?)"
+        )
 
 
 def _sqlite_engine(url: sa.URL) -> Engine:
@@ -421,16 +445,6 @@ class Store(StoreReads):
                     # several workers may open a new store at once: one creates it
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
                 version = schema_version(conn)
-                if version is None and not self.server:
-                    # an SQLite file of someone else's (`--store course.db` for `--db`):
-                    # never add our tables to it
-                    others = sorted(sa.inspect(conn).get_table_names())
-                    if others:
-                        raise StoreError(
-                            f"{self.location}: an SQLite database with other tables "
-                            f"({', '.join(others[:4])}), not a bulkmail job store; give "
-                            "--store a new file (is this meant for --db sqlite:///...?)"
-                        )
                 if version is None:  # a new store
                     metadata.create_all(conn)
                     conn.execute(
