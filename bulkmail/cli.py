@@ -400,10 +400,10 @@ def send_reminders(
             raise InputError("--select needs a terminal; use --only/--exclude in scripts")
         plan.chosen = ui.select_rows(_stderr(), list(plan.recipients()))
     if dry_run or (interactive and not yes):
-        sent_under = None
+        taken = None
         if plan.send.dedupe_key:
-            sent_under = _reader(store, config).sent_under(plan.send.dedupe_key)
-        summary = jobs.dry_run(plan, sent_under=sent_under)
+            taken = _reader(store, config).taken_under(plan.send.dedupe_key)
+        summary = jobs.dry_run(plan, taken=taken)
         if dry_run:
             if as_json:
                 _print_json(ui.dry_run_document(summary))
@@ -514,7 +514,12 @@ def resume(
 def cancel(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> None:
     """Cancel a job: pending deliveries are cancelled; a running worker stops.
     Example: bulkmail cancel 3"""
-    count = _store(store, _settings(config)).cancel(job_id, now=time.time())
+    from bulkmail.procs import this_host, worker_alive
+
+    now, host = time.time(), this_host()
+    count = _store(store, _settings(config)).cancel(
+        job_id, now=now, alive=lambda w: worker_alive(w, now=now, host=host)
+    )
     Console().print(
         f"job {job_id} cancelled: {count} pending deliveries will not be sent",
         markup=False,

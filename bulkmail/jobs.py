@@ -234,19 +234,19 @@ class DryRun:
         return max(0.0, (self.to_send - self.burst) / self.rate)
 
 
-def dry_run(plan: Plan, *, sent_under: Mapping[str, int] | None = None) -> DryRun:
+def dry_run(plan: Plan, *, taken: Mapping[str, tuple[int, str]] | None = None) -> DryRun:
     """Validate and render everything as ``create_job`` would, and create nothing.
 
-    ``sent_under``: the addresses already sent under the plan's ``--dedupe-key`` (from the
-    store), shown as the skips the real run will make."""
+    ``taken``: the addresses other jobs under the plan's ``--dedupe-key`` have sent or hold
+    (``Store.taken_under``), shown as the skips the real run will make."""
     result = DryRun(plan.source.description, plan.provider, plan.rate, plan.burst)
     key = plan.send.dedupe_key
     for r in _checked(plan, require_sendable=False):
-        job = sent_under.get(r.email.lower()) if sent_under and key else None
+        held = taken.get(r.email.lower()) if taken and key else None
         if r.skip_reason:
             result.skipped.append((r.row, r.email, r.skip_reason))
-        elif key and job is not None:
-            result.skipped.append((r.row, r.email, dedupe_reason(key, job)))
+        elif key and held is not None:
+            result.skipped.append((r.row, r.email, dedupe_reason(key, *held)))
             result.deduped += 1
         else:
             result.to_send += 1

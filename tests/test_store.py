@@ -272,3 +272,85 @@ def test_the_store_never_holds_a_secret(tmp_path: Path) -> None:
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("s.db"))
     assert b"hunter2-secret" not in raw and b"tok-secret" not in raw
     assert os.path.getsize(path) > 0
+
+
+def test_cancel_of_a_crashed_job_leaves_nothing_in_flight(store: Store) -> None:
+    job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+    start(store, job_id, "w1")
+    assert isinstance(store.claim(job_id, "w1", now=100.0), Claimed)
+    # w1 was killed with its message in flight; nobody resumes, the admin cancels
+    assert store.cancel(job_id, now=200.0, alive=never_alive) == 3
+    counts = store.counts(job_id)
+    assert (counts.sending, counts.pending, counts.cancelled) == (0, 0, 3)
+
+
+def test_a_retry_or_release_after_cancel_is_cancelled_not_pending(store: Store) -> None:
+    job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+    start(store, job_id, "w1")
+    a = store.claim(job_id, "w1", now=100.0)
+    b = store.claim(job_id, "w1", now=100.0)
+    assert isinstance(a, Claimed) and isinstance(b, Claimed)
+    store.cancel(job_id, now=101.0, alive=always_alive)
+    store.record_retry(a.delivery.id, "w1", error="451 later", next_attempt_at=500.0)
+    store.release(b.delivery.id, "w1")
+    counts = store.counts(job_id)
+    assert (counts.pending, counts.sending, counts.cancelled) == (0, 0, 3)
+
+
+def test_a_worker_taken_for_gone_claims_nothing_more(store: Store) -> None:
+    job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+    start(store, job_id, "w1", now=100.0)
+    store.register_worker(
+        job_id, worker_id="w2", host="h", pid=2, now=100.0, alive=always_alive, exclusive=False
+    )
+    # w1's heartbeat went stale: w2 reclaims and marks it stopped
+    store.reclaim(job_id, worker_id="w2", now=200.0, alive=lambda w: w.id == "w2")
+    stop = store.claim(job_id, "w1", now=200.0)
+    assert isinstance(stop, Stop) and stop.state == "stopped"
+    assert isinstance(store.claim(job_id, "w2", now=200.0), Claimed)
+
+
+def test_dedupe_key_skips_what_an_unfinished_job_still_holds(store: Store) -> None:
+    first = store.create_job(new_job(dedupe_key="k"), people(3), now=1.0, domain="d")
+    start(store, first)
+    sent = store.claim(first, "w1", now=100.0)
+    assert isinstance(sent, Claimed)
+    store.record_sent(sent.delivery.id, "w1", provider_message_id=None, now=100.0)
+    # job 1 pauses with p1 and p2 pending; the next cron run must not take them too
+    store.finish_worker("w1", now=101.0, stop="paused", error="server down")
+    second = store.create_job(new_job(dedupe_key="k"), people(4), now=2.0, domain="d")
+    reasons = {d.email: (d.state, d.last_error) for d in store.deliveries(second)}
+    assert reasons["p0@example.edu"] == (
+        "skipped",
+        f"already sent under dedupe key 'k' (job {first})",
+    )
+    assert reasons["p1@example.edu"][0] == "skipped"
+    assert f"already queued under dedupe key 'k' in job {first}" in str(
+        reasons["p1@example.edu"][1]
+    )
+    assert reasons["p3@example.edu"] == ("pending", None)
+
+
+def test_claim_skips_an_address_another_job_under_the_key_has_sent(store: Store) -> None:
+    first = store.create_job(new_job(dedupe_key="k"), people(2), now=1.0, domain="d")
+    start(store, first, "w1")
+    for _ in range(2):
+        c = store.claim(first, "w1", now=100.0)
+        assert isinstance(c, Claimed)
+        store.record_failed(c.delivery.id, "w1", error="550 full")
+    store.finish_worker("w1", now=101.0, stop=None, error=None)
+    second = store.create_job(new_job(dedupe_key="k"), people(1), now=2.0, domain="d")
+    start(store, second, "w2")
+    c = store.claim(second, "w2", now=102.0)
+    assert isinstance(c, Claimed)
+    store.record_sent(c.delivery.id, "w2", provider_message_id=None, now=102.0)
+    # `retry 1` later: p0 was reminded by job 2 in the meantime, p1 was not
+    store.retry_failed(first)
+    start(store, first, "w3")
+    again = store.claim(first, "w3", now=103.0)
+    assert isinstance(again, Claimed) and again.delivery.email == "p1@example.edu"
+    p0 = next(d for d in store.deliveries(first) if d.email == "p0@example.edu")
+    assert (p0.state, p0.last_error) == (
+        "skipped",
+        f"already sent under dedupe key 'k' (job {second})",
+    )

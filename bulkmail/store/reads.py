@@ -21,6 +21,7 @@ from bulkmail.store.records import (
     WorkerRecord,
     delivery_from_row,
     job_from_row,
+    pick_dedupe,
     worker_from_row,
 )
 
@@ -33,10 +34,12 @@ SQL_RECENT = "SELECT id FROM jobs ORDER BY id DESC LIMIT :limit"
 SQL_COUNTS = "SELECT state, count(*) AS n FROM deliveries WHERE job_id = :job GROUP BY state"
 SQL_IN_DOUBT = "SELECT count(*) AS n FROM deliveries WHERE job_id = :job AND in_doubt"
 SQL_WORKERS = "SELECT * FROM workers WHERE job_id = :job ORDER BY started_at"
-SQL_SENT_UNDER = (
-    "SELECT d.email_key AS email_key, max(d.job_id) AS job FROM deliveries d "
-    "JOIN jobs j ON j.id = d.job_id WHERE j.dedupe_key = :key AND d.state = 'sent' "
-    "GROUP BY d.email_key"
+# what a new job under a dedupe key skips: addresses sent by any job under the key, or
+# still held (pending, sending) by one that is not cancelled
+SQL_TAKEN_UNDER = (
+    "SELECT d.email_key AS email_key, d.job_id AS job, d.state AS state FROM deliveries d "
+    "JOIN jobs j ON j.id = d.job_id WHERE j.dedupe_key = :key AND (d.state = 'sent' OR "
+    "(d.state IN ('pending', 'sending') AND j.state <> 'cancelled'))"
 )
 SQL_DELIVERIES = (
     "SELECT * FROM deliveries WHERE job_id = :job AND position > :after{states} "
@@ -77,12 +80,12 @@ class StoreReads:
                 for job_id in ids
             ]
 
-    def sent_under(self, dedupe_key: str) -> dict[str, int]:
-        """Addresses (lower-cased) already sent under ``dedupe_key``, with the newest job
-        that sent each: what a new job with that key will skip."""
+    def taken_under(self, dedupe_key: str) -> dict[str, tuple[int, str]]:
+        """Addresses (lower-cased) a new job under ``dedupe_key`` will skip, with the job
+        and state that hold each (see ``records.dedupe_reason``)."""
         with self._reading() as query:
-            rows = query(SQL_SENT_UNDER, {"key": dedupe_key})
-        return {row["email_key"]: row["job"] for row in rows}
+            rows = query(SQL_TAKEN_UNDER, {"key": dedupe_key})
+        return pick_dedupe((row["email_key"], row["job"], row["state"]) for row in rows)
 
     def deliveries(
         self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000

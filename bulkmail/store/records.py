@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ __all__ = [
     "default_store_path",
     "delivery_from_row",
     "job_from_row",
+    "pick_dedupe",
     "store_url",
     "worker_from_row",
 ]
@@ -264,9 +265,26 @@ def _known(cls: type, row: Mapping[str, Any]) -> dict[str, Any]:
 _FIELDS: dict[type, frozenset[str]] = {}
 
 
-def dedupe_reason(dedupe_key: str, job_id: int) -> str:
-    """The skip reason of an address already sent under ``dedupe_key`` (in job ``job_id``)."""
-    return f"already sent under dedupe key {dedupe_key!r} (job {job_id})"
+def dedupe_reason(dedupe_key: str, job_id: int, state: str = "sent") -> str:
+    """Why an address is skipped under ``dedupe_key``: another job (``job_id``) has already
+    sent it, or holds it (``pending``/``sending``) and will send it when it runs."""
+    if state == "sent":
+        return f"already sent under dedupe key {dedupe_key!r} (job {job_id})"
+    return (
+        f"already queued under dedupe key {dedupe_key!r} in job {job_id}, which has not "
+        f"finished (bulkmail resume {job_id})"
+    )
+
+
+def pick_dedupe(rows: Iterable[tuple[str, int, str]]) -> dict[str, tuple[int, str]]:
+    """From (email_key, job_id, state) rows of other jobs under one key: per address, the
+    job that sent it (the newest), else the newest job that still holds it."""
+    best: dict[str, tuple[int, str]] = {}
+    for key, job, state in rows:
+        held = best.get(key)
+        if held is None or (state == "sent", job) > (held[1] == "sent", held[0]):
+            best[key] = (job, state)
+    return best
 
 
 def job_from_row(row: Mapping[str, Any]) -> JobRecord:

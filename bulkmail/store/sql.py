@@ -58,6 +58,7 @@ from bulkmail.store.records import (
     dedupe_reason,
     delivery_from_row,
     job_from_row,
+    pick_dedupe,
     store_url,
     worker_from_row,
 )
@@ -202,8 +203,12 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _record_version, 1: _i
 
 
 @functools.cache
-def _stmt_job_state() -> sa.Select[Any]:
-    return sa.select(jobs.c.state).where(jobs.c.id == sa.bindparam("b_job"))
+def _stmt_claim_context() -> sa.Select[Any]:
+    """The job's state and dedupe key, and whether the claiming worker was stopped."""
+    worker = sa.select(workers.c.stopped_at).where(workers.c.id == sa.bindparam("b_worker"))
+    return sa.select(jobs.c.state, jobs.c.dedupe_key, worker.scalar_subquery()).where(
+        jobs.c.id == sa.bindparam("b_job")
+    )
 
 
 @functools.cache
@@ -543,25 +548,32 @@ class Store(StoreReads):
     def _mark_already_sent(
         self, conn: Connection, dedupe_key: str, batch: list[dict[str, Any]]
     ) -> None:
+        """Skip the batch's addresses that another job under ``dedupe_key`` has sent or
+        still holds (a paused cron run's pending reminders are not sent twice)."""
         keys = {row["email_key"] for row in batch if row["state"] == "pending"}
         if not keys:
             return
         query = (
-            sa.select(deliveries.c.email_key, sa.func.max(deliveries.c.job_id))
+            sa.select(deliveries.c.email_key, deliveries.c.job_id, deliveries.c.state)
             .join(jobs, jobs.c.id == deliveries.c.job_id)
             .where(
                 deliveries.c.email_key.in_(keys),
-                deliveries.c.state == "sent",
                 jobs.c.dedupe_key == dedupe_key,
+                sa.or_(
+                    deliveries.c.state == "sent",
+                    sa.and_(
+                        deliveries.c.state.in_(("pending", "sending")),
+                        jobs.c.state != "cancelled",
+                    ),
+                ),
             )
-            .group_by(deliveries.c.email_key)
         )
-        sent_in = {key: job for key, job in conn.execute(query)}
+        taken = pick_dedupe((key, job, state) for key, job, state in conn.execute(query))
         for row in batch:
-            if row["state"] == "pending" and row["email_key"] in sent_in:
+            if row["state"] == "pending" and row["email_key"] in taken:
+                job, state = taken[row["email_key"]]
                 row["state"] = "skipped"
-                job = sent_in[row["email_key"]]
-                row["last_error"] = dedupe_reason(dedupe_key, job)
+                row["last_error"] = dedupe_reason(dedupe_key, job, state)
 
     def _job(self, conn: Connection, job_id: int, *, lock: bool = False) -> JobRecord:
         """The job; ``lock``: hold its row until the transaction ends (``FOR UPDATE`` on
@@ -699,6 +711,8 @@ class Store(StoreReads):
             if state != "running":
                 return Reclaimed(0, 0)
             current = self._workers(conn, job_id, live_only=True)
+            if worker_id not in {w.id for w in current}:
+                return Reclaimed(0, 0)  # the caller was itself taken for gone: not its call
             live = {w.id for w in current if is_alive(w)}
             held = self._sending_by_worker(conn, job_id)
         orphans = any(w not in live for w in held)
@@ -799,12 +813,21 @@ class Store(StoreReads):
         with self._write() as conn:
             if settle is not None:
                 self._settle(conn, settle, worker_id)
-            state = conn.execute(_stmt_job_state(), {"b_job": job_id}).scalar()
+            job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
+            state, dedupe_key, stopped_at = job.one()
             if state != "running":
                 return Stop(str(state))
-            row = conn.execute(_stmt_next_due_row(), {"b_job": job_id, "b_now": now}).first()
-            if row is not None:
+            if stopped_at is not None:
+                # other workers took this one for gone (its heartbeat had gone stale) and
+                # took over its deliveries: it must not claim more
+                return Stop("stopped")
+            while True:
+                row = conn.execute(_stmt_next_due_row(), {"b_job": job_id, "b_now": now}).first()
+                if row is None:
+                    break
                 values = row._asdict()
+                if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
+                    continue  # skipped: another job under the key sent it or is sending it
                 attempts = values["attempts"] + 1
                 conn.execute(
                     _stmt_mark_sending(),
@@ -816,6 +839,31 @@ class Store(StoreReads):
             if due is not None:
                 return Wait(max(0.0, float(due) - now))
             return Stop("running", finished=True)
+
+    def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
+        """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
+        address (e.g. `retry` of an older job after a newer cron run): if so it becomes
+        ``skipped`` with the reason, in the claim's transaction."""
+        other = conn.execute(
+            sa.select(deliveries.c.job_id, deliveries.c.state)
+            .join(jobs, jobs.c.id == deliveries.c.job_id)
+            .where(
+                deliveries.c.email_key == d["email_key"],
+                deliveries.c.job_id != d["job_id"],
+                deliveries.c.state.in_(("sent", "sending")),
+                jobs.c.dedupe_key == dedupe_key,
+            )
+            .order_by(deliveries.c.state.desc())  # 'sent' before 'sending'
+            .limit(1)
+        ).first()
+        if other is None:
+            return False
+        conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id == d["id"])
+            .values(state="skipped", last_error=dedupe_reason(dedupe_key, other[0], other[1]))
+        )
+        return True
 
     def record(self, outcome: Outcome, worker_id: str) -> bool:
         """Commit one delivery's outcome. False when the delivery is no longer this
@@ -829,7 +877,23 @@ class Store(StoreReads):
         updated = conn.execute(_stmt_outcome(tuple(k for k, _ in outcome.values)), params)
         if updated.rowcount and outcome.is_sent:
             conn.execute(_stmt_worker_sent(), {"b_worker": worker_id})
+        elif updated.rowcount and dict(outcome.values).get("state") == "pending":
+            self._cancel_if_job_cancelled(conn, outcome.delivery_id)
         return bool(updated.rowcount)
+
+    def _cancel_if_job_cancelled(self, conn: Connection, delivery_id: int) -> None:
+        """A delivery handed back to ``pending`` (retry later, or released untried) after
+        its job was cancelled is cancelled too, or it would stay pending forever."""
+        cancelled_jobs = sa.select(jobs.c.id).where(jobs.c.state == "cancelled")
+        conn.execute(
+            deliveries.update()
+            .where(
+                deliveries.c.id == delivery_id,
+                deliveries.c.state == "pending",
+                deliveries.c.job_id.in_(cancelled_jobs),
+            )
+            .values(state="cancelled")
+        )
 
     def record_sent(
         self, delivery_id: int, worker_id: str, *, provider_message_id: str | None, now: float
@@ -852,7 +916,8 @@ class Store(StoreReads):
         accepted the message (connection lost after the data was sent)."""
         return self.record(Outcome.retry(delivery_id, error, next_attempt_at, in_doubt), worker_id)
 
-    def _outcome(self, delivery_id: int, worker_id: str, **values: Any) -> bool:
+    def release(self, delivery_id: int, worker_id: str) -> bool:
+        """Give a claimed delivery back untried (the job stopped before it was sent)."""
         with self._write() as conn:
             updated = conn.execute(
                 deliveries.update()
@@ -861,28 +926,34 @@ class Store(StoreReads):
                     deliveries.c.state == "sending",
                     deliveries.c.worker_id == worker_id,
                 )
-                .values(**values)
+                .values(state="pending", attempts=deliveries.c.attempts - 1)
             ).rowcount
+            if updated:
+                self._cancel_if_job_cancelled(conn, delivery_id)
         return bool(updated)
-
-    def release(self, delivery_id: int, worker_id: str) -> bool:
-        """Give a claimed delivery back untried (the job stopped before it was sent)."""
-        return self._outcome(
-            delivery_id, worker_id, state="pending", attempts=deliveries.c.attempts - 1
-        )
 
     # -- commands
 
-    def cancel(self, job_id: int, *, now: float) -> int:
-        """Cancel a job: pending deliveries become ``cancelled``; a running worker stops
-        before its next message. Returns how many deliveries were cancelled."""
+    def cancel(self, job_id: int, *, now: float, alive: WorkerAlive | None = None) -> int:
+        """Cancel a job: pending deliveries become ``cancelled``, and so do deliveries left
+        in ``sending`` by workers that are gone (``alive`` says which are not; a crashed
+        run's message in flight is never resumed now). A live worker finishes the message
+        it is sending and stops before the next. Returns how many were cancelled."""
         with self._write() as conn:
             job = self._job(conn, job_id, lock=True)
             if job.state in ("completed", "cancelled"):
                 raise JobStateError(f"job {job_id} is already {job.state}")
+            current = self._workers(conn, job_id, live_only=True)
+            live = [w.id for w in current if alive is None or alive(w)]
+            gone_sending = sa.and_(deliveries.c.state == "sending")
+            if live:
+                gone_sending = sa.and_(gone_sending, deliveries.c.worker_id.not_in(live))
             count = conn.execute(
                 deliveries.update()
-                .where(deliveries.c.job_id == job_id, deliveries.c.state == "pending")
+                .where(
+                    deliveries.c.job_id == job_id,
+                    sa.or_(deliveries.c.state == "pending", gone_sending),
+                )
                 .values(state="cancelled")
             ).rowcount
             conn.execute(
