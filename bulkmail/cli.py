@@ -672,7 +672,15 @@ def worker(
                 flush=True,
             )
 
-    result = jobs.manager(db, job_id, settings, on_event=on_event, exclusive=exclusive).run()
+    try:
+        result = jobs.manager(db, job_id, settings, on_event=on_event, exclusive=exclusive).run()
+    except JobStateError:
+        state = db.get_job(job_id).state
+        if exclusive or state not in ("completed", "cancelled"):
+            raise
+        # a worker joining a job the others have just finished: nothing to do, not an error
+        print(f"worker pid {os.getpid()}: job {job_id} is already {state}", flush=True)
+        raise typer.Exit(0) from None
     print(
         f"worker pid {os.getpid()} stopped: job {job_id} {result.state}"
         + (f" ({result.error})" if result.error else ""),

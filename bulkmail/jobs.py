@@ -347,6 +347,8 @@ def start_detached(
         if any(w.pid == proc.pid for w in store.view(job_id).workers):
             return Detached(job_id, proc.pid, str(log_path))
         code = proc.poll()
+        if code == 0:
+            return Detached(job_id, proc.pid, str(log_path))  # found nothing left to do
         if code is not None and not any(w.pid == proc.pid for w in store.view(job_id).workers):
             tail = _last_line(log_path)
             raise BulkmailError(f"the worker for job {job_id} exited ({code}): {tail}")

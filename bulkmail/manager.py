@@ -9,6 +9,7 @@ provider connection, all drawing from the one shared rate limit. Every delivery 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bulkmail.compose import Composer, Templates
-from bulkmail.errors import BulkmailError, ExitCode
+from bulkmail.errors import BulkmailError, ExitCode, StoreError
 from bulkmail.models import Message, Recipient
 from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, worker_alive
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
@@ -217,16 +218,24 @@ class EmailManager:
         finally:
             self._stop.set()
         heartbeat.join(timeout=5)
-        state = self.store.finish_worker(
-            self.worker_id, now=self.clock(), stop=self._stop_as, error=self._error
-        )
+        try:
+            state = self.store.finish_worker(
+                self.worker_id, now=self.clock(), stop=self._stop_as, error=self._error
+            )
+            counts = self.store.counts(self.job_id)
+        except StoreError as exc:
+            # the job stays 'running' with no live worker: `status` shows it stalled and
+            # `resume` takes it over; deliveries in flight are in doubt then
+            log.error("job store error: %s", exc)
+            state, counts = "stalled", Counts()
+            self._error = self._error or f"job store error: {exc}"
         self.on_event(Event("stopped"))
         if self._crash is not None:
             raise self._crash
         return RunResult(
             job_id=self.job_id,
             state=state,
-            counts=self.store.counts(self.job_id),
+            counts=counts,
             error=self._error,
             interrupted=interrupted,
             reclaimed=registration.reclaimed,
@@ -299,9 +308,14 @@ class EmailManager:
         provider: Provider | None = None
         try:
             provider = self.provider_factory(job)
+            with contextlib.suppress(TransientError):  # the first send tries again
+                provider.connect()
             self._send_loop(job, provider, limiter, composer)
         except FatalError as exc:
             self.request_stop("aborted", str(exc))
+        except StoreError as exc:  # the store stayed locked or unreachable past its timeout
+            log.error("job store error: %s", exc)
+            self.request_stop("paused", f"job store error: {exc}")
         except BaseException as exc:  # a bug: stop the job, report it, keep the store sane
             log.exception("unexpected error in the send loop")
             with self._lock:
@@ -354,7 +368,7 @@ class EmailManager:
                         return
                     continue
                 assert isinstance(claim, Claimed)
-                outcome = self._deliver(job, provider, composer, claim.delivery, slot)
+                outcome = self._deliver(job, provider, composer, claim.delivery, slot, limiter)
                 if outcome is None:
                     return  # stopped while waiting for the slot: given back untried
                 if limiter.unlimited and not self._stop.is_set():
@@ -364,6 +378,19 @@ class EmailManager:
         finally:
             if pending is not None:
                 self.store.record(pending, self.worker_id)
+
+    def _wait_for_slot(self, slot: float, limiter: RateLimiter) -> bool:
+        """Wait until ``slot``; a slot missed by more than a sliver of the interval (the
+        claim waited for the store's lock, the machine is loaded) is not used late, which
+        could put two sends closer than the rate allows: a fresh one is reserved. False
+        when a stop interrupted the wait."""
+        tolerance = min(0.02, 0.25 / limiter.rate)
+        while True:
+            if not self._wait_until(slot) or self._stop.is_set():
+                return False
+            if self.clock() <= slot + tolerance:
+                return True
+            slot = limiter.reserve()
 
     def _wait_until(self, when: float) -> bool:
         """Sleep until ``when``; False when a stop interrupted the wait."""
@@ -377,6 +404,7 @@ class EmailManager:
         composer: Composer,
         d: DeliveryRecord,
         slot: float | None,
+        limiter: RateLimiter,
     ) -> Outcome | None:
         """Send one claimed delivery; return its outcome (for the caller to commit), or None
         when the job stopped before the send (the delivery is given back untried)."""
@@ -386,7 +414,7 @@ class EmailManager:
         except BulkmailError as exc:  # e.g. an attachment removed since the job was created
             self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
             return Outcome.failed(d.id, str(exc))
-        if slot is not None and (not self._wait_until(slot) or self._stop.is_set()):
+        if slot is not None and not self._wait_for_slot(slot, limiter):
             self.store.release(d.id, self.worker_id)
             return None
         self._failpoint.reached("after_claim")

@@ -85,11 +85,12 @@ class RateLimiter:
     def reserve(self) -> float:
         """Reserve the next slot and return its time (now, when unlimited); the caller
         waits until then."""
-        now = self.clock()
         if self.unlimited:
-            return now
+            return self.clock()
+        # the clock is read inside the store's transaction: time spent waiting for its lock
+        # must not yield a slot already in the past
         return self.slots.reserve_slot(
-            self.key, lambda tat: gcra_reserve(tat, now, self.rate, self.burst)
+            self.key, lambda tat: gcra_reserve(tat, self.clock(), self.rate, self.burst)
         )
 
     def acquire(self) -> bool:

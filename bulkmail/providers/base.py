@@ -54,6 +54,12 @@ class Provider(Protocol):
         """
         ...
 
+    def connect(self) -> None:
+        """Open the connection ahead of the first message, so that its set-up (TLS, login)
+        does not delay a rate-limited send past its slot. A no-op where there is nothing to
+        open; raises as ``send`` does (a rejected login is FatalError)."""
+        ...
+
     def close(self) -> None:
         """Release any connection. Safe to call more than once."""
         ...

@@ -192,6 +192,9 @@ class MailtrapProvider:
             ]
         return body
 
+    def connect(self) -> None:
+        """Nothing to open ahead: the session connects with the first request."""
+
     def close(self) -> None:
         """Close the session's connections. Safe to call more than once; a later ``send``
         simply opens a new connection."""

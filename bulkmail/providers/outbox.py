@@ -45,6 +45,9 @@ class OutboxProvider:
             ) from None
         return name
 
+    def connect(self) -> None:
+        """Nothing to open: each message is a file."""
+
     def close(self) -> None:
         """Nothing to release: each message is written and closed at once."""
 

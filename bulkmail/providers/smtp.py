@@ -69,6 +69,10 @@ class SmtpProvider:
                 raise TransientError(str(again)) from None
         return _queue_id(reply)
 
+    def connect(self) -> None:
+        """Open (EHLO, STARTTLS, login) the connection the next message will use."""
+        self._connection()
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
