@@ -210,7 +210,7 @@ def test_kill_9_from_outside_during_a_slow_reply(tmp_path: Path, slow_sink: Sink
 
 
 def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, slow_sink: Sink) -> None:
-    csv, emails = recipients(tmp_path, 8)
+    csv, emails = recipients(tmp_path, 20)  # enough that the job is still running at Ctrl-C
     env = env_for(tmp_path, slow_sink)
     proc = subprocess.Popen(
         [BULKMAIL, *send_args(csv, tmp_path, "--rate", "0")],
@@ -223,7 +223,7 @@ def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, slow_sink: Sink) -> N
     assert "bulkmail resume 1" in err
     assert "Traceback" not in err
     doc = status(env)
-    assert doc["state"] == "paused" and 2 <= doc["sent"] < 8
+    assert doc["state"] == "paused" and 2 <= doc["sent"] < 20
     resumed = bulkmail(env, "resume", "1")
     assert resumed.returncode == 0, resumed.stderr
     assert_delivered(slow_sink, emails, max_duplicates=0)
@@ -232,7 +232,7 @@ def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, slow_sink: Sink) -> N
 def test_resume_refuses_while_a_live_worker_holds_the_job_and_cancel_stops_it(
     tmp_path: Path, slow_sink: Sink
 ) -> None:
-    csv, _ = recipients(tmp_path, 40)
+    csv, _ = recipients(tmp_path, 200)  # still running when resume and cancel come
     env = env_for(tmp_path, slow_sink)
     started = bulkmail(env, *send_args(csv, tmp_path, "--rate", "0", "--detach", "--json"))
     pid = json.loads(started.stdout)["worker_pid"]
@@ -246,8 +246,8 @@ def test_resume_refuses_while_a_live_worker_holds_the_job_and_cancel_stops_it(
     wait_dead(pid, timeout=15)
     doc = status(env)
     assert doc["state"] == "cancelled"
-    assert doc["sent"] + doc["cancelled"] + doc["pending"] == 40 and doc["pending"] == 0
-    assert len(slow_sink.received()) == doc["sent"] < 40
+    assert doc["sent"] + doc["cancelled"] + doc["pending"] == 200 and doc["pending"] == 0
+    assert len(slow_sink.received()) == doc["sent"] < 200
 
 
 def test_status_watch_follows_a_detached_job_to_the_end(tmp_path: Path, slow_sink: Sink) -> None:
@@ -279,7 +279,8 @@ def test_two_processes_share_one_rate_limit(tmp_path: Path, sink: Sink) -> None:
         assert p.returncode == 0, err
     times = sorted(r["time"] for r in sink.received())
     assert len(times) == 16
-    assert times[-1] - times[0] >= 15 / 10 * 0.9  # one shared limit, not two
+    # one shared limit: 16 sends take 1.5 s (two separate limits would take 0.75 s)
+    assert times[-1] - times[0] >= 15 / 10 * 0.8
     for i, start in enumerate(times):
         for j in range(i, len(times)):
             window = times[j] - start
