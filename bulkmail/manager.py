@@ -440,17 +440,26 @@ class EmailManager:
 
     def _transient(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> Outcome:
         error = str(exc)
-        if d.attempts > job.max_retries:
-            error = f"gave up after {d.attempts} attempts: {error}"
-            outcome = Outcome.failed(d.id, error)
-            self.on_event(Event("failed", d.email, d.name, error, d.attempts))
-        else:
-            delay = backoff_delay(d.attempts, job.backoff, exc.retry_after)
-            outcome = Outcome.retry(d.id, error, self.clock() + delay, exc.outcome_unknown)
-            self.on_event(Event("retry", d.email, d.name, error, d.attempts))
         with self._lock:
             self._consecutive_transient += 1
             too_many = self._consecutive_transient >= self.max_consecutive_transient
+        # an unreachable server tried nobody: the attempt is given back, so a server that
+        # is down pauses the job instead of failing its recipients one by one
+        attempts = d.attempts - 1 if exc.unreachable else d.attempts
+        if attempts > job.max_retries and not too_many:
+            error = f"gave up after {d.attempts} attempts: {error}"
+            outcome = Outcome.failed(d.id, error)
+            self.on_event(Event("failed", d.email, d.name, error, d.attempts))
+        else:  # (the failure that pauses the job leaves its recipient pending)
+            delay = backoff_delay(max(1, attempts), job.backoff, exc.retry_after)
+            outcome = Outcome.retry(
+                d.id,
+                error,
+                self.clock() + delay,
+                exc.outcome_unknown,
+                attempts=attempts if exc.unreachable else None,
+            )
+            self.on_event(Event("retry", d.email, d.name, error, d.attempts))
         if too_many:
             self.request_stop(
                 "paused",

@@ -226,6 +226,12 @@ def test_server_down_pauses_instead_of_failing_everyone(store: Store) -> None:
     _, result = run(store, job, settings, FakeClock())
     assert result.state == "paused"  # type: ignore[attr-defined]
     assert store.counts(job).failed == 0
+    # nobody was tried, so nobody's retries are spent: resuming while the server is still
+    # down pauses again and still fails no one
+    _, again = run(store, job, settings, FakeClock())
+    assert again.state == "paused"  # type: ignore[attr-defined]
+    assert store.counts(job).failed == 0
+    assert {d.attempts for d in store.deliveries(job)} == {0}
 
 
 def test_cancel_from_another_terminal_stops_before_the_next_message(

@@ -21,14 +21,23 @@ class TransientError(ProviderError):
     ``retry_after`` is the server's requested delay in seconds, when it gave one.
     ``outcome_unknown`` is true when the connection was lost after the message data was
     handed over: the server may have accepted it, so the retry carries the same Message-ID.
+    ``unreachable`` is true when the server could not be reached at all (refused, timed out,
+    DNS): nothing was tried for this recipient, so the attempt does not count against its
+    retries; the job pauses after enough of these in a row.
     """
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, outcome_unknown: bool = False
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        outcome_unknown: bool = False,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.outcome_unknown = outcome_unknown
+        self.unreachable = unreachable
 
 
 class PermanentError(ProviderError):

@@ -119,7 +119,8 @@ class MailtrapProvider:
             ) from exc
         except requests.exceptions.ConnectTimeout as exc:
             raise TransientError(
-                f"could not connect to Mailtrap ({host}) within {CONNECT_TIMEOUT:g} s"
+                f"could not connect to Mailtrap ({host}) within {CONNECT_TIMEOUT:g} s",
+                unreachable=True,
             ) from exc
         except requests.exceptions.SSLError as exc:
             if any(isinstance(c, ssl.SSLCertVerificationError) for c in _causes(exc)):
@@ -133,7 +134,8 @@ class MailtrapProvider:
         except requests.exceptions.ConnectionError as exc:
             if _failed_before_sending(exc):
                 raise TransientError(
-                    f"could not connect to Mailtrap ({host}): {_describe(exc)}"
+                    f"could not connect to Mailtrap ({host}): {_describe(exc)}",
+                    unreachable=True,
                 ) from exc
             raise TransientError(
                 f"connection to Mailtrap ({host}) lost after the message was sent, it may or "

@@ -228,7 +228,8 @@ class SmtpProvider:
             return TransientError(text)
         if isinstance(exc, smtplib.SMTPException):  # e.g. no usable AUTH mechanism
             return FatalError(text)
-        return TransientError(text)  # refused, DNS failure, timeout: the server is down
+        # refused, DNS failure, timeout: the server is down, this recipient untried
+        return TransientError(text, unreachable=True)
 
 
 def config_problem(s: SmtpSettings) -> str | None:

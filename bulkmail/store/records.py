@@ -226,8 +226,16 @@ class Outcome:
 
     @classmethod
     def retry(
-        cls, delivery_id: int, error: str, next_attempt_at: float, in_doubt: bool = False
+        cls,
+        delivery_id: int,
+        error: str,
+        next_attempt_at: float,
+        in_doubt: bool = False,
+        attempts: int | None = None,
     ) -> Outcome:
+        """Back to pending until ``next_attempt_at``; ``attempts``: the count to record
+        instead of the claimed one (an attempt that never reached the server is given
+        back)."""
         values: tuple[tuple[str, Any], ...] = (
             ("state", "pending"),
             ("last_error", error),
@@ -235,6 +243,8 @@ class Outcome:
         )
         if in_doubt:
             values += (("in_doubt", True),)
+        if attempts is not None:
+            values += (("attempts", attempts),)
         return cls(delivery_id, values)
 
 
