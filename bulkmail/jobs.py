@@ -322,7 +322,8 @@ def start_detached(
     PostgreSQL URL may hold a password, and every user can read command lines."""
     logs = data_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_path = logs / f"job-{job_id}.log"
+    # the job's token keeps apart the logs of job N in two different stores
+    log_path = logs / f"job-{job_id}-{store.get_job(job_id).token}.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     store.set_log_path(job_id, str(log_path))
     cmd = [sys.executable, "-m", "bulkmail", "worker", str(job_id)]
