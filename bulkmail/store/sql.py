@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -318,6 +319,21 @@ def _check_sqlite_store(path: Path) -> None:
         )
 
 
+def _set_wal(cursor: Any) -> None:
+    """Put the store in WAL mode (persistent: a no-op once done). Switching a new file
+    needs an exclusive lock, and SQLite answers "database is locked" at once, without its
+    busy handler, when another process is opening the same new store: try again a while."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_engine(url: sa.URL) -> Engine:
     engine = sa.create_engine(
         url, connect_args={"check_same_thread": False, "timeout": 30.0}, pool_size=8
@@ -330,7 +346,7 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA busy_timeout = 30000")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _set_wal(cursor)
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
