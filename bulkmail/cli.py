@@ -254,7 +254,7 @@ def _run_job(
             markup=False,
             highlight=False,
         )
-    elif result.state in ("paused", "aborted"):
+    elif result.state in ("paused", "aborted", "stalled"):
         err.print(
             f"job {job_id} {result.state}: {result.error}; "
             f"after fixing it: bulkmail resume {job_id}",
