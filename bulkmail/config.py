@@ -199,7 +199,8 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
     for key, value in defaults.items():
         if key not in _DEFAULT_KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} in [defaults]")
-        top[_DEFAULT_KEYS[key]] = value
+        attr = _DEFAULT_KEYS[key]
+        top[attr] = _coerce(f"{path}: [defaults] {key}", value, _DEFAULT_TYPES.get(attr, "str"))
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     has_secret = False
     for name, cls in _SECTIONS.items():
