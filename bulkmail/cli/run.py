@@ -1,195 +1,46 @@
-"""The command line: options in, one call into the core (``bulkmail.jobs``), Rich out.
-
-Every domain error (``BulkmailError``) becomes one line on stderr and its exit code; the
-mapping lives in ``main`` and nowhere else.
-"""
+"""The commands that send: send-reminders, resume, retry, cancel, preview, worker."""
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from bulkmail import __version__
-from bulkmail.errors import BulkmailError, ExitCode, InputError, JobStateError
-
-app = typer.Typer(
-    name="bulkmail",
-    help="Send personalised, rate-limited reminder emails and track every delivery.\n\n"
-    "Example: bulkmail send-reminders --csv examples/instructors.csv "
-    "--template examples/reminder.txt --subject 'Reminder: {{ course }}'",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-    pretty_exceptions_enable=False,
+from bulkmail.cli import app
+from bulkmail.cli.common import (
+    AttachOpt,
+    ConfigOpt,
+    CsvOpt,
+    DbOpt,
+    DetachOpt,
+    ExcludeOpt,
+    FromOpt,
+    HtmlOpt,
+    JobArg,
+    JsonOpt,
+    OnlyOpt,
+    QueryOpt,
+    StoreOpt,
+    SubjectOpt,
+    TemplateOpt,
+    WorkersOpt,
+    err_console,
+    fail,
+    handles_errors,
+    load_config,
+    open_reader_for,
+    open_store_for,
+    print_json,
+    setup_logging,
 )
-
-# -- shared options, defined once
-
-StoreOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        metavar="PATH|URL",
-        envvar="BULKMAIL_STORE",
-        help="Job store: a path or SQLAlchemy URL (default: bulkmail.db in the user data dir).",
-        show_default=False,
-    ),
-]
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--config",
-        metavar="PATH",
-        envvar="BULKMAIL_CONFIG",
-        help="TOML config file.",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-DetachOpt = Annotated[
-    bool, typer.Option("--detach", help="Run in a background worker and return at once.")
-]
-JobArg = Annotated[
-    int, typer.Argument(metavar="JOB_ID", help="The job id (see `bulkmail recent`).", min=1)
-]
-WorkersOpt = Annotated[
-    int,
-    typer.Option(
-        "--workers",
-        metavar="N",
-        min=1,
-        help="Run the job in N background workers on this host (implies --detach); "
-        "more can join from other hosts with `bulkmail worker JOB_ID`.",
-    ),
-]
-
-CsvOpt = Annotated[
-    Path | None,
-    typer.Option("--csv", metavar="PATH", help="CSV file of recipients (email, name, ...)."),
-]
-DbOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--db", metavar="URL", help="Course database: any SQLAlchemy URL.", show_default=False
-    ),
-]
-QueryOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--query",
-        metavar="SQL",
-        help="SELECT for --db (default: SELECT name, email FROM instructors).",
-    ),
-]
-TemplateOpt = Annotated[
-    Path, typer.Option("--template", metavar="PATH", help="Text body template (Jinja2).")
-]
-HtmlOpt = Annotated[
-    Path | None,
-    typer.Option("--html-template", metavar="PATH", help="HTML body template (autoescaped)."),
-]
-SubjectOpt = Annotated[
-    str, typer.Option("--subject", metavar="TEXT", help="Subject template (Jinja2).")
-]
-AttachOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--attach", metavar="PATH", help="Attachment path, may be a template (repeatable)."
-    ),
-]
-FromOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--from", metavar="ADDR", envvar="BULKMAIL_FROM", help="Sender, e.g. 'Office <o@x.edu>'."
-    ),
-]
-OnlyOpt = Annotated[
-    list[str] | None,
-    typer.Option("--only", metavar="EMAIL", help="Send only to this address (repeatable)."),
-]
-ExcludeOpt = Annotated[
-    list[str] | None,
-    typer.Option("--exclude", metavar="EMAIL", help="Leave this address out (repeatable)."),
-]
-
-T = TypeVar("T")
-
-
-def _stderr() -> Console:
-    return Console(stderr=True)
-
-
-def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
-    _stderr().print(f"bulkmail: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(int(code))
-
-
-def handles_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn domain errors into one line on stderr and the design's exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except BulkmailError as exc:
-            fail(exc.message, exc.exit_code)
-
-    return wrapper
-
-
-def _settings(config: str | None) -> Any:
-    from bulkmail.config import load_settings
-
-    settings = load_settings(config=config)
-    for warning in settings.warnings:
-        _stderr().print(f"bulkmail: warning: {warning}", markup=False, highlight=False)
-    return settings
-
-
-def _store(store: str | None, settings: Any = None) -> Any:
-    from bulkmail.store import open_store
-
-    return open_store(store or (settings.store if settings is not None else None) or None)
-
-
-def _reader(store: str | None, config: str | None) -> Any:
-    """The store to read from for status/recent/report: on the embedded SQLite store a
-    light read-only reader that never imports SQLAlchemy, and that creates nothing."""
-    from bulkmail.store.lite import open_reader
-
-    if not store:
-        from bulkmail.config import load_settings
-
-        store = load_settings(config=config).store or None
-    return open_reader(store)
-
-
-def _print_json(doc: Any) -> None:
-    try:
-        sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
-        sys.stdout.flush()
-    except OSError as exc:
-        raise BulkmailError(f"cannot write to standard output: {exc.strerror}") from None
-
-
-def _setup_logging(quiet: bool = False) -> None:
-    logger = logging.getLogger("bulkmail")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("bulkmail: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+from bulkmail.errors import ExitCode, InputError, JobStateError
 
 
 def _run_job(
@@ -217,7 +68,7 @@ def _run_job(
         if as_json:
             doc = views.job_document(store.view(job_id))
             doc.update(worker_pid=started[0].pid, log_path=started[0].log_path)
-            _print_json(doc)
+            print_json(doc)
         else:
             out.print(
                 f"job {job_id} started in the background: "
@@ -228,10 +79,10 @@ def _run_job(
             )
         raise typer.Exit(0)
 
-    _setup_logging(quiet=as_json)
+    setup_logging(quiet=as_json)
     view = store.view(job_id)
     c = view.counts
-    err = _stderr()
+    err = err_console()
     display = ui.RunDisplay(
         err,
         job_id=job_id,
@@ -245,7 +96,7 @@ def _run_job(
         result = mgr.run()
     doc = views.job_document(store.view(job_id))
     if as_json:
-        _print_json(doc)
+        print_json(doc)
     else:
         out.print(ui.summary(doc))
     if result.interrupted:
@@ -305,7 +156,7 @@ def _confirm(plan: Any, summary: Any) -> bool:
         line += f", taking about {ui.duration(summary.estimated_seconds)} at {ui.rate(plan.rate)}"
         if summary.estimated_seconds > 600:
             line += "; --detach runs it in the background"
-    _stderr().print(line, markup=False, highlight=False)
+    err_console().print(line, markup=False, highlight=False)
     return typer.confirm("Continue?", default=False, err=True)
 
 
@@ -378,7 +229,7 @@ def send_reminders(
     """
     from bulkmail import jobs, ui
 
-    settings = _settings(config)
+    settings = load_config(config)
     plan = jobs.plan(
         _source_options(
             csv, db, query, template, html_template, subject, attach, sender, only, exclude
@@ -398,15 +249,15 @@ def send_reminders(
     if select:
         if not interactive:
             raise InputError("--select needs a terminal; use --only/--exclude in scripts")
-        plan.chosen = ui.select_rows(_stderr(), list(plan.recipients()))
+        plan.chosen = ui.select_rows(err_console(), list(plan.recipients()))
     if dry_run or (interactive and not yes):
         taken = None
         if plan.send.dedupe_key:
-            taken = _reader(store, config).taken_under(plan.send.dedupe_key)
+            taken = open_reader_for(store, config).taken_under(plan.send.dedupe_key)
         summary = jobs.dry_run(plan, taken=taken)
         if dry_run:
             if as_json:
-                _print_json(ui.dry_run_document(summary))
+                print_json(ui.dry_run_document(summary))
             else:
                 Console().print(ui.dry_run_view(summary))
         if summary.nothing_valid:
@@ -415,72 +266,11 @@ def send_reminders(
             raise typer.Exit(0)
         if not _confirm(plan, summary):
             fail("nothing sent and no job created", ExitCode.OK)
-    db_store = _store(store, settings)
+    db_store = open_store_for(store, settings)
     job_id = jobs.create_job(db_store, plan)
     _run_job(
         db_store, job_id, settings, as_json=as_json, detach=detach, config=config, workers=workers
     )
-
-
-@app.command()
-@handles_errors
-def status(
-    job_id: JobArg,
-    watch: Annotated[
-        bool, typer.Option("--watch", help="Follow the job live until it ends.")
-    ] = False,
-    failed: Annotated[bool, typer.Option("--failed", help="List failed deliveries.")] = False,
-    skipped: Annotated[
-        bool, typer.Option("--skipped", help="List skipped deliveries with the reason.")
-    ] = False,
-    as_json: JsonOpt = False,
-    store: StoreOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Show a job's state and counts.  Example: bulkmail status 1 --failed"""
-    from bulkmail import ui, views
-
-    db = _reader(store, config)
-    doc = views.job_document(db.view(job_id))
-    if watch:
-        err = _stderr()
-        doc = ui.watch(err, lambda: views.job_document(db.view(job_id)), live=err.is_terminal)
-    if failed:
-        doc["failures"] = views.failures(db, job_id)
-    if skipped:
-        doc["skips"] = views.skips(db, job_id)
-    if as_json:
-        _print_json(doc)
-        return
-    out = Console()
-    out.print(ui.status_panel(doc))
-    table = ui.workers_table(doc)
-    if table is not None:
-        out.print(table)
-    if failed:
-        out.print(ui.failures_table(doc["failures"]))
-    if skipped:
-        out.print(ui.skips_table(doc["skips"]))
-
-
-@app.command()
-@handles_errors
-def recent(
-    limit: Annotated[int, typer.Option("--limit", metavar="N", help="How many jobs.", min=1)] = 10,
-    as_json: JsonOpt = False,
-    store: StoreOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """List the newest jobs.  Example: bulkmail recent --limit 5"""
-    from bulkmail import ui, views
-
-    docs = [views.job_document(v) for v in _reader(store, config).recent(limit)]
-    if as_json:
-        _print_json(docs)
-    elif not docs:
-        Console().print("no jobs yet", markup=False)
-    else:
-        Console().print(ui.recent_table(docs))
 
 
 @app.command()
@@ -494,15 +284,15 @@ def resume(
     config: ConfigOpt = None,
 ) -> None:
     """Continue a paused, aborted or stalled job.  Example: bulkmail resume 3"""
-    settings = _settings(config)
-    db = _store(store, settings)
+    settings = load_config(config)
+    db = open_store_for(store, settings)
     job = db.get_job(job_id)
     if job.state in ("completed", "cancelled"):
         from bulkmail import jobs, views
 
         view = db.view(job_id)
         if as_json:
-            _print_json(views.job_document(view))
+            print_json(views.job_document(view))
         else:
             Console().print(f"job {job_id} is {job.state}; nothing to resume", markup=False)
         raise typer.Exit(int(jobs.exit_code_of(view)))
@@ -517,7 +307,7 @@ def cancel(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> 
     from bulkmail.procs import this_host, worker_alive
 
     now, host = time.time(), this_host()
-    count = _store(store, _settings(config)).cancel(
+    count = open_store_for(store, load_config(config)).cancel(
         job_id, now=now, alive=lambda w: worker_alive(w, now=now, host=host)
     )
     Console().print(
@@ -539,8 +329,8 @@ def retry(
     """Put failed deliveries back to pending and run the job.  Example: bulkmail retry 3"""
     from bulkmail import views
 
-    settings = _settings(config)
-    db = _store(store, settings)
+    settings = load_config(config)
+    db = open_store_for(store, settings)
     view = db.view(job_id)
     if views.effective_state(view, now=time.time()) == "running":
         raise JobStateError(
@@ -549,13 +339,13 @@ def retry(
         )
     if view.counts.failed == 0 and view.job.state == "completed":
         if as_json:
-            _print_json(views.job_document(view))
+            print_json(views.job_document(view))
         else:
             Console().print(f"job {job_id} has no failed deliveries; nothing to retry")
         raise typer.Exit(0)
     count = db.retry_failed(job_id)
     if not as_json:
-        _stderr().print(
+        err_console().print(
             f"job {job_id}: {count} failed deliveries back to pending",
             markup=False,
             highlight=False,
@@ -590,7 +380,7 @@ def preview(
     --subject "Reminder: {{ course }}" --count 2"""
     from bulkmail import jobs, ui
 
-    settings = _settings(config)
+    settings = load_config(config)
     plan = jobs.plan(
         _source_options(
             csv, db, query, template, html_template, subject, attach, sender, only, exclude
@@ -601,40 +391,6 @@ def preview(
     out = Console()
     for n, message in enumerate(jobs.preview(plan, count), 1):
         out.print(ui.message_panel(message, n))
-
-
-@app.command()
-@handles_errors
-def report(
-    job_id: JobArg,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", metavar="PATH", help="CSV file to write (default: stdout)."),
-    ] = None,
-    store: StoreOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Per-recipient outcomes as CSV.  Example: bulkmail report 3 --output job3.csv"""
-    from bulkmail import views
-
-    db = _reader(store, config)
-    if output is None:
-        try:
-            views.write_report(db, job_id, sys.stdout)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise  # `bulkmail report 1 | head`: click exits quietly
-        except OSError as exc:
-            raise BulkmailError(f"cannot write to standard output: {exc.strerror}") from None
-        return
-    db.get_job(job_id)  # an unknown job is exit 2 before an empty file is left behind
-    try:
-        with output.open("w", encoding="utf-8", newline="") as f:
-            rows = views.write_report(db, job_id, f)
-    except OSError as exc:
-        raise InputError(f"{output}: cannot write: {exc.strerror}") from None
-    noun = "row" if rows == 1 else "rows"
-    _stderr().print(f"wrote {rows} {noun} to {output}", markup=False, highlight=False)
 
 
 @app.command(hidden=False)
@@ -657,9 +413,9 @@ def worker(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    settings = _settings(config)
-    db = _store(store, settings)
-    _setup_logging()
+    settings = load_config(config)
+    db = open_store_for(store, settings)
+    setup_logging()
     log = logging.getLogger("bulkmail")
     log.setLevel(logging.INFO)
     print(f"worker pid {os.getpid()} starting job {job_id}", flush=True)
@@ -687,23 +443,3 @@ def worker(
         flush=True,
     )
     raise typer.Exit(int(result.exit_code))
-
-
-def version_callback(value: bool) -> None:
-    if value:
-        print(f"bulkmail {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(
-    version: Annotated[
-        bool | None,
-        typer.Option("--version", callback=version_callback, is_eager=True, help="Show version."),
-    ] = None,
-) -> None:
-    """Send personalised, rate-limited reminder emails and track every delivery."""
-
-
-def main() -> None:
-    app()

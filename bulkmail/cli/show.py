@@ -1,0 +1,119 @@
+"""The commands that read: status, recent, report. They use the light store reader and
+do not import the send machinery (see the start-up benchmark)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from bulkmail.cli import app
+from bulkmail.cli.common import (
+    ConfigOpt,
+    JobArg,
+    JsonOpt,
+    StoreOpt,
+    err_console,
+    handles_errors,
+    open_reader_for,
+    print_json,
+)
+from bulkmail.errors import BulkmailError, InputError
+
+
+@app.command()
+@handles_errors
+def status(
+    job_id: JobArg,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the job live until it ends.")
+    ] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="List failed deliveries.")] = False,
+    skipped: Annotated[
+        bool, typer.Option("--skipped", help="List skipped deliveries with the reason.")
+    ] = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show a job's state and counts.  Example: bulkmail status 1 --failed"""
+    from bulkmail import ui, views
+
+    db = open_reader_for(store, config)
+    doc = views.job_document(db.view(job_id))
+    if watch:
+        err = err_console()
+        doc = ui.watch(err, lambda: views.job_document(db.view(job_id)), live=err.is_terminal)
+    if failed:
+        doc["failures"] = views.failures(db, job_id)
+    if skipped:
+        doc["skips"] = views.skips(db, job_id)
+    if as_json:
+        print_json(doc)
+        return
+    out = Console()
+    out.print(ui.status_panel(doc))
+    table = ui.workers_table(doc)
+    if table is not None:
+        out.print(table)
+    if failed:
+        out.print(ui.failures_table(doc["failures"]))
+    if skipped:
+        out.print(ui.skips_table(doc["skips"]))
+
+
+@app.command()
+@handles_errors
+def recent(
+    limit: Annotated[int, typer.Option("--limit", metavar="N", help="How many jobs.", min=1)] = 10,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List the newest jobs.  Example: bulkmail recent --limit 5"""
+    from bulkmail import ui, views
+
+    docs = [views.job_document(v) for v in open_reader_for(store, config).recent(limit)]
+    if as_json:
+        print_json(docs)
+    elif not docs:
+        Console().print("no jobs yet", markup=False)
+    else:
+        Console().print(ui.recent_table(docs))
+
+
+@app.command()
+@handles_errors
+def report(
+    job_id: JobArg,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help="CSV file to write (default: stdout)."),
+    ] = None,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Per-recipient outcomes as CSV.  Example: bulkmail report 3 --output job3.csv"""
+    from bulkmail import views
+
+    db = open_reader_for(store, config)
+    if output is None:
+        try:
+            views.write_report(db, job_id, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # `bulkmail report 1 | head`: click exits quietly
+        except OSError as exc:
+            raise BulkmailError(f"cannot write to standard output: {exc.strerror}") from None
+        return
+    db.get_job(job_id)  # an unknown job is exit 2 before an empty file is left behind
+    try:
+        with output.open("w", encoding="utf-8", newline="") as f:
+            rows = views.write_report(db, job_id, f)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write: {exc.strerror}") from None
+    noun = "row" if rows == 1 else "rows"
+    err_console().print(f"wrote {rows} {noun} to {output}", markup=False, highlight=False)
