@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -322,6 +323,49 @@ def free_port() -> int:
 def smtp_sink() -> Iterator[SmtpSink]:
     with SmtpSink() as sink:
         yield sink
+
+
+# -- as a separate process (crash tests, several workers) ----------------------------------
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SinkProcess:
+    """A sink running as its own process (``python -m tests.smtp_sink``), recording every
+    message it accepts to a JSON-lines file (fsynced before it answers)."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    record: Path
+
+    def received(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        lines = self.record.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received()) < count:
+            assert time.monotonic() < deadline, f"sink got {len(self.received())} of {count}"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_sink_process(folder: Path, name: str = "sink", delay: float = 0.0) -> SinkProcess:
+    record = folder / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "tests.smtp_sink", "--port", "0", "--record", str(record)]
+    if delay:
+        cmd += ["--delay", str(delay)]
+    proc = subprocess.Popen(cmd, cwd=_REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert line[0] == "ready", line
+    return SinkProcess(proc, int(line[1]), record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,63 +13,33 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bulkmail.procs import pid_running
+from tests.smtp_sink import SinkProcess, start_sink_process
 
 REPO = Path(__file__).resolve().parent.parent
 BULKMAIL = str(Path(sys.executable).parent / "bulkmail")
 
 
-@dataclass
-class Sink:
-    proc: subprocess.Popen[str]
-    port: int
-    record: Path
-
-    def received(self) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        lines = self.record.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-
-    def wait_for(self, count: int, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.received()) < count:
-            assert time.monotonic() < deadline, f"sink got {len(self.received())} of {count}"
-            time.sleep(0.02)
-
-
-def start_sink(tmp_path: Path, name: str = "sink", delay: float = 0.0) -> Sink:
-    record = tmp_path / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "tests.smtp_sink", "--port", "0", "--record", str(record)]
-    if delay:
-        cmd += ["--delay", str(delay)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().split()
-    assert line[0] == "ready", line
-    return Sink(proc, int(line[1]), record)
+Sink = SinkProcess
 
 
 @pytest.fixture
 def sink(tmp_path: Path) -> Iterator[Sink]:
-    s = start_sink(tmp_path)
+    s = start_sink_process(tmp_path)
     yield s
-    s.proc.terminate()
-    s.proc.wait(10)
+    s.stop()
 
 
 @pytest.fixture
 def slow_sink(tmp_path: Path) -> Iterator[Sink]:
-    s = start_sink(tmp_path, "slow", delay=0.04)
+    s = start_sink_process(tmp_path, "slow", delay=0.04)
     yield s
-    s.proc.terminate()
-    s.proc.wait(10)
+    s.stop()
 
 
 def env_for(tmp_path: Path, sink: Sink, **extra: str) -> dict[str, str]:

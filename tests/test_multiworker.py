@@ -17,9 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,35 +25,20 @@ from bulkmail import jobs
 from bulkmail.config import Settings, SmtpSettings
 from bulkmail.procs import pid_running, this_host
 from bulkmail.store import Store, open_store
+from tests.smtp_sink import SinkProcess, start_sink_process
 
 REPO = Path(__file__).resolve().parent.parent
 BULKMAIL = str(Path(sys.executable).parent / "bulkmail")
 
 
-@dataclass
-class Sink:
-    proc: subprocess.Popen[str]
-    port: int
-    record: Path
-
-    def received(self) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        lines = self.record.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+Sink = SinkProcess
 
 
 @pytest.fixture
 def sink(tmp_path: Path) -> Iterator[Sink]:
-    record = tmp_path / "received.jsonl"
-    cmd = [sys.executable, "-m", "tests.smtp_sink", "--port", "0", "--record", str(record)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().split()
-    assert line[0] == "ready", line
-    yield Sink(proc, int(line[1]), record)
-    proc.terminate()
-    proc.wait(10)
+    s = start_sink_process(tmp_path, "received")
+    yield s
+    s.stop()
 
 
 @pytest.fixture
