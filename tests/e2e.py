@@ -110,3 +110,33 @@ def assert_refused(result: Any, *fragments: str, sink: SmtpSink | None = None) -
     if sink is not None:
         assert sink.messages == []
     return str(lines[0])
+
+
+def process_env(tmp_path: Path, *, port: int, store: str, **extra: str) -> dict[str, str]:
+    """The environment of a real `bulkmail` process (worker, cron run) in these tests: its
+    own HOME, the given store, SMTP to a sink on loopback."""
+    home = tmp_path / "home"
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "LANG": "C.UTF-8",
+        "BULKMAIL_STORE": store,
+        "BULKMAIL_PROVIDER": "smtp",
+        "BULKMAIL_FROM": SENDER,
+        "BULKMAIL_SMTP_HOST": "127.0.0.1",
+        "BULKMAIL_SMTP_PORT": str(port),
+        "BULKMAIL_SMTP_SECURITY": "none",
+    }
+    env.update(extra)
+    return env
+
+
+def write_recipients(tmp_path: Path, n: int, name: str = "list.csv") -> tuple[Path, list[str]]:
+    """A CSV of ``n`` instructors and a one-line template ``t.txt`` beside it."""
+    emails = [f"instructor{i:04d}@example.edu" for i in range(n)]
+    csv = tmp_path / name
+    csv.write_text("name,email\n" + "".join(f"Instructor {i},{e}\n" for i, e in enumerate(emails)))
+    (tmp_path / "t.txt").write_text("Dear {{ name }}, grades are due.")
+    return csv, emails

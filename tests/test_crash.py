@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from bulkmail.procs import pid_running
+from tests.e2e import process_env, write_recipients
 from tests.smtp_sink import SinkProcess, start_sink_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,30 +44,7 @@ def slow_sink(tmp_path: Path) -> Iterator[Sink]:
 
 
 def env_for(tmp_path: Path, sink: Sink, **extra: str) -> dict[str, str]:
-    home = tmp_path / "home"
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "XDG_DATA_HOME": str(home / "data"),
-        "XDG_CONFIG_HOME": str(home / "config"),
-        "LANG": "C.UTF-8",
-        "BULKMAIL_STORE": str(tmp_path / "jobs.db"),
-        "BULKMAIL_PROVIDER": "smtp",
-        "BULKMAIL_FROM": "Course Office <office@example.edu>",
-        "BULKMAIL_SMTP_HOST": "127.0.0.1",
-        "BULKMAIL_SMTP_PORT": str(sink.port),
-        "BULKMAIL_SMTP_SECURITY": "none",
-    }
-    env.update(extra)
-    return env
-
-
-def recipients(tmp_path: Path, n: int, name: str = "list.csv") -> tuple[Path, list[str]]:
-    emails = [f"instructor{i:03d}@example.edu" for i in range(n)]
-    csv = tmp_path / name
-    csv.write_text("name,email\n" + "".join(f"Instructor {i},{e}\n" for i, e in enumerate(emails)))
-    (tmp_path / "t.txt").write_text("Dear {{ name }}, grades are due.")
-    return csv, emails
+    return process_env(tmp_path, port=sink.port, store=str(tmp_path / "jobs.db"), **extra)
 
 
 def bulkmail(
@@ -135,7 +113,7 @@ def assert_delivered(sink: Sink, emails: list[str], *, max_duplicates: int) -> l
 def test_kill_9_at_each_step_then_resume(
     tmp_path: Path, sink: Sink, point: str, rate: str, in_doubt: int, duplicates: int
 ) -> None:
-    csv, emails = recipients(tmp_path, 8)
+    csv, emails = write_recipients(tmp_path, 8)
     env = env_for(tmp_path, sink)
     started = bulkmail(
         {**env, "BULKMAIL_FAILPOINT": f"{point}:4"},
@@ -161,7 +139,7 @@ def test_kill_9_at_each_step_then_resume(
 
 
 def test_kill_9_from_outside_during_a_slow_reply(tmp_path: Path, slow_sink: Sink) -> None:
-    csv, emails = recipients(tmp_path, 10)
+    csv, emails = write_recipients(tmp_path, 10)
     env = env_for(tmp_path, slow_sink)
     started = bulkmail(env, *send_args(csv, tmp_path, "--rate", "0", "--detach", "--json"))
     assert started.returncode == 0, started.stderr
@@ -180,7 +158,7 @@ def test_kill_9_from_outside_during_a_slow_reply(tmp_path: Path, slow_sink: Sink
 
 
 def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, slow_sink: Sink) -> None:
-    csv, emails = recipients(tmp_path, 20)  # enough that the job is still running at Ctrl-C
+    csv, emails = write_recipients(tmp_path, 20)  # enough that the job is still running at Ctrl-C
     env = env_for(tmp_path, slow_sink)
     proc = subprocess.Popen(
         [BULKMAIL, *send_args(csv, tmp_path, "--rate", "0")],
@@ -202,7 +180,7 @@ def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, slow_sink: Sink) -> N
 def test_resume_refuses_while_a_live_worker_holds_the_job_and_cancel_stops_it(
     tmp_path: Path, slow_sink: Sink
 ) -> None:
-    csv, _ = recipients(tmp_path, 200)  # still running when resume and cancel come
+    csv, _ = write_recipients(tmp_path, 200)  # still running when resume and cancel come
     env = env_for(tmp_path, slow_sink)
     started = bulkmail(env, *send_args(csv, tmp_path, "--rate", "0", "--detach", "--json"))
     pid = json.loads(started.stdout)["worker_pid"]
@@ -221,7 +199,7 @@ def test_resume_refuses_while_a_live_worker_holds_the_job_and_cancel_stops_it(
 
 
 def test_status_watch_follows_a_detached_job_to_the_end(tmp_path: Path, slow_sink: Sink) -> None:
-    csv, _ = recipients(tmp_path, 6)
+    csv, _ = write_recipients(tmp_path, 6)
     env = env_for(tmp_path, slow_sink)
     started = bulkmail(env, *send_args(csv, tmp_path, "--rate", "0", "--detach"))
     assert started.returncode == 0 and "bulkmail status 1 --watch" in started.stdout
@@ -235,8 +213,8 @@ def test_two_processes_share_one_rate_limit(tmp_path: Path, sink: Sink) -> None:
     """Two cron jobs on one account at 10/s, burst 1: at the server, never more than
     10 * t + 1 messages in any window of t seconds (plus one for scheduling jitter)."""
     env = env_for(tmp_path, sink)
-    csv_a, _ = recipients(tmp_path, 8, "a.csv")
-    csv_b, _ = recipients(tmp_path, 8, "b.csv")
+    csv_a, _ = write_recipients(tmp_path, 8, "a.csv")
+    csv_b, _ = write_recipients(tmp_path, 8, "b.csv")
     csv_b.write_text(csv_b.read_text().replace("instructor", "lecturer"))
     args = ["--rate", "10", "--burst", "1", "--yes"]
     procs = [
@@ -258,7 +236,7 @@ def test_two_processes_share_one_rate_limit(tmp_path: Path, sink: Sink) -> None:
 
 
 def test_cron_rerun_with_the_same_dedupe_key_sends_nothing(tmp_path: Path, sink: Sink) -> None:
-    csv, emails = recipients(tmp_path, 5)
+    csv, emails = write_recipients(tmp_path, 5)
     env = env_for(tmp_path, sink)
     args = send_args(csv, tmp_path, "--rate", "0", "--dedupe-key", "grades-2026", "--json")
     first = bulkmail(env, *args)

@@ -25,6 +25,7 @@ from bulkmail import jobs
 from bulkmail.config import Settings, SmtpSettings
 from bulkmail.procs import pid_running, this_host
 from bulkmail.store import Store, open_store
+from tests.e2e import process_env, write_recipients
 from tests.smtp_sink import SinkProcess, start_sink_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,36 +50,13 @@ def store(pg_url: str) -> Iterator[Store]:
 
 
 def env_for(tmp_path: Path, sink: Sink, store: Store, **extra: str) -> dict[str, str]:
-    home = tmp_path / "home"
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "XDG_DATA_HOME": str(home / "data"),
-        "XDG_CONFIG_HOME": str(home / "config"),
-        "LANG": "C.UTF-8",
-        "BULKMAIL_STORE": store.url,
-        "BULKMAIL_PROVIDER": "smtp",
-        "BULKMAIL_FROM": "Course Office <office@example.edu>",
-        "BULKMAIL_SMTP_HOST": "127.0.0.1",
-        "BULKMAIL_SMTP_PORT": str(sink.port),
-        "BULKMAIL_SMTP_SECURITY": "none",
-    }
-    env.update(extra)
-    return env
-
-
-def recipients(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
-    emails = [f"instructor{i:04d}@example.edu" for i in range(n)]
-    csv = tmp_path / "list.csv"
-    csv.write_text("name,email\n" + "".join(f"Instructor {i},{e}\n" for i, e in enumerate(emails)))
-    (tmp_path / "t.txt").write_text("Dear {{ name }}, grades are due.")
-    return csv, emails
+    return process_env(tmp_path, port=sink.port, store=store.url, **extra)
 
 
 def create_job(store: Store, sink: Sink, tmp_path: Path, n: int, *, rate: float = 0.0,
                burst: int = 1) -> tuple[int, list[str]]:  # fmt: skip
     """A job as `send-reminders` would create it, not yet run."""
-    csv, emails = recipients(tmp_path, n)
+    csv, emails = write_recipients(tmp_path, n)
     settings = Settings(
         provider="smtp",
         sender="Course Office <office@example.edu>",
@@ -125,7 +103,7 @@ def test_four_workers_send_each_of_2000_recipients_exactly_once(
     tmp_path: Path, sink: Sink, store: Store
 ) -> None:
     """`send-reminders --workers 4`: four detached local workers on one job."""
-    csv, emails = recipients(tmp_path, 2000)
+    csv, emails = write_recipients(tmp_path, 2000)
     env = env_for(tmp_path, sink, store)
     started = subprocess.run(
         [BULKMAIL, "send-reminders", "--csv", str(csv), "--template", str(tmp_path / "t.txt"),
