@@ -304,7 +304,23 @@ class Sink(Protocol):
     def times(self) -> list[float]: ...
 
 
-class AiosmtpdSink:
+class _SinkProcess:
+    """What both sinks share: a server process of their own and a scratch folder, both gone
+    when the ``with`` block ends."""
+
+    dir: Path
+    _proc: subprocess.Popen[bytes] | None
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._proc is not None:
+            stop_process(self._proc)
+            self._proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class AiosmtpdSink(_SinkProcess):
     """``python -m tests.smtp_sink`` in its own process (so its CPU does not share the GIL of
     the process measured), recording one JSON line per message with its receive time."""
 
@@ -341,14 +357,6 @@ class AiosmtpdSink:
         self.reset()
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._proc is not None:
-            stop_process(self._proc)
-            self._proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
     def reset(self) -> None:
         self.record.write_bytes(b"")
 
@@ -366,7 +374,7 @@ class AiosmtpdSink:
         return sorted(float(line["time"]) for line in self._lines())
 
 
-class PostfixSink:
+class PostfixSink(_SinkProcess):
     """Postfix's ``smtp-sink`` (a fast C server), dumping every message into one file."""
 
     label = "postfix smtp-sink"
@@ -416,14 +424,6 @@ class PostfixSink:
             self.__exit__(None, None, None)
             raise BenchmarkError("smtp-sink did not start listening")
         return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._proc is not None:
-            stop_process(self._proc)
-            self._proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def reset(self) -> None:
         with open(self.dump, "w"):
