@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ __all__ = [
     "Claimed",
     "Counts",
     "DeliveryRecord",
+    "DeliveryState",
     "JobRecord",
+    "JobState",
     "JobView",
     "NewDelivery",
     "NewJob",
@@ -43,8 +46,39 @@ __all__ = [
 
 SCHEMA_VERSION = 2  # 2: the partial index on deliveries.in_doubt
 
-JOB_STATES = ("queued", "running", "paused", "aborted", "completed", "cancelled")
-DELIVERY_STATES = ("pending", "sending", "sent", "failed", "skipped", "cancelled")
+
+class JobState(StrEnum):
+    """A job's state as stored (the strings are the stored values: no migration).
+
+    ``queued -> running -> completed``; ``running -> paused`` (Ctrl-C, too many transient
+    failures), ``running -> aborted`` (fatal provider error), ``* -> cancelled``. ``paused``
+    and ``aborted`` jobs resume. ``STALLED`` is never stored: it is how a ``running`` job
+    whose workers are all gone is shown (``views.effective_state``).
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTED = "aborted"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    STALLED = "stalled"  # shown, never stored
+
+
+class DeliveryState(StrEnum):
+    """A delivery's state as stored: ``pending -> sending -> sent | failed``, ``skipped``,
+    ``cancelled``. ``sending`` is committed before the provider is called."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+JOB_STATES = tuple(s.value for s in JobState if s is not JobState.STALLED)
+DELIVERY_STATES = tuple(s.value for s in DeliveryState)
 
 
 @dataclass(frozen=True)
