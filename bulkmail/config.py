@@ -1,7 +1,9 @@
 """Settings: built-in defaults < config file (TOML) < BULKMAIL_* environment < flags.
 
-Secrets (SMTP password, Mailtrap token) come only from the environment or the config file,
-never from a flag, and are never written to the job store. Nothing here runs at import time:
+Each provider's settings class lives in ``bulkmail.providers.settings`` (its table in the
+config file); ``bulkmail.providers.registry`` lists the providers. Secrets (SMTP password,
+Mailtrap token: the fields marked secret there) come only from the environment or the config
+file, never from a flag, and are never written to the job store. Nothing here runs at import time:
 ``load_settings`` is called by the CLI with the environment it was given.
 """
 
@@ -17,57 +19,32 @@ from pathlib import Path
 from typing import Any
 
 from bulkmail.errors import ConfigError
+from bulkmail.providers.registry import PROVIDERS, SPECS
+from bulkmail.providers.settings import (
+    SMTP_SECURITY,
+    MailtrapSettings,
+    OutboxSettings,
+    ProviderSettings,
+    SmtpSettings,
+    is_secret,
+    public_settings,
+)
 
-PROVIDERS = ("smtp", "mailtrap", "outbox")
-SMTP_SECURITY = ("none", "starttls", "tls")
+__all__ = [
+    "OUTBOX_FALLBACK_SENDER",
+    "PROVIDERS",
+    "SMTP_SECURITY",
+    "MailtrapSettings",
+    "OutboxSettings",
+    "Settings",
+    "SmtpSettings",
+    "find_config",
+    "load_settings",
+    "user_config_path",
+]
+
 OUTBOX_FALLBACK_SENDER = "bulkmail@localhost"
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    host: str = "localhost"
-    port: int = 587
-    security: str = "starttls"  # none | starttls | tls
-    username: str = ""
-    password: str = field(default="", repr=False)  # secret: env or config file only
-    max_per_connection: int = 100
-    timeout: float = 30.0
-
-    def public(self) -> dict[str, Any]:
-        """The non-secret settings, recorded on the job so resume uses the same transport."""
-        return {
-            "host": self.host,
-            "port": self.port,
-            "security": self.security,
-            "username": self.username,
-            "max_per_connection": self.max_per_connection,
-            "timeout": self.timeout,
-        }
-
-
-@dataclass(frozen=True)
-class MailtrapSettings:
-    token: str = field(default="", repr=False)  # secret: env or config file only
-    api_url: str = "https://send.api.mailtrap.io"
-    inbox_id: str = ""  # set: sandbox path /api/send/{inbox_id}
-    category: str = ""
-    timeout: float = 30.0
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "api_url": self.api_url,
-            "inbox_id": self.inbox_id,
-            "category": self.category,
-            "timeout": self.timeout,
-        }
-
-
-@dataclass(frozen=True)
-class OutboxSettings:
-    dir: str = ""  # empty: outbox/ in the user data directory
-
-    def public(self) -> dict[str, Any]:
-        return {"dir": self.dir}
+"""The sender of a provider that needs none configured (the outbox) when none is."""
 
 
 @dataclass(frozen=True)
@@ -88,32 +65,39 @@ class Settings:
         return self.provider or "outbox"
 
     def default_rate(self, provider: str) -> float:
-        """Emails per second when no rate is given: 0.1 for real transports, unlimited (0)
-        for the outbox."""
+        """Emails per second when no rate is given: the provider's default (0.1 for real
+        transports, unlimited (0) for the outbox)."""
         if self.rate is not None:
             return self.rate
-        return 0.0 if provider == "outbox" else 0.1
+        return SPECS[provider].default_rate
 
     def sender_for(self, provider: str) -> str:
         if self.sender:
             return self.sender
-        if provider == "outbox":
+        if not SPECS[provider].needs_sender:
             return OUTBOX_FALLBACK_SENDER
         raise ConfigError(
             f"the {provider} provider needs a sender: pass --from ADDR or set BULKMAIL_FROM "
             "(or `from` under [defaults] in the config file)"
         )
 
+    def section(self, provider: str) -> ProviderSettings:
+        """The settings of one provider (``self.smtp`` for ``"smtp"``)."""
+        section: ProviderSettings = getattr(self, provider)
+        return section
+
     def provider_public(self, provider: str) -> dict[str, Any]:
-        section: SmtpSettings | MailtrapSettings | OutboxSettings = getattr(self, provider)
-        return section.public()
+        """The provider's non-secret settings, recorded on the job so resume uses the same
+        transport (secrets are read again then)."""
+        return public_settings(self.section(provider))
 
     def with_provider_public(self, provider: str, public: Mapping[str, Any]) -> Settings:
         """These settings with a job's recorded non-secret provider settings on top (resume)."""
-        section = getattr(self, provider)
+        section = self.section(provider)
         known = {f.name for f in fields(section)}
         values = {k: v for k, v in public.items() if k in known}
-        return replace(self, provider=provider, **{provider: replace(section, **values)})
+        merged: dict[str, Any] = {provider: replace(section, **values)}
+        return replace(self, provider=provider, **merged)
 
 
 # key in [defaults] -> Settings attribute
@@ -125,12 +109,6 @@ _DEFAULT_KEYS = {
     "store": "store",
 }
 _DEFAULT_TYPES = {"rate": "float", "burst": "int"}
-_SECTIONS: dict[str, type[SmtpSettings] | type[MailtrapSettings] | type[OutboxSettings]] = {
-    "smtp": SmtpSettings,
-    "mailtrap": MailtrapSettings,
-    "outbox": OutboxSettings,
-}
-_SECRETS = {("smtp", "password"), ("mailtrap", "token")}
 
 
 def user_config_path() -> Path:
@@ -201,19 +179,19 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
             raise ConfigError(f"{path}: unknown key {key!r} in [defaults]")
         attr = _DEFAULT_KEYS[key]
         top[attr] = _coerce(f"{path}: [defaults] {key}", value, _DEFAULT_TYPES.get(attr, "str"))
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SPECS}
     has_secret = False
-    for name, cls in _SECTIONS.items():
+    for name, spec in SPECS.items():
         table = data.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
-        known = {f.name: f.type for f in fields(cls)}
+        declared = {f.name: f for f in fields(spec.settings)}
         for key, value in table.items():
-            if key not in known:
+            if key not in declared:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{name}]")
-            sections[name][key] = _coerce(f"{path}: [{name}] {key}", value, known[key])
-            has_secret = has_secret or ((name, key) in _SECRETS and bool(value))
-    unknown = set(data) - {"defaults", *_SECTIONS}
+            sections[name][key] = _coerce(f"{path}: [{name}] {key}", value, declared[key].type)
+            has_secret = has_secret or (is_secret(declared[key]) and bool(value))
+    unknown = set(data) - {"defaults", *SPECS}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
     if path is not None and has_secret and os.name == "posix":
@@ -228,8 +206,8 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
         if value is not None and value != "":
             # checked here, so an error names the variable rather than the config file
             top[attr] = _coerce(var, value, _DEFAULT_TYPES.get(attr, "str"))
-    for name, cls in _SECTIONS.items():
-        known = {f.name: f.type for f in fields(cls)}
+    for name, spec in SPECS.items():
+        known = {f.name: f.type for f in fields(spec.settings)}
         for key, typ in known.items():
             var = f"BULKMAIL_{name.upper()}_{key.upper()}"
             if env.get(var) is not None:
@@ -248,12 +226,11 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
         rate=None if rate is None else _coerce(f"{where} rate", rate, "float"),
         burst=_coerce(f"{where} burst", top.get("burst", 1), "int"),
         store=str(top.get("store", "") or ""),
-        smtp=SmtpSettings(**sections["smtp"]),
-        mailtrap=MailtrapSettings(**sections["mailtrap"]),
-        outbox=OutboxSettings(**sections["outbox"]),
         warnings=tuple(warnings),
         config_path=str(path or ""),
     )
+    built: dict[str, Any] = {name: spec.settings(**sections[name]) for name, spec in SPECS.items()}
+    settings = replace(settings, **built)
     if settings.smtp.security not in SMTP_SECURITY:
         raise ConfigError(
             f"smtp security: must be one of {', '.join(SMTP_SECURITY)}, "

@@ -10,16 +10,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
 
 from bulkmail.compose import Composer, Templates
-from bulkmail.config import PROVIDERS, OutboxSettings, Settings
+from bulkmail.config import PROVIDERS, Settings
 from bulkmail.errors import BulkmailError, ExitCode, InputError
 from bulkmail.manager import EmailManager, Event, exit_code_for
 from bulkmail.models import Message, Recipient
-from bulkmail.providers import Provider, account_key, check_provider, make_provider
+from bulkmail.providers import (
+    Provider,
+    account_key,
+    check_provider,
+    make_provider,
+    with_defaults,
+)
 from bulkmail.sources import Source, open_csv, open_db, select
 from bulkmail.store import JobRecord, JobView, NewDelivery, NewJob, Store, dedupe_reason
 
@@ -122,8 +128,7 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         raise InputError("--max-retries: must not be negative")
     if not math.isfinite(send.backoff) or send.backoff < 0:
         raise InputError(f"--backoff: must be a number of seconds, 0 or more, got {send.backoff}")
-    if provider == "outbox" and not settings.outbox.dir:
-        settings = replace(settings, outbox=OutboxSettings(dir=str(data_dir() / "outbox")))
+    settings = with_defaults(provider, settings, data_dir=data_dir())
     check_provider(provider, settings)
     sender = opts.sender or settings.sender_for(provider)
     templates = Templates.load(

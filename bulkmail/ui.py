@@ -210,17 +210,9 @@ def status_panel(doc: dict[str, Any]) -> Panel:
 
 def _transport(doc: dict[str, Any]) -> str:
     """The provider and where it sends: the outbox folder, the SMTP server, the API."""
-    settings = doc.get("provider_settings") or {}
-    provider = str(doc["provider"])
-    if provider == "outbox" and settings.get("dir"):
-        return f"outbox: .eml files in {settings['dir']}"
-    if provider == "smtp" and settings.get("host"):
-        user = f"{settings['username']}@" if settings.get("username") else ""
-        return f"smtp: {user}{settings['host']}:{settings.get('port')} ({settings.get('security')})"
-    if provider == "mailtrap" and settings.get("api_url"):
-        inbox = f", sandbox inbox {settings['inbox_id']}" if settings.get("inbox_id") else ""
-        return f"mailtrap: {settings['api_url']}{inbox}"
-    return provider
+    from bulkmail.providers.registry import describe
+
+    return describe(str(doc["provider"]), doc.get("provider_settings") or {})
 
 
 def next_step(doc: dict[str, Any]) -> str:

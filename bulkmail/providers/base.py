@@ -6,9 +6,10 @@ failures into one of these, and the manager acts on the class.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from bulkmail.models import Message
+if TYPE_CHECKING:
+    from bulkmail.models import Message
 
 
 class ProviderError(Exception):

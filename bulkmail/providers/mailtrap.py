@@ -52,9 +52,9 @@ from urllib3.exceptions import ProxyError as Urllib3ProxyError
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from bulkmail import __version__
-from bulkmail.config import MailtrapSettings
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError, PermanentError, TransientError
+from bulkmail.providers.settings import MailtrapSettings
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the TCP/TLS connection; the read timeout is ``settings.timeout``."""

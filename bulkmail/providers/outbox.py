@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 from bulkmail.compose import to_bytes_fast
-from bulkmail.config import OutboxSettings
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError
+from bulkmail.providers.settings import OutboxSettings
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
 _MAX_STEM = 150  # well below the usual 255-byte file name limit

@@ -17,9 +17,9 @@ import ssl
 from collections.abc import Callable
 
 from bulkmail.compose import to_bytes_fast
-from bulkmail.config import SMTP_SECURITY, SmtpSettings
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError, PermanentError, ProviderError, TransientError
+from bulkmail.providers.settings import SMTP_SECURITY, SmtpSettings
 
 SmtpFactory = Callable[[SmtpSettings], smtplib.SMTP]
 """Opens a connection (up to and including the server's greeting) for these settings."""

@@ -1,0 +1,62 @@
+"""Each provider's settings: one frozen dataclass per provider, its fields the keys of the
+provider's config file table (``[smtp]``) and environment variables (``BULKMAIL_SMTP_HOST``).
+
+A secret field is marked once, with ``secret()``: it is never shown (``repr``) and never
+recorded on a job; ``public_settings`` is everything else, what a job records so that
+``resume`` and ``retry`` use the same transport with the secrets read again at that time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
+
+SMTP_SECURITY = ("none", "starttls", "tls")
+
+
+def secret() -> str:
+    """A secret string field: read from the environment or the config file only, never from
+    a flag, never shown, never written to the job store."""
+    return field(default="", repr=False, metadata={"secret": True})
+
+
+def is_secret(f: Field[Any]) -> bool:
+    return bool(f.metadata.get("secret"))
+
+
+def secret_keys(cls: type[Any]) -> frozenset[str]:
+    """The names of the secret fields of a settings class."""
+    return frozenset(f.name for f in fields(cls) if is_secret(f))
+
+
+def public_settings(section: ProviderSettings) -> dict[str, Any]:
+    """The non-secret fields of a provider's settings, in field order: what a job records."""
+    return {f.name: getattr(section, f.name) for f in fields(section) if not is_secret(f)}
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "localhost"
+    port: int = 587
+    security: str = "starttls"  # one of SMTP_SECURITY
+    username: str = ""
+    password: str = secret()
+    max_per_connection: int = 100
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class MailtrapSettings:
+    token: str = secret()
+    api_url: str = "https://send.api.mailtrap.io"
+    inbox_id: str = ""  # set: sandbox path /api/send/{inbox_id}
+    category: str = ""
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    dir: str = ""  # empty: outbox/ in the user data directory
+
+
+ProviderSettings = SmtpSettings | MailtrapSettings | OutboxSettings
