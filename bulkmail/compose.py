@@ -10,25 +10,18 @@ No header value built here may carry a line break: ``header_safe_problem`` (defi
 unsafe (CR, LF, NUL, other controls, Unicode line separators, or an RFC 2047 encoded word that
 decodes to one of those).
 
-``to_bytes_fast`` serialises the common messages (text, or text + HTML, no attachments)
-without going through ``EmailMessage``; see its docstring for the contract.
+The message built here becomes bytes in ``bulkmail.mime``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import mimetypes
 import os
 import re
 import stat
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email import quoprimime
-from email.policy import SMTPUTF8
 from email.utils import format_datetime, parseaddr
 from pathlib import Path
 from typing import Any
@@ -48,8 +41,6 @@ __all__ = [
     "Composer",
     "Templates",
     "header_safe_problem",
-    "message_id",
-    "to_bytes_fast",
 ]
 
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
@@ -57,8 +48,6 @@ MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 
 BUILTIN_VARIABLES = frozenset({"name", "email", "row"})
 """Variables every recipient provides whatever the source's columns."""
-
-DEFAULT_DOMAIN = "bulkmail.local"
 
 
 # --------------------------------------------------------------------------- templates
@@ -203,13 +192,30 @@ class Templates:
             html_name=None if html_path is None else str(html_path),
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form a job records (the subject apart: the job has its own column)."""
+        return {
+            "text": self.text,
+            "html": self.html,
+            "attachments": list(self.attachments),
+            "text_name": self.text_name,
+            "html_name": self.html_name,
+        }
+
+    @classmethod
+    def from_json(cls, subject: str, data: Mapping[str, Any]) -> Templates:
+        """The templates a job recorded with ``to_json``, as they were loaded."""
+        return cls(
+            subject=subject,
+            text=data["text"],
+            html=data.get("html"),
+            attachments=tuple(data.get("attachments", ())),
+            text_name=data.get("text_name", "template"),
+            html_name=data.get("html_name"),
+        )
+
 
 # --------------------------------------------------------------------------- composer
-
-
-def message_id(job_id: int, delivery_id: int, domain: str = DEFAULT_DOMAIN) -> str:
-    """The stable Message-ID of one delivery: a resend after a crash carries the same one."""
-    return f"<bulkmail.{job_id}.{delivery_id}@{domain}>"
 
 
 _UNDEFINED = re.compile(r"'(?P<name>[^']+)' is undefined")
@@ -238,18 +244,10 @@ class _Rendered:
 class Composer:
     """Renders one job's templates for each recipient; compiled once, reused for every row."""
 
-    def __init__(
-        self,
-        templates: Templates,
-        *,
-        sender: str,
-        job_id: int | None = None,
-        domain: str | None = None,
-    ) -> None:
+    def __init__(self, templates: Templates, *, sender: str) -> None:
         self.templates = templates
-        self.job_id = job_id
         self.sender_name, self.sender_email = _parse_sender(sender)
-        self.domain = domain or self.sender_email.rpartition("@")[2] or DEFAULT_DOMAIN
+        self.domain = self.sender_email.rpartition("@")[2]  # of the sender, checked
         text_env = _environment(html=False)
         html_env = _environment(html=True)
         self._globals = frozenset(text_env.globals)
@@ -283,12 +281,6 @@ class Composer:
         for ast in self._asts:
             found |= meta.find_undeclared_variables(ast)
         return found - self._globals
-
-    def message_id(self, delivery_id: int) -> str:
-        """The Message-ID of one of this composer's job's deliveries."""
-        if self.job_id is None:
-            raise ValueError("this composer has no job_id")
-        return message_id(self.job_id, delivery_id, self.domain)
 
     def check(self, recipient: Recipient, origin: str) -> None:
         """Render everything ``build`` will for this recipient; raise ``InputError`` on the
@@ -442,275 +434,3 @@ def _parse_sender(sender: str) -> tuple[str, str]:
     if checked != address:
         return name.strip(), f"{info.local_part}@localhost"
     return name.strip(), info.ascii_email or info.normalized
-
-
-# --------------------------------------------------------------------------- fast MIME path
-
-_MAX_LINE = 78  # EmailMessage's policy.max_line_length (SMTP policy)
-_SPECIALS = frozenset('()<>@,:;."[]\\')
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
-_MSG_ID = re.compile(rf"<{_ATEXT}+(?:\.{_ATEXT}+)*@{_ATEXT}+(?:\.{_ATEXT}+)*>")
-_Q_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!*+-/")
-_Q_BYTE = {b: chr(b) if b in _Q_SAFE else f"={b:02X}" for b in range(256)}
-_Q_BYTE[0x20] = "_"
-_NLCRE = re.compile(r"\r\n|\r|\n")
-_EW_OVERHEAD = len("=?utf-8?q??=")
-
-
-def _q_encode(data: bytes) -> str:
-    return "".join([_Q_BYTE[b] for b in data])
-
-
-def _b_length(nbytes: int) -> int:
-    return 4 * ((nbytes + 2) // 3)
-
-
-def _use_q(data: bytes) -> bool:
-    """EmailMessage's choice between Q and B for an encoded word: Q unless B is 5+ shorter."""
-    return len(_q_encode(data)) - _b_length(len(data)) < 5
-
-
-def _take_word(text: str, limit: int, use_q: bool) -> tuple[str, str]:
-    """(encoded word, rest of text): the longest head of ``text`` whose encoded word is at most
-    ``limit`` characters, cut between characters; the word is empty when not even one fits."""
-    budget = limit - _EW_OVERHEAD
-    size = 0
-    nbytes = 0
-    end = 0
-    for ch in text:
-        raw = ch.encode("utf-8")
-        grown = size + len(_q_encode(raw)) if use_q else _b_length(nbytes + len(raw))
-        if grown > budget:
-            break
-        size, nbytes, end = grown, nbytes + len(raw), end + 1
-    if end == 0:
-        return "", text
-    data = text[:end].encode("utf-8")
-    if use_q:
-        return f"=?utf-8?q?{_q_encode(data)}?=", text[end:]
-    return f"=?utf-8?b?{base64.b64encode(data).decode('ascii')}?=", text[end:]
-
-
-def _plain_value(value: str) -> bool:
-    """True when ``value`` holds no character the fast path leaves to EmailMessage."""
-    return value.isprintable() and "=?" not in value
-
-
-def _address_lines(field: str, name: str, address: str) -> list[str] | None:
-    """``From``/``To`` as EmailMessage writes it for ``Address(name, address)``, or None."""
-    if not address.isascii():
-        return None
-    local, at, domain = address.rpartition("@")
-    if not at or not _DOT_ATOM.fullmatch(local) or not _DOT_ATOM.fullmatch(domain):
-        return None
-    head = f"{field}: "
-    if not name:
-        lines = [head + address]
-    else:
-        # only names EmailMessage keeps as they are: no leading, trailing or double spaces
-        if not _plain_value(name) or name != name.strip(" ") or "  " in name:
-            return None
-        if name.isascii():
-            phrase = name
-            if not _SPECIALS.isdisjoint(name):
-                phrase = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        else:
-            # one encoded word: a phrase folded into several does not decode back exactly
-            limit = min(75, _MAX_LINE - len(head))
-            phrase, rest = _take_word(name, limit, _use_q(name.encode("utf-8")))
-            if rest:
-                return None
-        lines = [f"{head}{phrase} <{address}>"]
-        if len(lines[0]) > _MAX_LINE:
-            lines = [head + phrase, f" <{address}>"]
-    return lines if all(len(line) <= _MAX_LINE for line in lines) else None
-
-
-_SPACES = re.compile(r"( +)")
-_MIN_WORD = _EW_OVERHEAD + 12  # start an encoded word on a new line rather than a tiny one
-
-
-def _subject_lines(subject: str) -> list[str] | None:
-    """The Subject header folded into lines of at most 78 characters, ASCII words as they are
-    and each run of non-ASCII words as encoded words (as EmailMessage does); None to fall back.
-
-    Decoding keeps the whitespace next to a plain word and drops the whitespace between two
-    encoded words, so a run of non-ASCII words (with the spaces inside it) is encoded as one
-    text, cut into as many encoded words as needed, and a fold goes before a space only.
-    """
-    if not subject:
-        return ["Subject:"]
-    if not _plain_value(subject) or subject[0] == " ":
-        return None
-    parts = _SPACES.split(subject)  # words at even indexes, runs of spaces between them
-    words, gaps = parts[0::2], ["", *parts[1::2]]
-    lines = ["Subject:"]
-    i = 0
-    while i < len(words):
-        gap = gaps[i] or " "  # the first word follows "Subject:" and its space
-        if words[i].isascii():
-            piece = gap + words[i]
-            if len(lines[-1]) + len(piece) <= _MAX_LINE:
-                lines[-1] += piece
-            elif i > 0 and words[i] and len(piece) <= _MAX_LINE:
-                lines.append(piece)  # fold before the gap
-            else:
-                return None
-            i += 1
-            continue
-        end = i + 1
-        while end < len(words) and not words[end].isascii():
-            end += 1
-        run = words[i] + "".join(gaps[k] + words[k] for k in range(i + 1, end))
-        use_q = _use_q(run.encode("utf-8"))
-        while run:
-            room = min(75, _MAX_LINE - len(lines[-1]) - len(gap))
-            if room < _MIN_WORD and lines[-1] != "Subject:":
-                lines.append("")  # fold before the gap, or before the space between two words
-                room = min(75, _MAX_LINE - len(gap))
-            word, run = _take_word(run, room, use_q)
-            if not word:
-                return None
-            lines[-1] += gap + word
-            gap = " "  # between two encoded words: dropped when decoding
-        i = end
-    return lines
-
-
-def _crlf(text: str) -> bytes:
-    """What EmailMessage's generator writes for a payload: every line end made CRLF."""
-    return "\r\n".join(_NLCRE.split(text)).encode("ascii", "surrogateescape")
-
-
-def _encode_body(text: str) -> tuple[str, bytes]:
-    """(Content-Transfer-Encoding, body bytes) chosen as ``EmailMessage.set_content`` does
-    under the SMTP policy: 7bit or 8bit when every line fits in 78 octets, else the shorter
-    of quoted-printable and base64 for the first ten lines."""
-    lines = text.encode("utf-8").splitlines()
-    if max((len(line) for line in lines), default=0) <= _MAX_LINE:
-        body = b"\r\n".join(lines) + b"\r\n"
-        return ("7bit" if body.isascii() else "8bit"), body
-    embedded = b"\r\n".join(lines) + b"\r\n"
-    sniff = b"\r\n".join(lines[:10]) + b"\r\n"
-    sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), _MAX_LINE)
-    if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
-        per_line = _MAX_LINE // 4 * 3
-        encoded = "".join(
-            binascii.b2a_base64(embedded[i : i + per_line]).decode("ascii")
-            for i in range(0, len(embedded), per_line)
-        )
-        return "base64", _crlf(encoded)
-    if len(lines) <= 10:
-        return "quoted-printable", _crlf(sniff_qp)
-    normal = b"\n".join(lines) + b"\n"
-    return "quoted-printable", _crlf(quoprimime.body_encode(normal.decode("latin-1"), _MAX_LINE))
-
-
-def _part_head(subtype: str, cte: str) -> bytes:
-    return (
-        f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n'
-    ).encode("ascii")
-
-
-def _boundary(*parts: bytes) -> str:
-    """A boundary shaped like EmailMessage's, derived from the content (so the same message
-    always gives the same bytes) and absent from it."""
-    digest = hashlib.sha256(b"\0".join(parts)).digest()
-    token = int.from_bytes(digest[:8], "big") % sys.maxsize
-    boundary = "=" * 15 + f"{token:019d}" + "=="
-    candidate, counter = boundary, 0
-    while any(b"--" + candidate.encode("ascii") in part for part in parts):
-        candidate = f"{boundary}.{counter}"
-        counter += 1
-    return candidate
-
-
-def to_bytes_fast(message: Message) -> bytes:
-    """``message.to_bytes()`` without building an ``EmailMessage``, for the common messages.
-
-    Contract: the result parses back (``email.message_from_bytes`` with ``policy.default``)
-    to the same headers (From, To, Subject, Message-ID, MIME-Version, each part's
-    Content-Type apart from the multipart boundary, Content-Transfer-Encoding) and the same
-    decoded bodies as ``message.to_bytes()``, with CRLF line ends only and no line over 78
-    octets. One deliberate difference: where ``EmailMessage`` folds a long subject right
-    before an encoded word it adds a space (CPython 3.11's folder); this path never alters a
-    value, so there its Subject decodes to exactly ``message.subject``. In the common cases
-    the bytes are identical to ``to_bytes()``'s, the boundary apart: this one is derived from
-    the content, so the same message always gives the same bytes.
-
-    The fast path covers a text body, or text + HTML, with no attachments or extra headers,
-    ASCII or non-ASCII bodies, names and subjects. Anything else (attachments, control,
-    separator or other non-printable characters, text that looks like an encoded word,
-    names with leading, trailing or double spaces, names too long for one encoded word,
-    quoted local parts, long Message-IDs...) goes through ``message.to_bytes()``, errors
-    included. The one exception: a message to or from an address with a non-ASCII local part
-    (it can only travel with SMTPUTF8) is ``EmailMessage`` output under the ``SMTPUTF8``
-    policy, UTF-8 headers unencoded, rather than ``to_bytes()``'s, which is not valid there.
-    """
-    if not (message.from_email + message.to_email).isascii():
-        # RFC 6531/6532: a non-ASCII local part is sent with SMTPUTF8 (the smtp provider asks
-        # for it) and its headers are UTF-8 as they are; EmailMessage's SMTP policy would put
-        # an encoded word inside the address, which no reader may decode there.
-        return message.to_email_message().as_bytes(policy=SMTPUTF8)
-    if message.attachments or message.headers:
-        return message.to_bytes()
-    head = _fast_headers(message)
-    if head is None:
-        return message.to_bytes()
-    try:
-        text_cte, text_body = _encode_body(message.text)
-        if message.html is None:
-            return b"".join(
-                (head, _part_head("plain", text_cte), b"MIME-Version: 1.0\r\n\r\n", text_body)
-            )
-        html_cte, html_body = _encode_body(message.html)
-    except UnicodeEncodeError:  # lone surrogates: let EmailMessage report them
-        return message.to_bytes()
-    text_part = _part_head("plain", text_cte) + b"\r\n" + text_body
-    html_part = _part_head("html", html_cte) + b"MIME-Version: 1.0\r\n\r\n" + html_body
-    delimiter = b"--" + _boundary(text_part, html_part).encode("ascii")
-    return b"".join(
-        (
-            head,
-            b'MIME-Version: 1.0\r\nContent-Type: multipart/alternative;\r\n boundary="',
-            delimiter[2:],
-            b'"\r\n\r\n',
-            delimiter,
-            b"\r\n",
-            text_part,
-            b"\r\n",
-            delimiter,
-            b"\r\n",
-            html_part,
-            b"\r\n",
-            delimiter,
-            b"--\r\n",
-        )
-    )
-
-
-_DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} (GMT|[+-]\d{4})")
-
-
-def _fast_headers(message: Message) -> bytes | None:
-    """From, To, Subject and Message-ID lines (CRLF-terminated), or None to fall back."""
-    sender = _address_lines("From", message.from_name, message.from_email)
-    if sender is None:
-        return None
-    to = _address_lines("To", message.to_name, message.to_email)
-    if to is None:
-        return None
-    subject = _subject_lines(message.subject)
-    if subject is None:
-        return None
-    mid = message.message_id
-    if not _MSG_ID.fullmatch(mid) or len("Message-ID: ") + len(mid) > _MAX_LINE:
-        return None
-    lines = [*sender, *to, *subject, f"Message-ID: {mid}"]
-    if message.date:
-        if not _DATE.fullmatch(message.date):
-            return None
-        lines.append(f"Date: {message.date}")
-    lines.append("")
-    return "\r\n".join(lines).encode("ascii")

@@ -93,16 +93,7 @@ def backoff_delay(attempts: int, backoff: float, retry_after: float | None = Non
 
 
 def composer_for(job: JobRecord) -> Composer:
-    t = job.templates
-    templates = Templates(
-        subject=job.subject,
-        text=t["text"],
-        html=t.get("html"),
-        attachments=tuple(t.get("attachments", ())),
-        text_name=t.get("text_name", "template"),
-        html_name=t.get("html_name"),
-    )
-    return Composer(templates, sender=job.sender, job_id=job.id)
+    return Composer(Templates.from_json(job.subject, job.templates), sender=job.sender)
 
 
 def recipient_of(d: DeliveryRecord) -> Recipient:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from bulkmail import mime
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
 
 
 @dataclass(frozen=True)
@@ -52,36 +54,12 @@ class Message:
     date: str = ""
 
     def to_email_message(self) -> EmailMessage:
-        """Build the standards-correct MIME message (policy=SMTP: CRLF line ends)."""
-        msg = EmailMessage(policy=SMTP)
-        msg["From"] = _address(self.from_name, self.from_email)
-        msg["To"] = _address(self.to_name, self.to_email)
-        msg["Subject"] = self.subject
-        msg["Message-ID"] = self.message_id
-        if self.date:
-            msg["Date"] = self.date
-        for key, value in self.headers:
-            msg[key] = value
-        msg.set_content(self.text)
-        if self.html is not None:
-            msg.add_alternative(self.html, subtype="html")
-        for att in self.attachments:
-            maintype, _, subtype = att.content_type.partition("/")
-            msg.add_attachment(
-                att.data,
-                maintype=maintype,
-                subtype=subtype or "octet-stream",
-                filename=att.filename,
-            )
-        return msg
+        """The standards-correct MIME message (policy=SMTP: CRLF line ends)."""
+        return mime.to_email_message(self)
 
     def to_bytes(self) -> bytes:
-        return self.to_email_message().as_bytes()
-
-
-def _address(name: str, email: str) -> Address:
-    local, _, domain = email.rpartition("@")
-    return Address(display_name=name, username=local, domain=domain)
+        """The reference serialisation (``mime.to_bytes_fast`` is what transports send)."""
+        return mime.to_bytes(self)
 
 
 JSONDict = dict[str, Any]

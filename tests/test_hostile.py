@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bulkmail.compose import Composer, Templates, to_bytes_fast
+from bulkmail.compose import Composer, Templates
+from bulkmail.mime import to_bytes_fast
 from bulkmail.sources import open_csv, open_db
 from tests.e2e import WIDE, bulkmail, smtp_args, smtp_env
 from tests.smtp_sink import SmtpSink
@@ -240,7 +241,11 @@ def composer(tmp_path_factory: pytest.TempPathFactory) -> Composer:
         text_path=folder / "t.txt",
         html_path=folder / "t.html",
     )
-    return Composer(templates, sender="Course Office <office@example.edu>", job_id=1)
+    return Composer(templates, sender="Course Office <office@example.edu>")
+
+
+def _message_id(n: int) -> str:
+    return f"<bulkmail.1.{n}@example.edu>"
 
 
 @settings(
@@ -265,7 +270,7 @@ def test_any_row_is_a_well_formed_message_or_skipped_with_a_reason(
             assert recipient.skip_reason.strip() and recipient.skip_reason.isprintable()
             continue
         composer.check(recipient, "prop.csv")
-        message = composer.build(recipient, composer.message_id(n))
+        message = composer.build(recipient, _message_id(n))
         ascii_address = recipient.email.isascii()
         # what smtp and outbox send; EmailMessage's own bytes too when they are valid
         for data in (to_bytes_fast(message), *([message.to_bytes()] if ascii_address else [])):
@@ -282,7 +287,7 @@ def test_any_row_is_a_well_formed_message_or_skipped_with_a_reason(
                 assert to.display_name.split() == recipient.name.split()
             if "=?" not in message.subject:
                 assert parsed["Subject"].split() == message.subject.split()
-            assert parsed["Message-ID"] == composer.message_id(n)
+            assert parsed["Message-ID"] == _message_id(n)
             assert parsed.get_body(("plain",)) is not None
 
 
@@ -298,7 +303,7 @@ def test_the_property_also_holds_for_a_database_source(composer: Composer, tmp_p
     sent = set()
     for n, recipient in enumerate(source, 1):
         if recipient.skip_reason is None:
-            message = composer.build(recipient, composer.message_id(n))
+            message = composer.build(recipient, _message_id(n))
             [to] = parse(message.to_bytes())["To"].addresses
             sent.add(to.addr_spec)
     assert sent == SENT

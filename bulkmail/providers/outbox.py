@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from bulkmail.compose import to_bytes_fast
+from bulkmail.mime import to_bytes_fast
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError
 from bulkmail.providers.settings import OutboxSettings

@@ -16,7 +16,7 @@ import smtplib
 import ssl
 from collections.abc import Callable
 
-from bulkmail.compose import to_bytes_fast
+from bulkmail.mime import to_bytes_fast
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError, PermanentError, ProviderError, TransientError
 from bulkmail.providers.settings import SMTP_SECURITY, SmtpSettings
