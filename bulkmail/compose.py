@@ -31,7 +31,7 @@ import jinja2.nodes
 from email_validator import EmailNotValidError, validate_email
 from jinja2 import meta
 
-from bulkmail.errors import InputError
+from bulkmail.errors import InputError, file_error
 from bulkmail.headersafe import header_safe_problem
 from bulkmail.models import Attachment, Message, Recipient
 
@@ -65,14 +65,8 @@ def _read_template(path: str | Path) -> str:
     shown = str(path)
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{shown}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{shown}: is a directory, not a template file") from None
-    except PermissionError:
-        raise InputError(f"{shown}: permission denied") from None
     except OSError as exc:
-        raise InputError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+        raise file_error(shown, exc, "a template file") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -300,11 +294,7 @@ class Composer:
             try:
                 data = Path(path).read_bytes()
             except OSError as exc:
-                where = _where(origin, recipient)
-                raise InputError(
-                    f"{where}: attachment {_shown_path(path)!r} cannot be read "
-                    f"({exc.strerror or exc})"
-                ) from None
+                raise _unreadable(_where(origin, recipient), _shown_path(path), exc) from None
             attachments.append(Attachment(os.path.basename(path), _content_type(path), data))
         return Message(
             from_email=self.sender_email,
@@ -395,9 +385,7 @@ def _check_attachment(path: str, where: str, label: str) -> int:
     except FileNotFoundError:
         raise InputError(f"{where}: attachment {shown!r} not found") from None
     except OSError as exc:
-        raise InputError(
-            f"{where}: attachment {shown!r} cannot be read ({exc.strerror or exc})"
-        ) from None
+        raise _unreadable(where, shown, exc) from None
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{where}: attachment {shown!r} is not a regular file")
     if info.st_size > MAX_ATTACHMENT_BYTES:
@@ -408,6 +396,10 @@ def _check_attachment(path: str, where: str, label: str) -> int:
     if not os.access(path, os.R_OK):
         raise InputError(f"{where}: attachment {shown!r} cannot be read (permission denied)")
     return info.st_size
+
+
+def _unreadable(where: str, shown: str, exc: OSError) -> InputError:
+    return InputError(f"{where}: attachment {shown!r} cannot be read ({exc.strerror or exc})")
 
 
 def _parse_sender(sender: str) -> tuple[str, str]:

@@ -50,3 +50,18 @@ class JobStateError(BulkmailError):
 
 class StoreError(BulkmailError):
     """The job store cannot be opened or is not a bulkmail store."""
+
+
+def file_error(shown: str, exc: OSError, what: str) -> InputError:
+    """The error for an input file that cannot be read: ``shown`` is the path as the user
+    gave it, ``what`` what it should be ("a CSV file", "a template file")."""
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{shown}: no such file")
+    if isinstance(exc, IsADirectoryError):
+        return InputError(f"{shown}: is a directory, expected {what}")
+    if isinstance(exc, PermissionError):
+        return InputError(f"{shown}: cannot read (permission denied)")
+    reason = exc.strerror or str(exc)
+    if not reason.isprintable():  # one line, control characters escaped
+        reason = repr(reason)[1:-1]
+    return InputError(f"{shown}: cannot read ({reason})")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bulkmail.compose import MAX_ATTACHMENT_BYTES, Composer, Templates, header_safe_problem
-from bulkmail.errors import InputError
+from bulkmail.errors import InputError, file_error
 from bulkmail.models import Attachment, Recipient
 
 SENDER = "Course Office <office@example.edu>"
@@ -82,6 +82,24 @@ def test_load_rejects_a_directory_and_non_utf8(tmp_path: Path) -> None:
     write(tmp_path / "latin1.txt", "Hello\nRen\xe9e\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"^latin1\.txt: line 2: not UTF-8 \(byte 0xe9\)"):
         Templates.load(subject="x", text_path="latin1.txt")
+
+
+def test_file_errors_read_the_same_for_every_input_file(tmp_path: Path) -> None:
+    """Templates and CSV files (sources) share one mapping of open errors to messages."""
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(InputError, match=r"^dir\.txt: is a directory, expected a template file$"):
+        Templates.load(subject="x", text_path="dir.txt")
+    cases = [
+        (FileNotFoundError(2, "No such file or directory"), "t.txt: no such file"),
+        (PermissionError(13, "Permission denied"), "t.txt: cannot read (permission denied)"),
+        (OSError(5, "Input/output error"), "t.txt: cannot read (Input/output error)"),
+        (OSError("odd\nreason"), "t.txt: cannot read (odd\\nreason)"),
+    ]
+    for exc, message in cases:
+        assert str(file_error("t.txt", exc, "a template file")) == message
+    assert str(file_error("d.csv", IsADirectoryError(21, "x"), "a CSV file")) == (
+        "d.csv: is a directory, expected a CSV file"
+    )
 
 
 def test_load_syntax_error_names_file_and_line(tmp_path: Path) -> None:
