@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bulkmail import mime
 
@@ -60,6 +60,3 @@ class Message:
     def to_bytes(self) -> bytes:
         """The reference serialisation (``mime.to_bytes_fast`` is what transports send)."""
         return mime.to_bytes(self)
-
-
-JSONDict = dict[str, Any]
