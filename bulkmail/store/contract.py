@@ -137,7 +137,7 @@ class JobStore(StoreReader, Protocol):
         ...
 
     def heartbeat(self, worker_id: str, *, now: float) -> str:
-        """Renew the worker's heartbeat; return its job's state, or ``"stopped"`` when
+        """Renew the worker's heartbeat; return its job's state, or ``WORKER_STOPPED`` when
         other workers took it for gone (it must stop before its next message)."""
         ...
 

@@ -186,7 +186,8 @@ class Wait:
 
 @dataclass(frozen=True)
 class Stop:
-    """Stop claiming: the job is no longer running (``state``), or nothing is left."""
+    """Stop claiming: the job is no longer running (``state``: its state, or
+    ``WORKER_STOPPED`` for a worker taken for gone), or nothing is left."""
 
     state: str
     finished: bool = False  # nothing pending and nothing in flight
