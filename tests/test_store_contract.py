@@ -188,7 +188,7 @@ class TestReads:
 
 class TestJobLifecycle:
     def test_a_failing_source_leaves_no_job(self, store: Store) -> None:
-        def rows():  # type: ignore[no-untyped-def]
+        def rows() -> Iterator[NewDelivery]:
             yield from people(1500)  # more than one insert batch
             raise InputError("list.csv: row 1502: template uses undefined variable 'x'")
 
