@@ -27,7 +27,7 @@ from bulkmail.providers import (
     with_defaults,
 )
 from bulkmail.sources import Source, open_csv, open_db, select
-from bulkmail.store import JobRecord, JobView, NewDelivery, NewJob, Store, dedupe_reason
+from bulkmail.store import JobRecord, JobStore, JobView, NewDelivery, NewJob, dedupe_reason
 
 TERMINAL_STATES = ("completed", "cancelled", "paused", "aborted")
 
@@ -187,7 +187,7 @@ def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient
         )
 
 
-def create_job(store: Store, plan: Plan, *, now: float | None = None) -> int:
+def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
     """Create the job and its deliveries in one transaction (nothing is left behind when a
     row or template fails)."""
     t = plan.templates
@@ -280,7 +280,7 @@ def provider_factory(settings: Settings) -> Callable[[JobRecord], Provider]:
 
 
 def manager(
-    store: Store,
+    store: JobStore,
     job_id: int,
     settings: Settings,
     *,
@@ -306,7 +306,7 @@ class Detached:
 
 
 def start_detached(
-    store: Store,
+    store: JobStore,
     job_id: int,
     *,
     config: str | None,

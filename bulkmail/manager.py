@@ -31,10 +31,10 @@ from bulkmail.store import (
     Counts,
     DeliveryRecord,
     JobRecord,
+    JobStore,
     Outcome,
     Reclaimed,
     Stop,
-    Store,
     Wait,
 )
 
@@ -110,7 +110,7 @@ class EmailManager:
 
     def __init__(
         self,
-        store: Store,
+        store: JobStore,
         job_id: int,
         *,
         provider_factory: Callable[[JobRecord], Provider],

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from bulkmail.procs import STALE_AFTER, this_host, worker_alive
-from bulkmail.store.reads import StoreReads
+from bulkmail.store.contract import StoreReader
 from bulkmail.store.records import JobView
 
 
@@ -79,14 +79,14 @@ def job_document(view: JobView, *, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def failures(store: StoreReads, job_id: int) -> list[dict[str, Any]]:
+def failures(store: StoreReader, job_id: int) -> list[dict[str, Any]]:
     return [
         {"email": d.email, "name": d.name, "attempts": d.attempts, "error": d.last_error}
         for d in store.deliveries(job_id, states=("failed",))
     ]
 
 
-def skips(store: StoreReads, job_id: int) -> list[dict[str, Any]]:
+def skips(store: StoreReader, job_id: int) -> list[dict[str, Any]]:
     """The job's skipped deliveries: the source row and why it is not sent."""
     return [
         {"row": d.row, "email": d.email, "name": d.name, "reason": d.last_error}
@@ -109,7 +109,7 @@ REPORT_COLUMNS = (
 )
 
 
-def write_report(store: StoreReads, job_id: int, out: TextIO) -> int:
+def write_report(store: StoreReader, job_id: int, out: TextIO) -> int:
     """Write one CSV row per delivery; returns the number of rows."""
     store.get_job(job_id)  # JobNotFound before writing a header
     writer = csv.writer(out)

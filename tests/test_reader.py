@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bulkmail.store import Claimed, open_reader, open_store
+from bulkmail.store import Claimed, Outcome, open_reader, open_store
 from bulkmail.store.lite import LiteReader, NoStore
 from tests.test_store import new_job, people, start
 
@@ -22,10 +22,10 @@ def test_reader_sees_what_the_store_sees(tmp_path: Path) -> None:
     start(store, job)
     claimed = store.claim(job, "w1", now=100.0)
     assert isinstance(claimed, Claimed)
-    store.record_retry(claimed.delivery.id, "w1", error="451", next_attempt_at=0.0, in_doubt=True)
+    store.record(Outcome.retry(claimed.delivery.id, "451", 0.0, in_doubt=True), "w1")
     claimed = store.claim(job, "w1", now=100.0)
     assert isinstance(claimed, Claimed)
-    store.record_failed(claimed.delivery.id, "w1", error="550 no")
+    store.record(Outcome.failed(claimed.delivery.id, "550 no"), "w1")
     reader = open_reader(path)
     assert isinstance(reader, LiteReader)
     assert reader.view(job) == store.view(job)

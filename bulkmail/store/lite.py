@@ -20,7 +20,7 @@ from bulkmail.store.reads import Query, StoreReads
 from bulkmail.store.records import SCHEMA_VERSION, store_url
 
 if TYPE_CHECKING:
-    from bulkmail.store.sql import Store
+    from bulkmail.store.contract import StoreReader
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -80,7 +80,7 @@ def _schema_version(path: Path) -> int | None:
     return int(row[0]) if row else None
 
 
-def open_reader(location: str | os.PathLike[str] | None = None) -> StoreReads | Store:
+def open_reader(location: str | os.PathLike[str] | None = None) -> StoreReader:
     """What ``status``/``recent``/``report`` read from: the light reader for an existing
     SQLite store at the current schema, no store at all for a missing file, else the full
     store (PostgreSQL, or a store to be migrated or diagnosed)."""

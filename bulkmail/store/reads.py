@@ -4,6 +4,11 @@
 of one primitive, ``_reading()``: a read transaction that runs SQL with ``:name`` parameters.
 The SQLAlchemy store (:mod:`bulkmail.store.sql`) and the light SQLite reader
 (:mod:`bulkmail.store.lite`) both provide it, so the queries exist only here.
+
+The store's writes use the same definitions inside their own transactions: the job read
+(with its ``FOR UPDATE`` variant), the worker read (all, or only those not stopped) and the
+dedupe predicate (``DEDUPE_TAKEN``, with its claim-time variant ``DEDUPE_TAKEN_AT_CLAIM``).
+Nothing here imports SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from bulkmail.errors import JobNotFound
 from bulkmail.store.records import (
     Counts,
     DeliveryRecord,
+    DeliveryState,
     JobRecord,
+    JobState,
     JobView,
     WorkerRecord,
     delivery_from_row,
@@ -28,19 +35,44 @@ from bulkmail.store.records import (
 Rows = list[dict[str, Any]]
 Query = Callable[[str, dict[str, Any]], Rows]
 
+_SENT, _PENDING, _SENDING = DeliveryState.SENT, DeliveryState.PENDING, DeliveryState.SENDING
+
 SQL_JOB = "SELECT * FROM jobs WHERE id = :job"
+# the job row held until the transaction ends (PostgreSQL only: SQLite has no FOR UPDATE,
+# and its BEGIN IMMEDIATE already excludes every other writer)
+SQL_JOB_FOR_UPDATE = SQL_JOB + " FOR UPDATE"
 SQL_RECENT = "SELECT id FROM jobs ORDER BY id DESC LIMIT :limit"
 # both read only the (job_id, state, ...) index and the partial in-doubt index
 SQL_COUNTS = "SELECT state, count(*) AS n FROM deliveries WHERE job_id = :job GROUP BY state"
 SQL_IN_DOUBT = "SELECT count(*) AS n FROM deliveries WHERE job_id = :job AND in_doubt"
-SQL_WORKERS = "SELECT * FROM workers WHERE job_id = :job ORDER BY started_at"
-# what a new job under a dedupe key skips: addresses sent by any job under the key, or
-# still held (pending, sending) by one that is not cancelled
-SQL_TAKEN_UNDER = (
-    "SELECT d.email_key AS email_key, d.job_id AS job, d.state AS state FROM deliveries d "
-    "JOIN jobs j ON j.id = d.job_id WHERE j.dedupe_key = :key AND (d.state = 'sent' OR "
-    "(d.state IN ('pending', 'sending') AND j.state <> 'cancelled'))"
+_SQL_WORKERS = "SELECT * FROM workers WHERE job_id = :job{live} ORDER BY started_at"
+SQL_WORKERS = _SQL_WORKERS.format(live="")
+SQL_LIVE_WORKERS = _SQL_WORKERS.format(live=" AND stopped_at IS NULL")  # not stopped
+
+# The dedupe predicate, on deliveries ``d`` joined to their jobs ``j`` under one key: an
+# address is taken when a job under the key has sent it, or still holds it (pending,
+# sending) and is not cancelled. A new job under the key skips what is taken.
+DEDUPE_TAKEN = (
+    f"(d.state = '{_SENT}' OR (d.state IN ('{_PENDING}', '{_SENDING}') "
+    f"AND j.state <> '{JobState.CANCELLED}'))"
 )
+# Its claim-time variant: a delivery about to be sent is skipped only when another job under
+# the key has sent the address or is sending it right now (one still pending elsewhere will
+# meet this same check when it is claimed).
+DEDUPE_TAKEN_AT_CLAIM = f"d.state IN ('{_SENT}', '{_SENDING}')"
+_SQL_TAKEN = (
+    "SELECT d.email_key AS email_key, d.job_id AS job, d.state AS state FROM deliveries d "
+    "JOIN jobs j ON j.id = d.job_id WHERE j.dedupe_key = :key AND {taken}"
+)
+# what a new job under a dedupe key skips (``taken_under``, and ``create_job`` batch by
+# batch with ``AND d.email_key IN :keys``)
+SQL_TAKEN_UNDER = _SQL_TAKEN.format(taken=DEDUPE_TAKEN)
+SQL_TAKEN_AMONG = SQL_TAKEN_UNDER + " AND d.email_key IN :keys"
+# whether another job under the key has sent (first) or is sending one address
+SQL_TAKEN_AT_CLAIM = (
+    _SQL_TAKEN.format(taken=DEDUPE_TAKEN_AT_CLAIM)
+    + " AND d.email_key = :email AND d.job_id <> :job ORDER BY d.state DESC LIMIT 1"
+)  # 'sent' sorts after 'sending': DESC puts a sent one first
 SQL_DELIVERIES = (
     "SELECT * FROM deliveries WHERE job_id = :job AND position > :after{states} "
     "ORDER BY position LIMIT :batch"
@@ -48,24 +80,27 @@ SQL_DELIVERIES = (
 
 
 class StoreReads:
-    """Reads of jobs, counts, workers and deliveries (see the module docstring)."""
+    """Reads of jobs, counts, workers and deliveries (see the module docstring): the
+    ``contract.StoreReader`` of every store and reader."""
+
+    location: str  # for messages: never shows a password
 
     def _reading(self) -> AbstractContextManager[Query]:
         raise NotImplementedError
 
     def get_job(self, job_id: int) -> JobRecord:
         with self._reading() as query:
-            return _job(query, job_id)
+            return read_job(query, job_id)
 
     def counts(self, job_id: int) -> Counts:
         with self._reading() as query:
-            return _counts(query, job_id)
+            return read_counts(query, job_id)
 
     def view(self, job_id: int) -> JobView:
         """The job, its counts and its workers, read in one transaction."""
         with self._reading() as query:
-            job = _job(query, job_id)
-            return JobView(job, _counts(query, job_id), _workers(query, job_id))
+            job = read_job(query, job_id)
+            return JobView(job, read_counts(query, job_id), read_workers(query, job_id))
 
     def recent(self, limit: int) -> list[JobView]:
         """The newest ``limit`` jobs, newest first (with their workers, as ``view``)."""
@@ -73,9 +108,9 @@ class StoreReads:
             ids = [row["id"] for row in query(SQL_RECENT, {"limit": limit})]
             return [
                 JobView(
-                    _job(query, job_id),
-                    _counts(query, job_id),
-                    _workers(query, job_id),
+                    read_job(query, job_id),
+                    read_counts(query, job_id),
+                    read_workers(query, job_id),
                 )
                 for job_id in ids
             ]
@@ -106,19 +141,22 @@ class StoreReads:
             after = rows[-1]["position"]
 
 
-def _job(query: Query, job_id: int) -> JobRecord:
-    rows = query(SQL_JOB, {"job": job_id})
+def read_job(query: Query, job_id: int, *, for_update: bool = False) -> JobRecord:
+    """The job (``JobNotFound`` if there is none); ``for_update``: lock its row (see
+    ``SQL_JOB_FOR_UPDATE``)."""
+    rows = query(SQL_JOB_FOR_UPDATE if for_update else SQL_JOB, {"job": job_id})
     if not rows:
         raise JobNotFound(job_id)
     return job_from_row(rows[0])
 
 
-def _counts(query: Query, job_id: int) -> Counts:
+def read_counts(query: Query, job_id: int) -> Counts:
     values = {row["state"]: row["n"] for row in query(SQL_COUNTS, {"job": job_id})}
     values["in_doubt"] = query(SQL_IN_DOUBT, {"job": job_id})[0]["n"]
     return Counts(**values)
 
 
-def _workers(query: Query, job_id: int) -> list[WorkerRecord]:
-    rows = query(SQL_WORKERS, {"job": job_id})
+def read_workers(query: Query, job_id: int, *, live_only: bool = False) -> list[WorkerRecord]:
+    """The job's workers, oldest first; ``live_only``: those not stopped."""
+    rows = query(SQL_LIVE_WORKERS if live_only else SQL_WORKERS, {"job": job_id})
     return [worker_from_row(row) for row in rows]

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "DELIVERY_STATES",
-    "JOB_STATES",
     "SCHEMA_VERSION",
+    "WORKER_STOPPED",
     "ClaimResult",
     "Claimed",
     "Counts",
@@ -39,6 +38,7 @@ __all__ = [
     "default_store_path",
     "delivery_from_row",
     "job_from_row",
+    "message_id",
     "pick_dedupe",
     "store_url",
     "worker_from_row",
@@ -77,21 +77,21 @@ class DeliveryState(StrEnum):
     CANCELLED = "cancelled"
 
 
-JOB_STATES = tuple(s.value for s in JobState if s is not JobState.STALLED)
-DELIVERY_STATES = tuple(s.value for s in DeliveryState)
+# What a worker's heartbeat and claims answer, instead of the job's state, once other
+# workers took it for gone (its heartbeat had gone stale): it must stop. Never stored.
+WORKER_STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
-class JobRecord:
-    id: int
-    token: str
-    state: str
+class NewJob:
+    """What the caller knows about a job before it exists (and what a job records of it)."""
+
     provider: str
-    provider_settings: dict[str, Any]
-    account: str
+    provider_settings: Mapping[str, Any]  # JSON, never a secret
+    account: str  # the rate-limit key
     sender: str
-    subject: str
-    templates: dict[str, Any]
+    subject: str  # the subject template
+    templates: Mapping[str, Any]  # JSON: text, html, attachments, their names
     source: str
     rate: float
     burst: int
@@ -99,11 +99,20 @@ class JobRecord:
     max_retries: int
     backoff: float
     dedupe_key: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRecord(NewJob):
+    """A job as stored: what it was created with (``NewJob``), and what the store adds."""
+
+    id: int
+    token: str  # makes the job's Message-IDs globally unique
+    state: str  # a JobState value
     total: int
     created_at: float
     started_at: float | None
     finished_at: float | None
-    error: str | None
+    error: str | None  # why the job stopped (aborted, paused)
     log_path: str | None
 
 
@@ -128,7 +137,7 @@ class DeliveryRecord:
     email: str
     name: str
     fields: dict[str, str]
-    state: str
+    state: str  # a DeliveryState value
     attempts: int
     last_error: str | None
     next_attempt_at: float
@@ -137,25 +146,6 @@ class DeliveryRecord:
     sent_at: float | None
     worker_id: str | None
     in_doubt: bool
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """What the caller knows about a job before it exists."""
-
-    provider: str
-    provider_settings: Mapping[str, Any]
-    account: str
-    sender: str
-    subject: str
-    templates: Mapping[str, Any]
-    source: str
-    rate: float
-    burst: int
-    concurrency: int
-    max_retries: int
-    backoff: float
-    dedupe_key: str | None
 
 
 @dataclass(frozen=True)
@@ -181,11 +171,6 @@ class Counts:
     def total(self) -> int:
         return self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
 
-    @property
-    def open(self) -> int:
-        """Deliveries still to be done (pending or in flight)."""
-        return self.pending + self.sending
-
 
 @dataclass(frozen=True)
 class Claimed:
@@ -201,7 +186,8 @@ class Wait:
 
 @dataclass(frozen=True)
 class Stop:
-    """Stop claiming: the job is no longer running (``state``), or nothing is left."""
+    """Stop claiming: the job is no longer running (``state``: its state, or
+    ``WORKER_STOPPED`` for a worker taken for gone), or nothing is left."""
 
     state: str
     finished: bool = False  # nothing pending and nothing in flight
@@ -247,7 +233,7 @@ class Outcome:
     @classmethod
     def sent(cls, delivery_id: int, provider_message_id: str | None, now: float) -> Outcome:
         values = (
-            ("state", "sent"),
+            ("state", DeliveryState.SENT),
             ("sent_at", now),
             ("provider_message_id", provider_message_id),
             ("last_error", None),
@@ -256,7 +242,7 @@ class Outcome:
 
     @classmethod
     def failed(cls, delivery_id: int, error: str) -> Outcome:
-        return cls(delivery_id, (("state", "failed"), ("last_error", error)))
+        return cls(delivery_id, (("state", DeliveryState.FAILED), ("last_error", error)))
 
     @classmethod
     def retry(
@@ -271,7 +257,7 @@ class Outcome:
         instead of the claimed one (an attempt that never reached the server is given
         back)."""
         values: tuple[tuple[str, Any], ...] = (
-            ("state", "pending"),
+            ("state", DeliveryState.PENDING),
             ("last_error", error),
             ("next_attempt_at", next_attempt_at),
         )
@@ -309,10 +295,16 @@ def _known(cls: type, row: Mapping[str, Any]) -> dict[str, Any]:
 _FIELDS: dict[type, frozenset[str]] = {}
 
 
-def dedupe_reason(dedupe_key: str, job_id: int, state: str = "sent") -> str:
+def message_id(job_id: int, position: int, token: str, domain: str) -> str:
+    """The Message-ID of a job's delivery at ``position``: stable (a resend after a crash
+    carries the same one) and globally unique (``token`` is random per job)."""
+    return f"<bulkmail.{job_id}.{position}.{token}@{domain}>"
+
+
+def dedupe_reason(dedupe_key: str, job_id: int, state: str = DeliveryState.SENT) -> str:
     """Why an address is skipped under ``dedupe_key``: another job (``job_id``) has already
     sent it, or holds it (``pending``/``sending``) and will send it when it runs."""
-    if state == "sent":
+    if state == DeliveryState.SENT:
         return f"already sent under dedupe key {dedupe_key!r} (job {job_id})"
     return (
         f"already queued under dedupe key {dedupe_key!r} in job {job_id}, which has not "
@@ -323,10 +315,14 @@ def dedupe_reason(dedupe_key: str, job_id: int, state: str = "sent") -> str:
 def pick_dedupe(rows: Iterable[tuple[str, int, str]]) -> dict[str, tuple[int, str]]:
     """From (email_key, job_id, state) rows of other jobs under one key: per address, the
     job that sent it (the newest), else the newest job that still holds it."""
+
+    def rank(job: int, state: str) -> tuple[bool, int]:
+        return state == DeliveryState.SENT, job
+
     best: dict[str, tuple[int, str]] = {}
     for key, job, state in rows:
         held = best.get(key)
-        if held is None or (state == "sent", job) > (held[1] == "sent", held[0]):
+        if held is None or rank(job, state) > rank(*held):
             best[key] = (job, state)
     return best
 

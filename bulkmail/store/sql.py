@@ -1,22 +1,22 @@
-"""The job store: every job, every delivery, every worker and the shared rate-limit rows.
+"""The job store on SQLAlchemy 2 Core: every write, the send loop's claims and outcomes,
+the worker leases and the shared rate-limit rows (the contract: :mod:`bulkmail.store.contract`).
 
-All SQL of bulkmail lives here, written with SQLAlchemy 2 Core. The store is addressed by a
-URL; a plain path or ``sqlite:///...`` is the embedded default. On SQLite the file is
-created with mode 0600, runs in WAL mode with ``synchronous=FULL`` (a recorded ``sent``
-survives a power loss) and a busy timeout, and every read-modify-write step runs in one
+The store is addressed by a URL (see :mod:`bulkmail.store.engine`); a plain path or
+``sqlite:///...`` is the embedded default, where every read-modify-write step runs in one
 short ``BEGIN IMMEDIATE`` transaction so several processes can share one file.
 
 A ``postgresql://`` URL (driver: psycopg 3, ``pip install 'bulkmail[postgres]'``) puts the
-same schema on PostgreSQL, where any number of workers on any number of hosts share a job:
-they claim deliveries with ``SELECT ... FOR UPDATE SKIP LOCKED``, take the job row with
-``SELECT ... FOR UPDATE`` whenever they change who runs it (register, reclaim, finish,
-cancel), and share one rate-limit row, also locked with ``FOR UPDATE``. Locks are always
-taken in the order jobs -> deliveries -> workers, so two transactions never wait on each
-other in a circle. On SQLite ``FOR UPDATE`` compiles to nothing: ``BEGIN IMMEDIATE``
-already serialises every writer.
+same schema (:mod:`bulkmail.store.schema`) on PostgreSQL, where any number of workers on any
+number of hosts share a job: they claim deliveries with ``SELECT ... FOR UPDATE SKIP
+LOCKED``, take the job row with ``SELECT ... FOR UPDATE`` whenever they change who runs it
+(register, reclaim, finish, cancel), and share one rate-limit row, also locked with ``FOR
+UPDATE``. Locks are always taken in the order jobs -> deliveries -> workers, so two
+transactions never wait on each other in a circle. On SQLite there is no ``FOR UPDATE``:
+``BEGIN IMMEDIATE`` already serialises every writer.
 
-The schema carries its version (``meta.schema_version``); opening an older store applies
-the steps of ``MIGRATIONS`` in one transaction.
+The reads, and the SQL of the store's shared knowledge (the job and worker reads, the dedupe
+predicate), are those of :mod:`bulkmail.store.reads`, run here on the transaction's
+connection.
 
 Times are stored as POSIX seconds (floats) and passed in by the caller (``now``), so the
 logic that depends on them can be tested with a fixed clock.
@@ -28,25 +28,31 @@ import functools
 import json
 import os
 import secrets
-import sqlite3
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
-from bulkmail.errors import JobNotFound, JobStateError, StoreError
-from bulkmail.store.reads import Query, StoreReads
+from bulkmail.errors import JobStateError, StoreError
+from bulkmail.store.engine import open_engine
+from bulkmail.store.reads import (
+    SQL_TAKEN_AMONG,
+    SQL_TAKEN_AT_CLAIM,
+    Query,
+    StoreReads,
+    read_job,
+    read_workers,
+)
 from bulkmail.store.records import (
-    SCHEMA_VERSION,
+    WORKER_STOPPED,
     Claimed,
     ClaimResult,
+    DeliveryState,
     JobRecord,
+    JobState,
     NewDelivery,
     NewJob,
     Outcome,
@@ -58,145 +64,36 @@ from bulkmail.store.records import (
     WorkerRecord,
     dedupe_reason,
     delivery_from_row,
-    job_from_row,
+    message_id,
     pick_dedupe,
-    store_url,
-    worker_from_row,
 )
+from bulkmail.store.schema import create_schema, deliveries, jobs, rate_buckets, workers
 
-# a constant key for pg_advisory_xact_lock: workers starting at once create the schema once
-_SCHEMA_LOCK = 0x62756C6B6D61696C  # "bulkmail"
+if TYPE_CHECKING:
+    from bulkmail.store.contract import JobStore
 
+__all__ = ["Store", "open_store"]
 
-metadata = sa.MetaData()
-
-
-def _text(length: int) -> sa.types.TypeEngine[str]:
-    """A string column: bounded as before on SQLite (where lengths are not enforced),
-    unbounded on PostgreSQL (where they are), so an over-long address in a CSV is stored
-    as a skipped delivery rather than failing the whole job."""
-    return sa.String(length).with_variant(sa.Text(), "postgresql")
+_PENDING, _SENDING = DeliveryState.PENDING, DeliveryState.SENDING
+_HELD = (DeliveryState.PENDING, DeliveryState.SENDING)  # not done yet: pending or in flight
 
 
-meta = sa.Table(
-    "meta",
-    metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-
-jobs = sa.Table(
-    "jobs",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("token", sa.String(16), nullable=False),  # makes Message-IDs globally unique
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("provider", sa.String(16), nullable=False),
-    sa.Column("provider_settings", sa.Text, nullable=False),  # JSON, never a secret
-    sa.Column("account", _text(255), nullable=False),  # the rate-limit key
-    sa.Column("sender", _text(500), nullable=False),
-    sa.Column("subject", sa.Text, nullable=False),  # the subject template
-    sa.Column("templates", sa.Text, nullable=False),  # JSON: text, html, attachments, names
-    sa.Column("source", sa.Text, nullable=False),
-    sa.Column("rate", sa.Float, nullable=False),
-    sa.Column("burst", sa.Integer, nullable=False),
-    sa.Column("concurrency", sa.Integer, nullable=False),
-    sa.Column("max_retries", sa.Integer, nullable=False),
-    sa.Column("backoff", sa.Float, nullable=False),
-    sa.Column("dedupe_key", _text(255), nullable=True, index=True),
-    sa.Column("total", sa.Integer, nullable=False, default=0),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("started_at", sa.Float, nullable=True),
-    sa.Column("finished_at", sa.Float, nullable=True),
-    sa.Column("error", sa.Text, nullable=True),  # why the job stopped (aborted / paused)
-    sa.Column("log_path", sa.Text, nullable=True),
-)
-
-workers = sa.Table(
-    "workers",
-    metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False, index=True),
-    sa.Column("host", _text(255), nullable=False),
-    sa.Column("pid", sa.Integer, nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("heartbeat_at", sa.Float, nullable=False),
-    sa.Column("stopped_at", sa.Float, nullable=True),
-    sa.Column("sent", sa.Integer, nullable=False, default=0),
-)
-
-deliveries = sa.Table(
-    "deliveries",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
-    sa.Column("position", sa.Integer, nullable=False),
-    sa.Column("row", sa.Integer, nullable=False),
-    sa.Column("email", _text(320), nullable=False),
-    sa.Column("email_key", _text(320), nullable=False),  # lower-cased, for dedupe
-    sa.Column("name", sa.Text, nullable=False),
-    sa.Column("fields", sa.Text, nullable=False),  # JSON
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("last_error", sa.Text, nullable=True),  # or the skip reason
-    sa.Column("next_attempt_at", sa.Float, nullable=False, default=0.0),
-    sa.Column("provider_message_id", _text(255), nullable=True),
-    sa.Column("message_id", _text(255), nullable=False),
-    sa.Column("sent_at", sa.Float, nullable=True),
-    sa.Column("worker_id", sa.String(32), nullable=True),
-    sa.Column("in_doubt", sa.Boolean, nullable=False, default=False),
-    sa.UniqueConstraint("job_id", "position", name="uq_deliveries_job_position"),
-    # the claim query and the per-state counts of `status` read only this index
-    sa.Index("ix_deliveries_claim", "job_id", "state", "next_attempt_at", "position"),
-    # cron de-duplication: "was this address sent under that key?"
-    sa.Index("ix_deliveries_email_state", "email_key", "state"),
-    # `status` counts deliveries resent after a crash: a handful among millions
-    sa.Index(
-        "ix_deliveries_in_doubt",
-        "job_id",
-        sqlite_where=sa.text("in_doubt"),
-        postgresql_where=sa.text("in_doubt"),
-    ),
-)
-
-rate_buckets = sa.Table(
-    "rate_buckets",
-    metadata,
-    sa.Column("key", _text(255), primary_key=True),
-    sa.Column("tat", sa.Float, nullable=False),  # GCRA theoretical arrival time
-)
+@functools.cache
+def _sql(text: str) -> sa.TextClause:
+    """A plain SQL statement of :mod:`bulkmail.store.reads`, parsed once."""
+    clause = sa.text(text)
+    if ":keys" in text:
+        clause = clause.bindparams(sa.bindparam("keys", expanding=True))
+    return clause
 
 
-# --------------------------------------------------------------------------- versions
+def _query(conn: Connection) -> Query:
+    """The reads' primitive (``reads.Query``) on this connection's transaction."""
 
+    def query(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return [dict(row) for row in conn.execute(_sql(sql), params).mappings()]
 
-def schema_version(conn: Connection) -> int | None:
-    """The schema version recorded in a store: None for an empty database (a new store), 0
-    for one holding bulkmail's tables but no recorded version."""
-    tables = set(sa.inspect(conn).get_table_names())
-    if "jobs" not in tables:
-        return None
-    if "meta" not in tables:
-        return 0
-    value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
-    return 0 if value is None else int(value)
-
-
-def _record_version(conn: Connection) -> None:
-    """0 -> 1: the tables are those of version 1; only the version was never recorded (the
-    ``meta`` table, when missing, is created after the steps)."""
-
-
-# MIGRATIONS[n] upgrades a store from schema n to n + 1, inside the transaction that opens it.
-# A change to the tables above adds a step here and bumps SCHEMA_VERSION; a step uses plain
-# DDL that both SQLite and PostgreSQL understand (e.g. ALTER TABLE ... ADD COLUMN).
-def _index_in_doubt(conn: Connection) -> None:
-    """Schema 2: the partial index behind the in-doubt count of `status`."""
-    ix = next(i for i in deliveries.indexes if i.name == "ix_deliveries_in_doubt")
-    ix.create(conn, checkfirst=True)
-
-
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _record_version, 1: _index_in_doubt}
+    return query
 
 
 # The send loop's statements, built once (building a Core statement costs more than running
@@ -218,7 +115,7 @@ def _stmt_next_due_row() -> sa.Select[Any]:
         sa.select(deliveries)
         .where(
             deliveries.c.job_id == sa.bindparam("b_job"),
-            deliveries.c.state == "pending",
+            deliveries.c.state == _PENDING,
             deliveries.c.next_attempt_at <= sa.bindparam("b_now"),
         )
         .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
@@ -232,9 +129,9 @@ def _stmt_next_due_row() -> sa.Select[Any]:
 def _stmt_mark_sending() -> sa.Update:
     return (
         deliveries.update()
-        .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.state == "pending")
+        .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.state == _PENDING)
         .values(
-            state="sending",
+            state=_SENDING,
             attempts=sa.bindparam("b_attempts"),
             worker_id=sa.bindparam("b_worker"),
         )
@@ -244,7 +141,7 @@ def _stmt_mark_sending() -> sa.Update:
 @functools.cache
 def _stmt_min_due() -> sa.Select[Any]:
     return sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
-        deliveries.c.job_id == sa.bindparam("b_job"), deliveries.c.state == "pending"
+        deliveries.c.job_id == sa.bindparam("b_job"), deliveries.c.state == _PENDING
     )
 
 
@@ -254,7 +151,7 @@ def _stmt_outcome(keys: tuple[str, ...]) -> sa.Update:
         deliveries.update()
         .where(
             deliveries.c.id == sa.bindparam("o_id"),
-            deliveries.c.state == "sending",
+            deliveries.c.state == _SENDING,
             deliveries.c.worker_id == sa.bindparam("o_worker"),
         )
         .values({key: sa.bindparam(f"v_{key}") for key in keys})
@@ -270,137 +167,10 @@ def _stmt_worker_sent() -> sa.Update:
     )
 
 
-# --------------------------------------------------------------------------- opening
-
-
-def _sqlite_path(url: sa.URL) -> Path | None:
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return Path(url.database)
-
-
-def _prepare_sqlite_file(path: Path) -> None:
-    """Create the store file (and its folder) with owner-only permissions before SQLite
-    does, so the deliveries (names, addresses) are never readable by other users. An
-    existing file is checked, read-only, to be a bulkmail store (or empty) before the
-    engine opens it: opening switches the file to WAL mode, which must never happen to
-    someone else's database (``--store course.db`` typed for ``--db``)."""
-    if path.exists():
-        if path.is_dir():
-            raise StoreError(f"{path}: is a directory, not a job store")
-        _check_sqlite_store(path)
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot create the job store: {exc.strerror}") from None
-
-
-def _check_sqlite_store(path: Path) -> None:
-    """Refuse an existing file that is not SQLite, or an SQLite database with tables that
-    are not bulkmail's."""
-    try:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30.0)
-        try:
-            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: not a bulkmail job store ({exc})") from None
-    tables = [t for t in tables if not t.startswith("sqlite_")]
-    if tables and "jobs" not in tables:
-        raise StoreError(
-            f"{path}: an SQLite database with other tables ({', '.join(tables[:4])}), not a "
-            "bulkmail job store; give --store a new file (was it meant for --db sqlite:///...?)"
-        )
-
-
-def _set_wal(cursor: Any) -> None:
-    """Put the store in WAL mode (persistent: a no-op once done). Switching a new file
-    needs an exclusive lock, and SQLite answers "database is locked" at once, without its
-    busy handler, when another process is opening the same new store: try again a while."""
-    deadline = time.monotonic() + 30.0
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-def _sqlite_engine(url: sa.URL) -> Engine:
-    engine = sa.create_engine(
-        url, connect_args={"check_same_thread": False, "timeout": 30.0}, pool_size=8
-    )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # let SQLAlchemy's begin event emit BEGIN itself (the pysqlite driver's own
-        # transaction handling would defer it and cannot do BEGIN IMMEDIATE)
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout = 30000")
-        _set_wal(cursor)
-        cursor.execute("PRAGMA synchronous = FULL")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("bulkmail_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
-
-    return engine
-
-
-def _postgres_engine(url: sa.URL) -> Engine:
-    shown = url.render_as_string(hide_password=True)
-    if url.drivername in ("postgresql", "postgres"):
-        url = url.set(drivername="postgresql+psycopg")  # psycopg 3, not SQLAlchemy's psycopg2
-    if url.get_backend_name() != "postgresql":
-        raise StoreError(
-            f"--store {shown}: a job store is a SQLite file (a path or sqlite:///PATH) or a "
-            "PostgreSQL database (postgresql://USER@HOST/DB)"
-        )
-    try:
-        return sa.create_engine(
-            url,
-            pool_pre_ping=True,  # a worker outlives a server restart
-            connect_args={"connect_timeout": 10, "application_name": "bulkmail"},
-        )
-    except ImportError as exc:
-        raise StoreError(
-            f"{shown}: a PostgreSQL store needs the psycopg driver "
-            f"(pip install 'bulkmail[postgres]'): {exc}"
-        ) from None
-    except sa.exc.ArgumentError as exc:
-        raise StoreError(f"cannot open store {shown}: {exc}") from None
-
-
 def open_store(location: str | os.PathLike[str] | None = None) -> Store:
     """Open (creating on first use, upgrading when older) the job store at ``location``."""
-    try:
-        url = sa.make_url(store_url(location))
-    except sa.exc.ArgumentError as exc:
-        raise StoreError(f"--store: not a path or database URL: {exc}") from None
-    path = _sqlite_path(url)
-    if path is not None:
-        _prepare_sqlite_file(path)
-        store = Store(_sqlite_engine(url), str(path))
-    else:
-        store = Store(
-            _postgres_engine(url),
-            url.render_as_string(hide_password=True),
-            url=url.render_as_string(hide_password=False),
-        )
+    opened = open_engine(location)
+    store = Store(opened.engine, opened.location, url=opened.url)
     store.create_schema()
     return store
 
@@ -450,40 +220,14 @@ class Store(StoreReads):
     @contextmanager
     def _reading(self) -> Iterator[Query]:
         with self._read() as conn:
-
-            def query(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-                return [dict(row) for row in conn.execute(sa.text(sql), params).mappings()]
-
-            yield query
+            yield _query(conn)
 
     def create_schema(self) -> None:
-        """Create the schema on first use, or bring an older one up to ``SCHEMA_VERSION``:
-        every step of ``MIGRATIONS`` from the recorded version on, then the new version
-        number, in ONE transaction (a failed step leaves the store as it was)."""
+        """Create the schema on first use, or migrate an older one (``schema.create_schema``),
+        in ONE write transaction."""
         try:
             with self._write() as conn:
-                if self.server:
-                    # several workers may open a new store at once: one creates it
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-                version = schema_version(conn)
-                if version is None:  # a new store
-                    metadata.create_all(conn)
-                    conn.execute(
-                        meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
-                    )
-                    return
-                if version > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.location}: made by a newer bulkmail (schema {version}); "
-                        "upgrade bulkmail to use it"
-                    )
-                if version == SCHEMA_VERSION:
-                    return
-                for step in range(version, SCHEMA_VERSION):
-                    MIGRATIONS[step](conn)
-                metadata.create_all(conn)  # tables new since then
-                conn.execute(meta.delete().where(meta.c.key == "schema_version"))
-                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+                create_schema(conn, server=self.server, location=self.location)
         except sa.exc.DatabaseError as exc:
             raise StoreError(f"{self.location}: not a bulkmail job store ({exc.orig})") from None
 
@@ -505,7 +249,7 @@ class Store(StoreReads):
                 jobs.insert()
                 .values(
                     token=token,
-                    state="queued",
+                    state=JobState.QUEUED,
                     provider=new.provider,
                     provider_settings=_json(dict(new.provider_settings)),
                     account=new.account,
@@ -547,11 +291,11 @@ class Store(StoreReads):
                         "email_key": rcpt.email.lower(),
                         "name": rcpt.name,
                         "fields": _json(dict(rcpt.fields)),
-                        "state": "skipped" if rcpt.skip_reason else "pending",
+                        "state": DeliveryState.SKIPPED if rcpt.skip_reason else _PENDING,
                         "attempts": 0,
                         "last_error": rcpt.skip_reason,
                         "next_attempt_at": 0.0,
-                        "message_id": f"<bulkmail.{job_id}.{position}.{token}@{domain}>",
+                        "message_id": message_id(job_id, position, token, domain),
                         "in_doubt": False,
                     }
                 )
@@ -566,41 +310,21 @@ class Store(StoreReads):
     ) -> None:
         """Skip the batch's addresses that another job under ``dedupe_key`` has sent or
         still holds (a paused cron run's pending reminders are not sent twice)."""
-        keys = {row["email_key"] for row in batch if row["state"] == "pending"}
+        keys = {row["email_key"] for row in batch if row["state"] == _PENDING}
         if not keys:
             return
-        query = (
-            sa.select(deliveries.c.email_key, deliveries.c.job_id, deliveries.c.state)
-            .join(jobs, jobs.c.id == deliveries.c.job_id)
-            .where(
-                deliveries.c.email_key.in_(keys),
-                jobs.c.dedupe_key == dedupe_key,
-                sa.or_(
-                    deliveries.c.state == "sent",
-                    sa.and_(
-                        deliveries.c.state.in_(("pending", "sending")),
-                        jobs.c.state != "cancelled",
-                    ),
-                ),
-            )
-        )
-        taken = pick_dedupe((key, job, state) for key, job, state in conn.execute(query))
+        rows = _query(conn)(SQL_TAKEN_AMONG, {"key": dedupe_key, "keys": sorted(keys)})
+        taken = pick_dedupe((row["email_key"], row["job"], row["state"]) for row in rows)
         for row in batch:
-            if row["state"] == "pending" and row["email_key"] in taken:
+            if row["state"] == _PENDING and row["email_key"] in taken:
                 job, state = taken[row["email_key"]]
-                row["state"] = "skipped"
+                row["state"] = DeliveryState.SKIPPED
                 row["last_error"] = dedupe_reason(dedupe_key, job, state)
 
     def _job(self, conn: Connection, job_id: int, *, lock: bool = False) -> JobRecord:
         """The job; ``lock``: hold its row until the transaction ends (``FOR UPDATE`` on
         PostgreSQL; on SQLite the write transaction already excludes other writers)."""
-        query = sa.select(jobs).where(jobs.c.id == job_id)
-        if lock:
-            query = query.with_for_update()
-        row = conn.execute(query).mappings().first()
-        if row is None:
-            raise JobNotFound(job_id)
-        return job_from_row(dict(row))
+        return read_job(_query(conn), job_id, for_update=lock and self.server)
 
     def set_log_path(self, job_id: int, path: str) -> None:
         with self._write() as conn:
@@ -611,11 +335,7 @@ class Store(StoreReads):
     def _workers(
         self, conn: Connection, job_id: int, *, live_only: bool = False
     ) -> list[WorkerRecord]:
-        query = sa.select(workers).where(workers.c.job_id == job_id)
-        if live_only:
-            query = query.where(workers.c.stopped_at.is_(None))
-        rows = conn.execute(query.order_by(workers.c.started_at)).mappings()
-        return [worker_from_row(dict(row)) for row in rows]
+        return read_workers(_query(conn), job_id, live_only=live_only)
 
     def register_worker(
         self,
@@ -637,7 +357,7 @@ class Store(StoreReads):
         """
         with self._write() as conn:
             job = self._job(conn, job_id, lock=True)
-            if job.state in ("completed", "cancelled"):
+            if job.state in (JobState.COMPLETED, JobState.CANCELLED):
                 raise JobStateError(f"job {job_id} is {job.state}; there is nothing to run")
             current = self._workers(conn, job_id, live_only=True)
             live = [w for w in current if alive(w)]
@@ -660,7 +380,7 @@ class Store(StoreReads):
                     sent=0,
                 )
             )
-            values: dict[str, Any] = {"state": "running", "finished_at": None, "error": None}
+            values: dict[str, Any] = {"state": JobState.RUNNING, "finished_at": None, "error": None}
             if job.started_at is None:
                 values["started_at"] = now
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
@@ -680,12 +400,12 @@ class Store(StoreReads):
         caller holds the job row (lock order: jobs, deliveries, workers)."""
         live_ids = [w.id for w in live]
         reclaim = deliveries.update().where(
-            deliveries.c.job_id == job_id, deliveries.c.state == "sending"
+            deliveries.c.job_id == job_id, deliveries.c.state == _SENDING
         )
         if live_ids:
             reclaim = reclaim.where(deliveries.c.worker_id.not_in(live_ids))
         reclaimed = conn.execute(
-            reclaim.values(state="pending", in_doubt=True, next_attempt_at=0.0)
+            reclaim.values(state=_PENDING, in_doubt=True, next_attempt_at=0.0)
         ).rowcount
         dead = [w.id for w in current if w.id not in live_ids]
         if dead:
@@ -694,7 +414,7 @@ class Store(StoreReads):
 
     def heartbeat(self, worker_id: str, *, now: float) -> str:
         """Renew a worker's heartbeat; return its job's state (so a cancel is noticed), or
-        ``"stopped"`` when other workers took this one for gone (its heartbeat had gone
+        ``WORKER_STOPPED`` when other workers took this one for gone (its heartbeat had gone
         stale) and took over its deliveries: it must stop before its next message."""
         with self._write() as conn:
             conn.execute(workers.update().where(workers.c.id == worker_id).values(heartbeat_at=now))
@@ -704,8 +424,8 @@ class Store(StoreReads):
                 .where(workers.c.id == worker_id)
             ).first()
         if row is None:
-            return "None"
-        return "stopped" if row.stopped_at is not None else str(row.state)
+            return "None"  # no such worker
+        return WORKER_STOPPED if row.stopped_at is not None else str(row.state)
 
     def reclaim(self, job_id: int, *, worker_id: str, now: float, alive: WorkerAlive) -> Reclaimed:
         """Take over the deliveries of the job's gone workers (what a live worker does at
@@ -724,7 +444,7 @@ class Store(StoreReads):
         # a plain read first: the common case (everyone alive) takes no lock
         with self._read() as conn:
             state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
-            if state != "running":
+            if state != JobState.RUNNING:
                 return Reclaimed(0, 0)
             current = self._workers(conn, job_id, live_only=True)
             if worker_id not in {w.id for w in current}:
@@ -736,7 +456,7 @@ class Store(StoreReads):
             return Reclaimed(0, sum(n for w, n in held.items() if w != worker_id))
         with self._write() as conn:
             job = self._job(conn, job_id, lock=True)
-            if job.state != "running":
+            if job.state != JobState.RUNNING:
                 return Reclaimed(0, 0)
             current = self._workers(conn, job_id, live_only=True)
             live_workers = [w for w in current if is_alive(w)]
@@ -747,7 +467,7 @@ class Store(StoreReads):
     def _sending_by_worker(self, conn: Connection, job_id: int) -> dict[str, int]:
         rows = conn.execute(
             sa.select(deliveries.c.worker_id, sa.func.count())
-            .where(deliveries.c.job_id == job_id, deliveries.c.state == "sending")
+            .where(deliveries.c.job_id == job_id, deliveries.c.state == _SENDING)
             .group_by(deliveries.c.worker_id)
         )
         return {str(w): int(n) for w, n in rows}
@@ -769,7 +489,7 @@ class Store(StoreReads):
             # the job row first: two workers finishing at once settle the state one by one
             job = self._job(conn, job_id, lock=True)
             conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=now))
-            if job.state != "running":
+            if job.state != JobState.RUNNING:
                 return job.state  # cancelled, or paused/aborted by another worker
             if stop is not None:
                 conn.execute(
@@ -786,24 +506,24 @@ class Store(StoreReads):
             left = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(deliveries)
-                .where(
-                    deliveries.c.job_id == job_id, deliveries.c.state.in_(("pending", "sending"))
-                )
+                .where(deliveries.c.job_id == job_id, deliveries.c.state.in_(_HELD))
             ).scalar_one()
             if left == 0:
                 conn.execute(
                     jobs.update()
                     .where(jobs.c.id == job_id)
-                    .values(state="completed", finished_at=now, error=None)
+                    .values(state=JobState.COMPLETED, finished_at=now, error=None)
                 )
-                return "completed"
+                return JobState.COMPLETED
             if others == 0:
                 # nothing claimable is left for us but work remains (e.g. abandoned): pause
                 conn.execute(
-                    jobs.update().where(jobs.c.id == job_id).values(state="paused", error=error)
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(state=JobState.PAUSED, error=error)
                 )
-                return "paused"
-            return "running"
+                return JobState.PAUSED
+            return JobState.RUNNING
 
     # -- the send loop's steps
 
@@ -831,12 +551,12 @@ class Store(StoreReads):
                 self._settle(conn, settle, worker_id)
             job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
             state, dedupe_key, stopped_at = job.one()
-            if state != "running":
+            if state != JobState.RUNNING:
                 return Stop(str(state))
             if stopped_at is not None:
                 # other workers took this one for gone (its heartbeat had gone stale) and
                 # took over its deliveries: it must not claim more
-                return Stop("stopped")
+                return Stop(WORKER_STOPPED)
             while True:
                 row = conn.execute(_stmt_next_due_row(), {"b_job": job_id, "b_now": now}).first()
                 if row is None:
@@ -849,35 +569,27 @@ class Store(StoreReads):
                     _stmt_mark_sending(),
                     {"b_id": values["id"], "b_attempts": attempts, "b_worker": worker_id},
                 )
-                values.update(state="sending", attempts=attempts, worker_id=worker_id)
+                values.update(state=_SENDING, attempts=attempts, worker_id=worker_id)
                 return Claimed(delivery_from_row(values))
             due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
             if due is not None:
                 return Wait(max(0.0, float(due) - now))
-            return Stop("running", finished=True)
+            return Stop(JobState.RUNNING, finished=True)
 
     def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
         """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
-        address (e.g. `retry` of an older job after a newer cron run): if so it becomes
-        ``skipped`` with the reason, in the claim's transaction."""
-        other = conn.execute(
-            sa.select(deliveries.c.job_id, deliveries.c.state)
-            .join(jobs, jobs.c.id == deliveries.c.job_id)
-            .where(
-                deliveries.c.email_key == d["email_key"],
-                deliveries.c.job_id != d["job_id"],
-                deliveries.c.state.in_(("sent", "sending")),
-                jobs.c.dedupe_key == dedupe_key,
-            )
-            .order_by(deliveries.c.state.desc())  # 'sent' before 'sending'
-            .limit(1)
-        ).first()
-        if other is None:
+        address (e.g. `retry` of an older job after a newer cron run; the claim-time dedupe,
+        ``reads.DEDUPE_TAKEN_AT_CLAIM``): if so it becomes ``skipped`` with the reason, in
+        the claim's transaction."""
+        params = {"key": dedupe_key, "email": d["email_key"], "job": d["job_id"]}
+        rows = _query(conn)(SQL_TAKEN_AT_CLAIM, params)
+        if not rows:
             return False
+        reason = dedupe_reason(dedupe_key, rows[0]["job"], rows[0]["state"])
         conn.execute(
             deliveries.update()
             .where(deliveries.c.id == d["id"])
-            .values(state="skipped", last_error=dedupe_reason(dedupe_key, other[0], other[1]))
+            .values(state=DeliveryState.SKIPPED, last_error=reason)
         )
         return True
 
@@ -893,44 +605,23 @@ class Store(StoreReads):
         updated = conn.execute(_stmt_outcome(tuple(k for k, _ in outcome.values)), params)
         if updated.rowcount and outcome.is_sent:
             conn.execute(_stmt_worker_sent(), {"b_worker": worker_id})
-        elif updated.rowcount and dict(outcome.values).get("state") == "pending":
+        elif updated.rowcount and dict(outcome.values).get("state") == _PENDING:
             self._cancel_if_job_cancelled(conn, outcome.delivery_id)
         return bool(updated.rowcount)
 
     def _cancel_if_job_cancelled(self, conn: Connection, delivery_id: int) -> None:
         """A delivery handed back to ``pending`` (retry later, or released untried) after
         its job was cancelled is cancelled too, or it would stay pending forever."""
-        cancelled_jobs = sa.select(jobs.c.id).where(jobs.c.state == "cancelled")
+        cancelled_jobs = sa.select(jobs.c.id).where(jobs.c.state == JobState.CANCELLED)
         conn.execute(
             deliveries.update()
             .where(
                 deliveries.c.id == delivery_id,
-                deliveries.c.state == "pending",
+                deliveries.c.state == _PENDING,
                 deliveries.c.job_id.in_(cancelled_jobs),
             )
-            .values(state="cancelled")
+            .values(state=DeliveryState.CANCELLED)
         )
-
-    def record_sent(
-        self, delivery_id: int, worker_id: str, *, provider_message_id: str | None, now: float
-    ) -> bool:
-        return self.record(Outcome.sent(delivery_id, provider_message_id, now), worker_id)
-
-    def record_failed(self, delivery_id: int, worker_id: str, *, error: str) -> bool:
-        return self.record(Outcome.failed(delivery_id, error), worker_id)
-
-    def record_retry(
-        self,
-        delivery_id: int,
-        worker_id: str,
-        *,
-        error: str,
-        next_attempt_at: float,
-        in_doubt: bool = False,
-    ) -> bool:
-        """Back to pending until ``next_attempt_at``. ``in_doubt``: the server may have
-        accepted the message (connection lost after the data was sent)."""
-        return self.record(Outcome.retry(delivery_id, error, next_attempt_at, in_doubt), worker_id)
 
     def release(self, delivery_id: int, worker_id: str) -> bool:
         """Give a claimed delivery back untried (the job stopped before it was sent)."""
@@ -939,10 +630,10 @@ class Store(StoreReads):
                 deliveries.update()
                 .where(
                     deliveries.c.id == delivery_id,
-                    deliveries.c.state == "sending",
+                    deliveries.c.state == _SENDING,
                     deliveries.c.worker_id == worker_id,
                 )
-                .values(state="pending", attempts=deliveries.c.attempts - 1)
+                .values(state=_PENDING, attempts=deliveries.c.attempts - 1)
             ).rowcount
             if updated:
                 self._cancel_if_job_cancelled(conn, delivery_id)
@@ -957,23 +648,25 @@ class Store(StoreReads):
         it is sending and stops before the next. Returns how many were cancelled."""
         with self._write() as conn:
             job = self._job(conn, job_id, lock=True)
-            if job.state in ("completed", "cancelled"):
+            if job.state in (JobState.COMPLETED, JobState.CANCELLED):
                 raise JobStateError(f"job {job_id} is already {job.state}")
             current = self._workers(conn, job_id, live_only=True)
             live = [w.id for w in current if alive is None or alive(w)]
-            gone_sending = sa.and_(deliveries.c.state == "sending")
+            gone_sending = sa.and_(deliveries.c.state == _SENDING)
             if live:
                 gone_sending = sa.and_(gone_sending, deliveries.c.worker_id.not_in(live))
             count = conn.execute(
                 deliveries.update()
                 .where(
                     deliveries.c.job_id == job_id,
-                    sa.or_(deliveries.c.state == "pending", gone_sending),
+                    sa.or_(deliveries.c.state == _PENDING, gone_sending),
                 )
-                .values(state="cancelled")
+                .values(state=DeliveryState.CANCELLED)
             ).rowcount
             conn.execute(
-                jobs.update().where(jobs.c.id == job_id).values(state="cancelled", finished_at=now)
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(state=JobState.CANCELLED, finished_at=now)
             )
         return int(count)
 
@@ -981,18 +674,18 @@ class Store(StoreReads):
         """Put a job's failed deliveries back to pending with fresh attempts."""
         with self._write() as conn:
             job = self._job(conn, job_id, lock=True)
-            if job.state == "cancelled":
+            if job.state == JobState.CANCELLED:
                 raise JobStateError(f"job {job_id} is cancelled; start a new job instead")
             count = conn.execute(
                 deliveries.update()
-                .where(deliveries.c.job_id == job_id, deliveries.c.state == "failed")
-                .values(state="pending", attempts=0, next_attempt_at=0.0)
+                .where(deliveries.c.job_id == job_id, deliveries.c.state == DeliveryState.FAILED)
+                .values(state=_PENDING, attempts=0, next_attempt_at=0.0)
             ).rowcount
-            if count and job.state == "completed":
+            if count and job.state == JobState.COMPLETED:
                 conn.execute(
                     jobs.update()
                     .where(jobs.c.id == job_id)
-                    .values(state="queued", finished_at=None)
+                    .values(state=JobState.QUEUED, finished_at=None)
                 )
         return int(count)
 
@@ -1028,3 +721,9 @@ class Store(StoreReads):
                 return slot
             conn.execute(rate_buckets.update().where(rate_buckets.c.key == key).values(tat=new_tat))
         return slot
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_contract(store: Store) -> JobStore:  # checked by mypy
+        return store

@@ -1,0 +1,196 @@
+"""The job store's contract: what every backend guarantees, as typed Protocols.
+
+``StoreReader`` is the read subset (``status``, ``recent``, ``report``), served by the full
+store and by the light SQLite reader of :mod:`bulkmail.store.lite`. ``JobStore`` is the whole
+store the send loop, the jobs and the commands are typed against; :class:`bulkmail.store.sql.
+Store` implements it on SQLite and PostgreSQL, and ``tests/test_store_contract.py`` is the
+one test suite every backend passes.
+
+Every write runs in ONE short transaction (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL the
+job row is locked ``FOR UPDATE`` whenever who runs the job changes), and a read runs in one
+read transaction: one consistent snapshot. Times are POSIX seconds passed in by the caller
+(``now``), never read from a clock here. Nothing here imports SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+from bulkmail.store.records import (
+    ClaimResult,
+    Counts,
+    DeliveryRecord,
+    JobRecord,
+    JobView,
+    NewDelivery,
+    NewJob,
+    Outcome,
+    Reclaimed,
+    Registration,
+    WorkerAlive,
+)
+
+__all__ = ["JobStore", "StoreReader"]
+
+
+class StoreReader(Protocol):
+    """The reads of a job store. Each call is one read transaction; nothing is changed."""
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages (never shows a password)."""
+        ...
+
+    def get_job(self, job_id: int) -> JobRecord:
+        """The job; ``JobNotFound`` when there is none."""
+        ...
+
+    def counts(self, job_id: int) -> Counts:
+        """The job's deliveries counted by state, and how many are in doubt."""
+        ...
+
+    def view(self, job_id: int) -> JobView:
+        """The job, its counts and its workers (oldest first), from one snapshot."""
+        ...
+
+    def recent(self, limit: int) -> list[JobView]:
+        """The newest ``limit`` jobs, newest first, each as ``view`` gives it."""
+        ...
+
+    def taken_under(self, dedupe_key: str) -> dict[str, tuple[int, str]]:
+        """The addresses (lower-cased) a new job under ``dedupe_key`` would skip, each with
+        the job and the delivery state that hold it (``records.dedupe_reason``)."""
+        ...
+
+    def deliveries(
+        self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000
+    ) -> Iterator[DeliveryRecord]:
+        """The job's deliveries (only those in ``states`` when given) in position order,
+        read ``batch`` at a time, each batch in its own read transaction."""
+        ...
+
+
+class JobStore(StoreReader, Protocol):
+    """The whole job store: job lifecycle, worker leases, claims, rate slots and reads."""
+
+    @property
+    def url(self) -> str:
+        """The store's URL to hand to a worker process (it may hold a password)."""
+        ...
+
+    @property
+    def server(self) -> bool:
+        """Whether it is a server database that workers on several hosts may share."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        ...
+
+    # -- job lifecycle
+
+    def create_job(
+        self, new: NewJob, recipients: Iterable[NewDelivery], *, now: float, domain: str
+    ) -> int:
+        """Create a ``queued`` job and every delivery in ONE transaction, streaming
+        ``recipients``; an exception while iterating them rolls it all back (no job is left).
+        Each delivery gets its Message-ID (``records.message_id``); it is ``pending``, or
+        ``skipped`` with its reason: the recipient's own ``skip_reason``, or an address
+        taken under the job's dedupe key (see ``taken_under``). Returns the job's id."""
+        ...
+
+    def set_log_path(self, job_id: int, path: str) -> None:
+        """Record where a background worker of the job writes its log."""
+        ...
+
+    def cancel(self, job_id: int, *, now: float, alive: WorkerAlive | None = None) -> int:
+        """Cancel the job (``JobStateError`` if completed or cancelled already), in one
+        transaction holding the job row: ``pending`` deliveries, and those left ``sending``
+        by workers ``alive`` says are gone, become ``cancelled``; a live worker's message in
+        flight gets its outcome. Returns how many deliveries were cancelled."""
+        ...
+
+    def retry_failed(self, job_id: int) -> int:
+        """Put the job's ``failed`` deliveries back to ``pending`` with no attempts, in one
+        transaction; a ``completed`` job becomes ``queued`` again, a cancelled one is
+        refused (``JobStateError``). Returns how many were put back."""
+        ...
+
+    # -- worker leases
+
+    def register_worker(
+        self,
+        job_id: int,
+        *,
+        worker_id: str,
+        host: str,
+        pid: int,
+        now: float,
+        alive: WorkerAlive,
+        exclusive: bool = True,
+    ) -> Registration:
+        """Register a worker and make the job ``running``, in one transaction holding the
+        job row. Refuses (``JobStateError``) a completed or cancelled job and, when
+        ``exclusive``, one a live worker holds. Gone workers are marked stopped and their
+        ``sending`` deliveries go back to ``pending`` in doubt (resent, same Message-ID)."""
+        ...
+
+    def heartbeat(self, worker_id: str, *, now: float) -> str:
+        """Renew the worker's heartbeat; return its job's state, or ``WORKER_STOPPED`` when
+        other workers took it for gone (it must stop before its next message)."""
+        ...
+
+    def reclaim(self, job_id: int, *, worker_id: str, now: float, alive: WorkerAlive) -> Reclaimed:
+        """Take over the deliveries of the job's gone workers (``alive`` says which; the
+        caller always counts as alive): their ``sending`` deliveries go back to ``pending``
+        in doubt and they are marked stopped. A plain read when nobody is gone; only a
+        ``running`` job is touched. Also says how many others still hold in ``sending``."""
+        ...
+
+    def finish_worker(
+        self, worker_id: str, *, now: float, stop: str | None, error: str | None
+    ) -> str:
+        """Mark the worker stopped and settle the job's state in one transaction holding
+        the job row; return the job's new state. ``stop`` (``paused``/``aborted``, with
+        ``error``) applies to the whole job; otherwise a job with nothing pending or sending
+        becomes ``completed``, and the last worker out of one with work left pauses it."""
+        ...
+
+    # -- claims
+
+    def next_due(self, job_id: int, *, now: float) -> float | None:
+        """Seconds until the job's next ``pending`` delivery is due (0: now), or None when
+        nothing is pending. A plain read: no lock."""
+        ...
+
+    def claim(
+        self, job_id: int, worker_id: str, *, now: float, settle: Outcome | None = None
+    ) -> ClaimResult:
+        """In one write transaction: commit ``settle`` (the worker's previous outcome, as
+        ``record``), then claim the next due ``pending`` delivery: ``sending``, one attempt
+        more, under ``worker_id`` (skipping, as ``skipped``, an address another job under the
+        dedupe key has sent or is sending). ``Wait`` when nothing is due yet, ``Stop`` when
+        the job is not running, the worker was taken for gone, or nothing is left."""
+        ...
+
+    def record(self, outcome: Outcome, worker_id: str) -> bool:
+        """Commit one delivery's outcome in one transaction; False (and nothing changed)
+        when the delivery is no longer this worker's. A ``sent`` counts for the worker; one
+        handed back to ``pending`` in a cancelled job becomes ``cancelled``."""
+        ...
+
+    def release(self, delivery_id: int, worker_id: str) -> bool:
+        """Give a claimed delivery back untried (``pending``, the attempt not counted; or
+        ``cancelled`` in a cancelled job). False when it is no longer this worker's."""
+        ...
+
+    # -- rate slots
+
+    def reserve_slot(
+        self, key: str, reserve: Callable[[float | None], tuple[float, float]]
+    ) -> float:
+        """One GCRA step on the shared bucket ``key`` in one write transaction holding its
+        row: ``reserve(tat) -> (slot, new_tat)`` computes, the new TAT is stored (the row
+        created on first use, once however many workers race), the slot is returned."""
+        ...

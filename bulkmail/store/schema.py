@@ -1,0 +1,185 @@
+"""The job store's schema: the four tables, the schema version and its migrations.
+
+The schema carries its version (``meta.schema_version``, ``records.SCHEMA_VERSION``);
+opening an older store applies the steps of ``MIGRATIONS`` in the transaction that opens it.
+The state columns hold the values of ``records.JobState`` and ``records.DeliveryState``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from bulkmail.errors import StoreError
+from bulkmail.store.records import SCHEMA_VERSION
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "create_schema",
+    "deliveries",
+    "jobs",
+    "meta",
+    "metadata",
+    "rate_buckets",
+    "schema_version",
+    "workers",
+]
+
+# a constant key for pg_advisory_xact_lock: workers starting at once create the schema once
+_SCHEMA_LOCK = 0x62756C6B6D61696C  # "bulkmail"
+
+
+metadata = sa.MetaData()
+
+
+def _text(length: int) -> sa.types.TypeEngine[str]:
+    """A string column: bounded as before on SQLite (where lengths are not enforced),
+    unbounded on PostgreSQL (where they are), so an over-long address in a CSV is stored
+    as a skipped delivery rather than failing the whole job."""
+    return sa.String(length).with_variant(sa.Text(), "postgresql")
+
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("token", sa.String(16), nullable=False),  # makes Message-IDs globally unique
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("provider_settings", sa.Text, nullable=False),  # JSON, never a secret
+    sa.Column("account", _text(255), nullable=False),  # the rate-limit key
+    sa.Column("sender", _text(500), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),  # the subject template
+    sa.Column("templates", sa.Text, nullable=False),  # JSON: text, html, attachments, names
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("burst", sa.Integer, nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("max_retries", sa.Integer, nullable=False),
+    sa.Column("backoff", sa.Float, nullable=False),
+    sa.Column("dedupe_key", _text(255), nullable=True, index=True),
+    sa.Column("total", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),  # why the job stopped (aborted / paused)
+    sa.Column("log_path", sa.Text, nullable=True),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False, index=True),
+    sa.Column("host", _text(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("stopped_at", sa.Float, nullable=True),
+    sa.Column("sent", sa.Integer, nullable=False, default=0),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("row", sa.Integer, nullable=False),
+    sa.Column("email", _text(320), nullable=False),
+    sa.Column("email_key", _text(320), nullable=False),  # lower-cased, for dedupe
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("fields", sa.Text, nullable=False),  # JSON
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text, nullable=True),  # or the skip reason
+    sa.Column("next_attempt_at", sa.Float, nullable=False, default=0.0),
+    sa.Column("provider_message_id", _text(255), nullable=True),
+    sa.Column("message_id", _text(255), nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=True),
+    sa.Column("worker_id", sa.String(32), nullable=True),
+    sa.Column("in_doubt", sa.Boolean, nullable=False, default=False),
+    sa.UniqueConstraint("job_id", "position", name="uq_deliveries_job_position"),
+    # the claim query and the per-state counts of `status` read only this index
+    sa.Index("ix_deliveries_claim", "job_id", "state", "next_attempt_at", "position"),
+    # cron de-duplication: "was this address sent under that key?"
+    sa.Index("ix_deliveries_email_state", "email_key", "state"),
+    # `status` counts deliveries resent after a crash: a handful among millions
+    sa.Index(
+        "ix_deliveries_in_doubt",
+        "job_id",
+        sqlite_where=sa.text("in_doubt"),
+        postgresql_where=sa.text("in_doubt"),
+    ),
+)
+
+rate_buckets = sa.Table(
+    "rate_buckets",
+    metadata,
+    sa.Column("key", _text(255), primary_key=True),
+    sa.Column("tat", sa.Float, nullable=False),  # GCRA theoretical arrival time
+)
+
+
+def schema_version(conn: Connection) -> int | None:
+    """The schema version recorded in a store: None for an empty database (a new store), 0
+    for one holding bulkmail's tables but no recorded version."""
+    tables = set(sa.inspect(conn).get_table_names())
+    if "jobs" not in tables:
+        return None
+    if "meta" not in tables:
+        return 0
+    value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+    return 0 if value is None else int(value)
+
+
+def _record_version(conn: Connection) -> None:
+    """0 -> 1: the tables are those of version 1; only the version was never recorded (the
+    ``meta`` table, when missing, is created after the steps)."""
+
+
+# MIGRATIONS[n] upgrades a store from schema n to n + 1, inside the transaction that opens it.
+# A change to the tables above adds a step here and bumps SCHEMA_VERSION; a step uses plain
+# DDL that both SQLite and PostgreSQL understand (e.g. ALTER TABLE ... ADD COLUMN).
+def _index_in_doubt(conn: Connection) -> None:
+    """Schema 2: the partial index behind the in-doubt count of `status`."""
+    ix = next(i for i in deliveries.indexes if i.name == "ix_deliveries_in_doubt")
+    ix.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _record_version, 1: _index_in_doubt}
+
+
+def create_schema(conn: Connection, *, server: bool, location: str) -> None:
+    """Create the schema in a new store, or bring an older one up to ``SCHEMA_VERSION``:
+    every step of ``MIGRATIONS`` from the recorded version on, then the new version number.
+    Runs in the caller's write transaction, so a failed step leaves the store as it was."""
+    if server:
+        # several workers may open a new store at once: one creates it
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+    version = schema_version(conn)
+    if version is None:  # a new store
+        metadata.create_all(conn)
+        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        return
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{location}: made by a newer bulkmail (schema {version}); upgrade bulkmail to use it"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    for step in range(version, SCHEMA_VERSION):
+        MIGRATIONS[step](conn)
+    metadata.create_all(conn)  # tables new since then
+    conn.execute(meta.delete().where(meta.c.key == "schema_version"))
+    conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))

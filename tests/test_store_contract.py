@@ -1,0 +1,554 @@
+"""The job store's contract (``bulkmail.store.contract``), one suite for every backend.
+
+Like huey's ``StorageTests``: each test takes ``store`` (conftest.py), so it runs on a real
+SQLite file and on a real PostgreSQL database; the read tests take ``reads``, so they also
+run through the light sqlite3 reader of ``status``/``recent``/``report``. Several workers on
+one store (threads, engines) are in test_store_pg.py; SQLite files in test_store.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from bulkmail.errors import InputError, JobNotFound, JobStateError, StoreError
+from bulkmail.procs import STALE_AFTER
+from bulkmail.store import (
+    Claimed,
+    DeliveryState,
+    JobRecord,
+    JobState,
+    JobStore,
+    NewDelivery,
+    NewJob,
+    Outcome,
+    Reclaimed,
+    Stop,
+    Store,
+    StoreReader,
+    Wait,
+    contract,
+    message_id,
+    open_reader,
+    open_store,
+)
+from bulkmail.store import schema as schema_module
+from bulkmail.store.lite import LiteReader
+from bulkmail.store.schema import schema_version
+from tests.test_store import alive_at, always_alive, join, never_alive, new_job, people, start
+
+
+@dataclass
+class Reads:
+    """A store to write through and a reader of the same store to check with."""
+
+    store: Store
+    reader: StoreReader
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "lite"])
+def reads(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reads]:
+    """The read contract on each reader: the SQLite store, the PostgreSQL store, and the
+    light sqlite3 reader of a SQLite store (opened once the test has written)."""
+    if request.param == "postgresql":
+        location = request.getfixturevalue("pg_url")
+    else:
+        location = str(tmp_path / "jobs.db")
+    store = open_store(location)
+    if request.param == "lite":
+        reader = open_reader(location)  # it reads each time: it sees the test's writes
+        assert isinstance(reader, LiteReader)
+        yield Reads(store, reader)
+    else:
+        yield Reads(store, store)
+    store.close()
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+def test_the_store_and_the_readers_implement_the_contract(tmp_path: Path) -> None:
+    """mypy checks the signatures (``sql._implements_the_contract``); this checks that no
+    member of the contract is missing at run time."""
+
+    def members(protocol: type) -> set[str]:
+        own = [cls for cls in protocol.__mro__ if cls.__module__ == contract.__name__]
+        return {name for cls in own for name in vars(cls) if not name.startswith("_")}
+
+    store = open_store(tmp_path / "jobs.db")
+    assert members(StoreReader) <= members(JobStore)
+    assert all(hasattr(store, name) for name in members(JobStore))
+    store.create_job(new_job(), people(1), now=1.0, domain="d")
+    reader = open_reader(tmp_path / "jobs.db")
+    assert isinstance(reader, LiteReader)
+    assert all(hasattr(reader, name) for name in members(StoreReader))
+    store.close()
+
+
+def test_a_job_record_is_what_it_was_created_with_and_more(store: Store) -> None:
+    new = new_job(dedupe_key="k")
+    job = store.get_job(store.create_job(new, people(1), now=5.0, domain="d"))
+    assert isinstance(job, JobRecord)
+    assert {f.name: getattr(job, f.name) for f in fields(NewJob)} == {
+        f.name: getattr(new, f.name) for f in fields(NewJob)
+    }
+    assert (job.state, job.total, job.created_at, job.started_at) == (JobState.QUEUED, 1, 5.0, None)
+
+
+def test_message_ids_are_made_in_one_place(store: Store) -> None:
+    assert message_id(7, 3, "ab12cd34", "example.edu") == "<bulkmail.7.3.ab12cd34@example.edu>"
+    job_id = store.create_job(new_job(), people(2), now=1.0, domain="example.edu")
+    token = store.get_job(job_id).token
+    assert [d.message_id for d in store.deliveries(job_id)] == [
+        message_id(job_id, 1, token, "example.edu"),
+        message_id(job_id, 2, token, "example.edu"),
+    ]
+
+
+# --------------------------------------------------------------------------- reads
+
+
+class TestReads:
+    """``StoreReader``: on both stores and on the light reader."""
+
+    def test_create_job_records_every_row_and_skips(self, reads: Reads) -> None:
+        store, reader = reads.store, reads.reader
+        job_id = store.create_job(
+            new_job(), people(5, skip={1: "invalid address"}), now=10.0, domain="example.edu"
+        )
+        view = reader.view(job_id)
+        assert view.job.state == "queued" and view.job.total == 5
+        assert (view.counts.pending, view.counts.skipped) == (4, 1)
+        rows = list(reader.deliveries(job_id))
+        assert [d.position for d in rows] == [1, 2, 3, 4, 5]
+        assert rows[1].state == "skipped" and rows[1].last_error == "invalid address"
+        assert rows[0].fields == {"course": "C0"}
+        ids = {d.message_id for d in rows}
+        assert len(ids) == 5 and all(m.endswith("@example.edu>") for m in ids)
+
+    def test_unknown_job(self, reads: Reads) -> None:
+        with pytest.raises(JobNotFound, match="no job 42"):
+            reads.reader.view(42)
+        with pytest.raises(JobNotFound, match="no job 42"):
+            reads.reader.get_job(42)
+
+    def test_recent_is_newest_first_with_counts(self, reads: Reads) -> None:
+        store = reads.store
+        ids = [
+            store.create_job(new_job(), people(n + 1), now=float(n), domain="d") for n in range(4)
+        ]
+        views = reads.reader.recent(3)
+        assert [v.job.id for v in views] == ids[::-1][:3]
+        assert [v.counts.pending for v in views] == [4, 3, 2]
+
+    def test_deliveries_stream_in_batches_and_filter_by_state(self, reads: Reads) -> None:
+        store, reader = reads.store, reads.reader
+        job_id = store.create_job(new_job(), people(5, skip={3: "dup"}), now=1.0, domain="d")
+        start(store, job_id)
+        c = store.claim(job_id, "w1", now=100.0)
+        assert isinstance(c, Claimed)
+        store.record(Outcome.failed(c.delivery.id, "550 no"), "w1")
+        every = list(reader.deliveries(job_id, batch=2))
+        assert [d.position for d in every] == [1, 2, 3, 4, 5]
+        assert every == list(store.deliveries(job_id))
+        failed = list(reader.deliveries(job_id, states=(DeliveryState.FAILED,)))
+        assert [(d.position, d.last_error) for d in failed] == [(1, "550 no")]
+        assert [d.position for d in reader.deliveries(job_id, states=("skipped", "failed"))] == [
+            1,
+            4,
+        ]
+        counts = reader.counts(job_id)
+        assert (counts.failed, counts.skipped, counts.pending, counts.total) == (1, 1, 3, 5)
+
+    def test_taken_under_is_what_a_new_job_would_skip(self, reads: Reads) -> None:
+        store = reads.store
+        first = store.create_job(new_job(dedupe_key="k"), people(3), now=1.0, domain="d")
+        start(store, first)
+        c = store.claim(first, "w1", now=100.0)
+        assert isinstance(c, Claimed)
+        store.record(Outcome.sent(c.delivery.id, None, 100.0), "w1")
+        store.finish_worker("w1", now=101.0, stop="paused", error=None)
+        taken = reads.reader.taken_under("k")
+        assert taken == {
+            "p0@example.edu": (first, "sent"),
+            "p1@example.edu": (first, "pending"),
+            "p2@example.edu": (first, "pending"),
+        }
+        assert reads.reader.taken_under("other") == {}
+        store.cancel(first, now=102.0)
+        assert reads.reader.taken_under("k") == {"p0@example.edu": (first, "sent")}
+
+
+# --------------------------------------------------------------------------- job lifecycle
+
+
+class TestJobLifecycle:
+    def test_a_failing_source_leaves_no_job(self, store: Store) -> None:
+        def rows() -> Iterator[NewDelivery]:
+            yield from people(1500)  # more than one insert batch
+            raise InputError("list.csv: row 1502: template uses undefined variable 'x'")
+
+        with pytest.raises(InputError):
+            store.create_job(new_job(), rows(), now=1.0, domain="d")
+        assert store.recent(10) == []
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar() == 0
+
+    def test_a_long_address_is_stored_on_every_backend(self, store: Store) -> None:
+        long = "x" * 400 + "@example.edu"
+        job_id = store.create_job(
+            new_job(), [NewDelivery(2, long, "n", {}, "invalid address")], now=1.0, domain="d"
+        )
+        assert next(iter(store.deliveries(job_id))).email == long
+
+    def test_set_log_path(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(1), now=1.0, domain="d")
+        assert store.get_job(job_id).log_path is None
+        store.set_log_path(job_id, "/logs/job-1.log")
+        assert store.get_job(job_id).log_path == "/logs/job-1.log"
+
+    def test_cancel_stops_claims_and_cancels_pending(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(4), now=1.0, domain="d")
+        start(store, job_id)
+        c = store.claim(job_id, "w1", now=100.0)
+        assert isinstance(c, Claimed)
+        assert store.cancel(job_id, now=105.0) == 3
+        assert store.heartbeat("w1", now=106.0) == "cancelled"
+        stop = store.claim(job_id, "w1", now=106.0)
+        assert isinstance(stop, Stop) and stop.state == "cancelled" and not stop.finished
+        # the message in flight still gets its outcome recorded
+        store.record(Outcome.sent(c.delivery.id, None, 106.0), "w1")
+        assert store.finish_worker("w1", now=107.0, stop=None, error=None) == "cancelled"
+        counts = store.counts(job_id)
+        assert (counts.sent, counts.cancelled, counts.pending) == (1, 3, 0)
+        with pytest.raises(JobStateError, match="already cancelled"):
+            store.cancel(job_id, now=108.0)
+
+    def test_cancel_of_a_crashed_job_leaves_nothing_in_flight(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+        start(store, job_id, "w1")
+        assert isinstance(store.claim(job_id, "w1", now=100.0), Claimed)
+        # w1 was killed with its message in flight; nobody resumes, the admin cancels
+        assert store.cancel(job_id, now=200.0, alive=never_alive) == 3
+        counts = store.counts(job_id)
+        assert (counts.sending, counts.pending, counts.cancelled) == (0, 0, 3)
+
+    def test_retry_failed_reopens_a_completed_job(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(2), now=1.0, domain="d")
+        start(store, job_id)
+        for _ in range(2):
+            c = store.claim(job_id, "w1", now=100.0)
+            assert isinstance(c, Claimed)
+            store.record(Outcome.failed(c.delivery.id, "550 nope"), "w1")
+        assert store.finish_worker("w1", now=101.0, stop=None, error=None) == "completed"
+        assert store.retry_failed(job_id) == 2
+        view = store.view(job_id)
+        assert view.job.state == "queued" and view.counts.pending == 2
+        assert all(d.attempts == 0 for d in store.deliveries(job_id))
+
+    def test_dedupe_key_skips_addresses_already_sent(self, store: Store) -> None:
+        first = store.create_job(new_job(dedupe_key="term-1"), people(3), now=1.0, domain="d")
+        start(store, first)
+        for _ in range(2):  # p0 and p1 sent, p2 fails
+            c = store.claim(first, "w1", now=100.0)
+            assert isinstance(c, Claimed)
+            store.record(Outcome.sent(c.delivery.id, None, 100.0), "w1")
+        c = store.claim(first, "w1", now=100.0)
+        assert isinstance(c, Claimed)
+        store.record(Outcome.failed(c.delivery.id, "550"), "w1")
+        upper = [NewDelivery(2, "P0@example.edu", "x", {}), *people(4)[1:]]
+        second = store.create_job(new_job(dedupe_key="term-1"), upper, now=2.0, domain="d")
+        rows = {d.email.lower(): d for d in store.deliveries(second)}
+        assert rows["p0@example.edu"].state == "skipped"
+        assert (
+            rows["p0@example.edu"].last_error
+            == f"already sent under dedupe key 'term-1' (job {first})"
+        )
+        assert rows["p1@example.edu"].state == "skipped"
+        assert rows["p2@example.edu"].state == "pending"  # failed before: try again
+        assert rows["p3@example.edu"].state == "pending"
+        other = store.create_job(new_job(dedupe_key="term-2"), people(2), now=3.0, domain="d")
+        assert store.counts(other).pending == 2
+
+    def test_dedupe_key_skips_what_an_unfinished_job_still_holds(self, store: Store) -> None:
+        first = store.create_job(new_job(dedupe_key="k"), people(3), now=1.0, domain="d")
+        start(store, first)
+        sent = store.claim(first, "w1", now=100.0)
+        assert isinstance(sent, Claimed)
+        store.record(Outcome.sent(sent.delivery.id, None, 100.0), "w1")
+        # job 1 pauses with p1 and p2 pending; the next cron run must not take them too
+        store.finish_worker("w1", now=101.0, stop="paused", error="server down")
+        second = store.create_job(new_job(dedupe_key="k"), people(4), now=2.0, domain="d")
+        reasons = {d.email: (d.state, d.last_error) for d in store.deliveries(second)}
+        assert reasons["p0@example.edu"] == (
+            "skipped",
+            f"already sent under dedupe key 'k' (job {first})",
+        )
+        assert reasons["p1@example.edu"][0] == "skipped"
+        assert f"already queued under dedupe key 'k' in job {first}" in str(
+            reasons["p1@example.edu"][1]
+        )
+        assert reasons["p3@example.edu"] == ("pending", None)
+
+
+# --------------------------------------------------------------------------- worker leases
+
+
+class TestWorkerLeases:
+    def test_dead_workers_sending_deliveries_are_in_doubt_on_resume(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+        start(store, job_id, "w1")
+        claimed = store.claim(job_id, "w1", now=100.0)
+        assert isinstance(claimed, Claimed)
+        # w1 dies here (kill -9): the delivery stays 'sending'
+        with pytest.raises(JobStateError, match="being run by worker pid 1"):
+            store.register_worker(
+                job_id, worker_id="w2", host="h", pid=2, now=110.0, alive=always_alive
+            )
+        reg = store.register_worker(
+            job_id, worker_id="w2", host="h", pid=2, now=110.0, alive=never_alive
+        )
+        assert reg.reclaimed == 1
+        again = store.claim(job_id, "w2", now=110.0)
+        assert isinstance(again, Claimed)
+        assert again.delivery.id == claimed.delivery.id
+        assert again.delivery.message_id == claimed.delivery.message_id
+        assert again.delivery.in_doubt
+        assert store.counts(job_id).in_doubt == 1
+        workers = {w.id: w for w in store.view(job_id).workers}
+        assert workers["w1"].stopped_at == 110.0 and workers["w2"].stopped_at is None
+
+    def test_pause_keeps_pending_and_records_why(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(2), now=1.0, domain="d")
+        start(store, job_id)
+        c = store.claim(job_id, "w1", now=100.0)
+        assert isinstance(c, Claimed)
+        store.release(c.delivery.id, "w1")
+        state = store.finish_worker("w1", now=101.0, stop="aborted", error="535 login rejected")
+        assert state == "aborted"
+        view = store.view(job_id)
+        assert view.counts.pending == 2 and view.job.error == "535 login rejected"
+        assert all(d.attempts == 0 for d in store.deliveries(job_id))
+
+    def test_a_worker_taken_for_gone_claims_nothing_more(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+        start(store, job_id, "w1", now=100.0)
+        store.register_worker(
+            job_id, worker_id="w2", host="h", pid=2, now=100.0, alive=always_alive, exclusive=False
+        )
+        # w1's heartbeat went stale: w2 reclaims and marks it stopped
+        store.reclaim(job_id, worker_id="w2", now=200.0, alive=lambda w: w.id == "w2")
+        stop = store.claim(job_id, "w1", now=200.0)
+        assert isinstance(stop, Stop) and stop.state == "stopped"
+        assert isinstance(store.claim(job_id, "w2", now=200.0), Claimed)
+
+    def test_workers_join_a_job_that_resume_would_refuse(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+        join(store, job_id, "w1", 100.0)
+        join(store, job_id, "w2", 101.0)  # additive: w1 is alive and stays
+        with pytest.raises(JobStateError, match="being run by worker pid 1000 on host-w1"):
+            store.register_worker(
+                job_id, worker_id="w3", host="h", pid=3, now=102.0, alive=alive_at(102.0)
+            )
+        view = store.view(job_id)
+        assert [w.id for w in view.workers if w.stopped_at is None] == ["w1", "w2"]
+
+    def test_a_silent_workers_deliveries_are_reclaimed_never_a_slow_ones(
+        self, store: Store
+    ) -> None:
+        job_id = store.create_job(new_job(), people(4), now=1.0, domain="d")
+        join(store, job_id, "slow", 100.0)
+        join(store, job_id, "live", 100.0)
+        first = store.claim(job_id, "slow", now=100.0)
+        assert isinstance(first, Claimed)
+        # 'slow' waits a minute for its server's reply, heart-beating all along
+        for t in range(105, 161, 5):
+            assert store.heartbeat("slow", now=float(t)) == "running"
+            assert store.heartbeat("live", now=float(t)) == "running"
+            held = store.reclaim(job_id, worker_id="live", now=float(t), alive=alive_at(t))
+            assert (held.reclaimed, held.elsewhere) == (0, 1)
+        assert store.record(Outcome.sent(first.delivery.id, None, 160.0), "slow")
+        second = store.claim(job_id, "slow", now=160.0)
+        assert isinstance(second, Claimed)
+        # ... and now 'slow' goes silent (kill -9, a lost host): its heartbeat stays at 160
+        now = 160.0 + STALE_AFTER  # not yet stale
+        assert store.reclaim(job_id, worker_id="live", now=now, alive=alive_at(now)).reclaimed == 0
+        now += 1.0
+        held = store.reclaim(job_id, worker_id="live", now=now, alive=alive_at(now))
+        assert (held.reclaimed, held.elsewhere) == (1, 0)
+        # the silent worker can no longer record an outcome for it, and learns it was replaced
+        assert not store.record(Outcome.sent(second.delivery.id, None, now), "slow")
+        assert store.heartbeat("slow", now=now) == "stopped"
+        again = store.claim(job_id, "live", now=now)
+        assert isinstance(again, Claimed)
+        assert again.delivery.id == second.delivery.id
+        assert again.delivery.message_id == second.delivery.message_id
+        assert again.delivery.in_doubt and again.delivery.attempts == 2
+        workers = {w.id: w for w in store.view(job_id).workers}
+        assert workers["slow"].stopped_at == now and workers["live"].stopped_at is None
+        # the caller itself is never taken for gone, even with a stale heartbeat of its own
+        later = now + 10 * STALE_AFTER
+        assert store.reclaim(job_id, worker_id="live", now=later, alive=alive_at(later)) == (
+            Reclaimed(0, 0)
+        )
+        assert store.counts(job_id).sending == 1
+
+    def test_reclaim_leaves_a_job_that_is_not_running_alone(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(2), now=1.0, domain="d")
+        join(store, job_id, "w1", 100.0)
+        join(store, job_id, "w2", 100.0)
+        assert isinstance(store.claim(job_id, "w1", now=100.0), Claimed)
+        store.cancel(job_id, now=101.0)
+        held = store.reclaim(job_id, worker_id="w2", now=1000.0, alive=alive_at(1000.0))
+        assert (held.reclaimed, held.elsewhere) == (0, 0)
+        assert store.counts(job_id).sending == 1
+
+
+# --------------------------------------------------------------------------- claims
+
+
+class TestClaims:
+    def test_claim_marks_sending_and_outcomes_are_recorded(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+        assert isinstance(store.claim(job_id, "w1", now=100.0), Stop)  # not running yet
+        start(store, job_id)
+        first = store.claim(job_id, "w1", now=100.0)
+        assert isinstance(first, Claimed)
+        d = first.delivery
+        assert (d.position, d.state, d.attempts, d.worker_id) == (1, "sending", 1, "w1")
+        assert store.counts(job_id).sending == 1
+        assert store.record(Outcome.sent(d.id, "abc", 101.0), "w1")
+        # a worker that no longer owns the delivery cannot overwrite its outcome
+        assert not store.record(Outcome.failed(d.id, "late"), "w2")
+        second = store.claim(job_id, "w1", now=101.0)
+        assert isinstance(second, Claimed)
+        store.record(Outcome.retry(second.delivery.id, "451 later", 200.0), "w1")
+        third = store.claim(job_id, "w1", now=101.0)
+        assert isinstance(third, Claimed) and third.delivery.position == 3
+        store.record(Outcome.failed(third.delivery.id, "550 no such user"), "w1")
+        wait = store.claim(job_id, "w1", now=150.0)
+        assert isinstance(wait, Wait) and wait.seconds == pytest.approx(50.0)
+        assert store.next_due(job_id, now=150.0) == pytest.approx(50.0)
+        again = store.claim(job_id, "w1", now=200.0)
+        assert isinstance(again, Claimed) and again.delivery.attempts == 2
+        store.record(Outcome.sent(again.delivery.id, None, 201.0), "w1")
+        done = store.claim(job_id, "w1", now=300.0)
+        assert isinstance(done, Stop) and done.finished
+        assert store.next_due(job_id, now=300.0) is None
+        assert store.finish_worker("w1", now=301.0, stop=None, error=None) == "completed"
+        view = store.view(job_id)
+        assert (view.counts.sent, view.counts.failed) == (2, 1)
+        assert view.job.finished_at == 301.0
+        assert view.workers[0].sent == 2
+
+    def test_a_claim_settles_the_previous_outcome_first(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(2), now=1.0, domain="d")
+        start(store, job_id)
+        first = store.claim(job_id, "w1", now=100.0)
+        assert isinstance(first, Claimed)
+        settle = Outcome.sent(first.delivery.id, "m1", 100.5)
+        second = store.claim(job_id, "w1", now=101.0, settle=settle)
+        assert isinstance(second, Claimed) and second.delivery.position == 2
+        sent = next(iter(store.deliveries(job_id, states=("sent",))))
+        assert (sent.id, sent.provider_message_id, sent.sent_at) == (first.delivery.id, "m1", 100.5)
+        assert store.view(job_id).workers[0].sent == 1
+
+    def test_a_retry_or_release_after_cancel_is_cancelled_not_pending(self, store: Store) -> None:
+        job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+        start(store, job_id, "w1")
+        a = store.claim(job_id, "w1", now=100.0)
+        b = store.claim(job_id, "w1", now=100.0)
+        assert isinstance(a, Claimed) and isinstance(b, Claimed)
+        store.cancel(job_id, now=101.0, alive=always_alive)
+        store.record(Outcome.retry(a.delivery.id, "451 later", 500.0), "w1")
+        store.release(b.delivery.id, "w1")
+        counts = store.counts(job_id)
+        assert (counts.pending, counts.sending, counts.cancelled) == (0, 0, 3)
+
+    def test_claim_skips_an_address_another_job_under_the_key_has_sent(self, store: Store) -> None:
+        first = store.create_job(new_job(dedupe_key="k"), people(2), now=1.0, domain="d")
+        start(store, first, "w1")
+        for _ in range(2):
+            c = store.claim(first, "w1", now=100.0)
+            assert isinstance(c, Claimed)
+            store.record(Outcome.failed(c.delivery.id, "550 full"), "w1")
+        store.finish_worker("w1", now=101.0, stop=None, error=None)
+        second = store.create_job(new_job(dedupe_key="k"), people(1), now=2.0, domain="d")
+        start(store, second, "w2")
+        c = store.claim(second, "w2", now=102.0)
+        assert isinstance(c, Claimed)
+        store.record(Outcome.sent(c.delivery.id, None, 102.0), "w2")
+        # `retry 1` later: p0 was reminded by job 2 in the meantime, p1 was not
+        store.retry_failed(first)
+        start(store, first, "w3")
+        again = store.claim(first, "w3", now=103.0)
+        assert isinstance(again, Claimed) and again.delivery.email == "p1@example.edu"
+        p0 = next(d for d in store.deliveries(first) if d.email == "p0@example.edu")
+        assert (p0.state, p0.last_error) == (
+            "skipped",
+            f"already sent under dedupe key 'k' (job {second})",
+        )
+
+
+# --------------------------------------------------------------------------- schema versions
+
+
+def _version(store: Store) -> int | None:
+    with store.engine.connect() as conn:
+        return schema_version(conn)
+
+
+class TestSchema:
+    def test_a_store_without_a_recorded_version_is_upgraded(self, store_url: str) -> None:
+        s = open_store(store_url)
+        job_id = s.create_job(new_job(), people(2), now=1.0, domain="d")
+        with s.engine.begin() as conn:  # as a store made before versions were recorded
+            conn.execute(sa.text("DROP TABLE meta"))
+        assert _version(s) == 0
+        s.close()
+        s = open_store(store_url)
+        assert _version(s) == schema_module.SCHEMA_VERSION
+        assert s.counts(job_id).pending == 2
+        s.close()
+
+    def test_migrations_run_in_order_in_one_transaction(
+        self, store_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        s = open_store(store_url)
+        job_id = s.create_job(new_job(), people(1), now=1.0, domain="d")
+        s.close()
+        version = schema_module.SCHEMA_VERSION
+
+        def add_column(conn: sa.Connection) -> None:
+            conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN note TEXT"))
+
+        def broken(conn: sa.Connection) -> None:
+            conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN other TEXT"))
+            raise RuntimeError("step failed")
+
+        monkeypatch.setattr(schema_module, "SCHEMA_VERSION", version + 1)
+        monkeypatch.setitem(schema_module.MIGRATIONS, version, add_column)
+        s = open_store(store_url)
+        assert _version(s) == version + 1
+        columns = {c["name"] for c in sa.inspect(s.engine).get_columns("jobs")}
+        assert "note" in columns
+        assert s.get_job(job_id).total == 1
+        s.close()
+        # a failing step leaves the store exactly as it was
+        monkeypatch.setattr(schema_module, "SCHEMA_VERSION", version + 2)
+        monkeypatch.setitem(schema_module.MIGRATIONS, version + 1, broken)
+        with pytest.raises(RuntimeError, match="step failed"):
+            open_store(store_url)
+        monkeypatch.setattr(schema_module, "SCHEMA_VERSION", version + 1)
+        s = open_store(store_url)
+        assert _version(s) == version + 1
+        assert "other" not in {c["name"] for c in sa.inspect(s.engine).get_columns("jobs")}
+        s.close()
+        # and an older bulkmail refuses a store a newer one has upgraded
+        monkeypatch.setattr(schema_module, "SCHEMA_VERSION", version)
+        with pytest.raises(StoreError, match="made by a newer bulkmail"):
+            open_store(store_url)
