@@ -302,3 +302,94 @@ def test_the_property_also_holds_for_a_database_source(composer: Composer, tmp_p
             [to] = parse(message.to_bytes())["To"].addresses
             sent.add(to.addr_spec)
     assert sent == SENT
+
+
+# --------------------------------------------------------------------------- hostile queries
+
+
+def course_tables(url: str) -> None:
+    """The example course database's two tables, in a PostgreSQL database."""
+    import sqlalchemy as sa
+
+    from examples.make_course_db import COURSES, INSTRUCTORS
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE instructors (id integer PRIMARY KEY, name text, email text)"
+            )
+            conn.exec_driver_sql(
+                "CREATE TABLE courses (id integer PRIMARY KEY, code text, title text,"
+                " instructor_id integer, starts_on text)"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO instructors VALUES (%s, %s, %s)", [tuple(r) for r in INSTRUCTORS]
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO courses VALUES (%s, %s, %s, %s, %s)", [tuple(r) for r in COURSES]
+            )
+    finally:
+        engine.dispose()
+
+
+def table_contents(url: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table, read on a new connection (what psql would show)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            names = [
+                row[0]
+                for row in conn.exec_driver_sql(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+                )
+            ]
+            return {
+                name: [tuple(r) for r in conn.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY 1')]
+                for name in names
+            }
+    finally:
+        engine.dispose()
+
+
+SELECT = "SELECT name, email FROM instructors"
+HOSTILE_QUERIES = [
+    # nested block comments: PostgreSQL ends the comment at the second */, a naive splitter
+    # at the first one and then sees a string up to the last quote
+    f"{SELECT} /* /* */ ' */; COMMIT; DELETE FROM instructors WHERE id = 2; -- '",
+    # dollar-quoted strings, tagged and plain
+    f"{SELECT} WHERE name <> $a$ ' $a$; COMMIT; DELETE FROM instructors WHERE id = 2; -- '",
+    f"{SELECT} WHERE name <> $$ ' $$; COMMIT; DELETE FROM courses; -- '",
+    f"{SELECT} WHERE name <> $q$ $$ ' $q$; COMMIT; TRUNCATE courses; -- '",
+    f"{SELECT} /* /* */ ' */; SET TRANSACTION READ WRITE; DELETE FROM courses; -- '",
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE_QUERIES)
+def test_a_hostile_query_changes_nothing_in_postgresql(pg_url: str, query: str) -> None:
+    from bulkmail.errors import InputError
+
+    course_tables(pg_url)
+    before = table_contents(pg_url)
+    assert len(before["instructors"]) == 12
+    with pytest.raises(InputError) as refused:
+        list(open_db(pg_url, query))
+    assert str(refused.value).startswith("--query: only a single SELECT"), refused.value
+    assert table_contents(pg_url) == before
+
+
+@pytest.mark.parametrize("query", HOSTILE_QUERIES[:2])
+def test_a_hostile_query_through_dry_run_and_preview_changes_nothing(
+    pg_url: str, query: str
+) -> None:
+    course_tables(pg_url)
+    before = table_contents(pg_url)
+    Path("t.txt").write_text("Dear {{ name }}\n", encoding="utf-8")
+    args = ["--db", pg_url, "--query", query, "--template", "t.txt", "--subject", "Hi"]
+    for command in (["send-reminders", *args, "--dry-run"], ["preview", *args]):
+        result = bulkmail(*command)
+        assert result.exit_code == 2, result.output
+        assert "--query: only a single SELECT" in result.stderr
+        assert table_contents(pg_url) == before
