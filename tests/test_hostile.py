@@ -25,6 +25,7 @@ from bulkmail.compose import Composer, Templates, to_bytes_fast
 from bulkmail.sources import open_csv, open_db
 from tests.e2e import WIDE, bulkmail, smtp_args, smtp_env
 from tests.smtp_sink import SmtpSink
+from tests.test_sources import course_tables, table_contents
 
 VICTIM = "victim@example.org"
 INJECT = f"\r\nBcc: {VICTIM}"
@@ -305,53 +306,6 @@ def test_the_property_also_holds_for_a_database_source(composer: Composer, tmp_p
 
 
 # --------------------------------------------------------------------------- hostile queries
-
-
-def course_tables(url: str) -> None:
-    """The example course database's two tables, in a PostgreSQL database."""
-    import sqlalchemy as sa
-
-    from examples.make_course_db import COURSES, INSTRUCTORS
-
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(
-                "CREATE TABLE instructors (id integer PRIMARY KEY, name text, email text)"
-            )
-            conn.exec_driver_sql(
-                "CREATE TABLE courses (id integer PRIMARY KEY, code text, title text,"
-                " instructor_id integer, starts_on text)"
-            )
-            conn.exec_driver_sql(
-                "INSERT INTO instructors VALUES (%s, %s, %s)", [tuple(r) for r in INSTRUCTORS]
-            )
-            conn.exec_driver_sql(
-                "INSERT INTO courses VALUES (%s, %s, %s, %s, %s)", [tuple(r) for r in COURSES]
-            )
-    finally:
-        engine.dispose()
-
-
-def table_contents(url: str) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of every table, read on a new connection (what psql would show)."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            names = [
-                row[0]
-                for row in conn.exec_driver_sql(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
-                )
-            ]
-            return {
-                name: [tuple(r) for r in conn.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY 1')]
-                for name in names
-            }
-    finally:
-        engine.dispose()
 
 
 SELECT = "SELECT name, email FROM instructors"
