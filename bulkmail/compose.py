@@ -284,6 +284,17 @@ class Composer:
             found |= meta.find_undeclared_variables(ast)
         return found - self._globals
 
+    @property
+    def header_variables(self) -> set[str]:
+        """The variables the subject and the attachment paths use: their values reach a
+        header (the subject, an attachment's file name), so a line break in one skips the
+        row; the other columns only reach the body."""
+        env = _environment(html=False)
+        found: set[str] = set()
+        for source in (self.templates.subject, *self.templates.attachments):
+            found |= meta.find_undeclared_variables(env.parse(source))
+        return found - self._globals
+
     def message_id(self, delivery_id: int) -> str:
         """The Message-ID of one of this composer's job's deliveries."""
         if self.job_id is None:

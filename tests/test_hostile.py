@@ -347,3 +347,41 @@ def test_a_hostile_query_through_dry_run_and_preview_changes_nothing(
         assert result.exit_code == 2, result.output
         assert "--query: only a single SELECT" in result.stderr
         assert table_contents(pg_url) == before
+
+
+def test_compose_refuses_a_line_break_in_a_rendered_header_whatever_the_source(
+    tmp_path: Path,
+) -> None:
+    """The backstop behind ``Source.header_columns``: a body-only value that still reaches
+    the subject or an attachment's file name (a caller that did not say which columns reach
+    a header) refuses the job, naming the row; nothing is built."""
+    from bulkmail.errors import InputError
+    from bulkmail.models import Recipient
+
+    Path("t.txt").write_text("{{ notes }}\n", encoding="utf-8")
+    Path("files").mkdir()
+    notes = "Room 4\nBcc: victim@example.org"
+    ada = Recipient(
+        row=2,
+        email="ada@example.edu",
+        name="Ada",
+        fields={"email": "ada@example.edu", "notes": notes},
+    )
+    body_only = Composer(
+        Templates.load(subject="Reminder", text_path="t.txt"), sender="office@example.edu", job_id=1
+    )
+    body_only.check(ada, "n.csv")
+    assert body_only.build(ada, body_only.message_id(1)).text == f"{notes}\n"
+    in_subject = Composer(
+        Templates.load(subject="About {{ notes }}", text_path="t.txt"), sender="office@example.edu"
+    )
+    assert in_subject.header_variables == {"notes"}
+    with pytest.raises(InputError, match=r"^n\.csv: row 2: subject contains a line feed \(LF\)"):
+        in_subject.check(ada, "n.csv")
+    in_name = Composer(
+        Templates.load(subject="Hi", text_path="t.txt", attach=["files/{{ notes }}.txt"]),
+        sender="office@example.edu",
+    )
+    assert in_name.header_variables == {"notes"}
+    with pytest.raises(InputError, match=r"^n\.csv: row 2: attachment file name .* line feed"):
+        in_name.check(ada, "n.csv")
