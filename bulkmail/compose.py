@@ -276,6 +276,17 @@ class Composer:
             found |= meta.find_undeclared_variables(ast)
         return found - self._globals
 
+    @property
+    def header_variables(self) -> set[str]:
+        """The variables the subject and the attachment paths use: their values reach a
+        header (the subject, an attachment's file name), so a line break in one skips the
+        row; the other columns only reach the body."""
+        env = _environment(html=False)
+        found: set[str] = set()
+        for source in (self.templates.subject, *self.templates.attachments):
+            found |= meta.find_undeclared_variables(env.parse(source))
+        return found - self._globals
+
     def check(self, recipient: Recipient, origin: str) -> None:
         """Render everything ``build`` will for this recipient; raise ``InputError`` on the
         first problem. ``origin`` names the source (e.g. the CSV path). Skipped recipients are

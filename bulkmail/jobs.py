@@ -139,6 +139,7 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
     )
     composer = Composer(templates, sender=sender)
     source = open_source(opts)
+    source.header_columns = frozenset(composer.header_variables)  # CR/LF fine in the others
     available = {*source.columns, "name", "email", "row"}
     missing = sorted(composer.variables - available)
     if missing:

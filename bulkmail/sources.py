@@ -1,30 +1,36 @@
 """Recipients from a CSV file or the course database, normalised, validated and de-duplicated.
 
 ``open_csv`` / ``open_db`` check eagerly what they can (the file or database, the header or
-result columns, at least one data row) and return a ``Source``: iterating it streams one
-``Recipient`` per data row, re-reading the file or re-running the query each time. Rows that
-must not be sent (bad or missing address, duplicate, a value that is unsafe in a mail header:
-CR, LF, NUL, other controls, Unicode line separators, an encoded word decoding to one of those;
-see ``bulkmail.headersafe``) are still yielded, with ``skip_reason`` set, so nothing is dropped
-silently and ``compose`` never meets a value it would refuse. Every user error is an ``InputError``
-whose one-line message names the file or database, the row and the column at fault.
+result columns, at least one data row) and return a ``Source``: iterating it gives one
+``Recipient`` per data row, re-reading the file each time (a CSV) or from the rows of the one
+run of the query (a database). Rows that must not be sent (bad or missing address, duplicate,
+a value that is unsafe in a mail header: CR, LF, NUL, other controls, Unicode line separators,
+an encoded word decoding to one of those; see ``bulkmail.headersafe``) are still yielded, with
+``skip_reason`` set, so nothing is dropped silently and ``compose`` never meets a value it
+would refuse. A CR or LF is fine in a column that only the body uses (multi-line notes) once
+the caller says which columns reach a header (``Source.header_columns``). Every user error is
+an ``InputError`` whose one-line message names the file or database, the row and the column at
+fault.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import itertools
+import json
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import create_engine
-from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
@@ -36,6 +42,7 @@ __all__ = [
     "DEFAULT_QUERY",
     "EMAIL_ALIASES",
     "NAME_ALIASES",
+    "QUERY_TIMEOUT",
     "Source",
     "open_csv",
     "open_db",
@@ -58,18 +65,35 @@ EMAIL_ALIASES = (
 NAME_ALIASES = ("name", "full name", "fullname", "full_name", "instructor", "display name")
 
 
+_Rows = Callable[[Iterable[str] | None], Iterator[Recipient]]
+
+
 class Source:
-    """Recipients from one CSV file or database query; iterate to stream them (repeatably)."""
+    """Recipients from one CSV file or database query; iterate to get them (repeatably).
+
+    ``header_columns``: the columns whose values can reach a mail header besides 'name' and
+    'email' (which always do): those the subject and attachment paths use. A CR or LF in
+    any other column (a body-only column such as multi-line notes) is kept; in these it
+    skips the row. None, the default, counts every column as one.
+
+    ``warnings``: one-line warnings for the user (e.g. a database role that can write).
+    """
 
     def __init__(
-        self, description: str, columns: Sequence[str], rows: Callable[[], Iterator[Recipient]]
+        self,
+        description: str,
+        columns: Sequence[str],
+        rows: _Rows,
+        warnings: Sequence[str] = (),
     ) -> None:
         self.description = description  # for messages: the path, or the URL without password
         self.columns = list(columns)  # template variables: 'email', 'name'?, the other columns
+        self.warnings = list(warnings)
+        self.header_columns: frozenset[str] | None = None
         self._rows = rows
 
     def __iter__(self) -> Iterator[Recipient]:
-        return self._rows()
+        return self._rows(self.header_columns)
 
     def __repr__(self) -> str:
         return f"Source({self.description!r}, columns={self.columns!r})"
@@ -202,22 +226,40 @@ def _plain_domain(domain: str) -> str | None:
     return info.ascii_domain
 
 
-@dataclass
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _body_safe_problem(value: str) -> str | None:
+    """As ``header_safe_problem``, but a CR or LF is a legitimate line end in a body."""
+    if "\r" in value or "\n" in value:
+        value = _LINE_END.sub(" ", value)
+    return header_safe_problem(value)
+
+
 class _Builder:
     """Turns raw rows into Recipients, remembering addresses already seen."""
 
-    layout: _Layout
-    seen: dict[str, int] = field(default_factory=dict)
+    def __init__(self, layout: _Layout, header_columns: Iterable[str] | None = None) -> None:
+        self.layout = layout
+        self.seen: dict[str, int] = {}
+        # per kept column: the check its values need
+        if header_columns is None:
+            self.checks = [header_safe_problem] * len(layout.keys)
+        else:
+            header = {"name", "email", *header_columns}
+            self.checks = [
+                header_safe_problem if key in header else _body_safe_problem for key in layout.keys
+            ]
 
     def build(self, row: int, raw: Sequence[str]) -> Recipient:
         fields: dict[str, str] = {}
         reason: str | None = None
-        for label, key, pos in zip(
-            self.layout.labels, self.layout.keys, self.layout.positions, strict=True
+        for label, key, pos, check in zip(
+            self.layout.labels, self.layout.keys, self.layout.positions, self.checks, strict=True
         ):
             value = raw[pos] if pos < len(raw) else ""
             if reason is None:
-                problem = header_safe_problem(value)
+                problem = check(value)
                 if problem is not None:
                     reason = f"column {_quote(label)} {problem}"
             fields[key] = value.strip()
@@ -366,14 +408,14 @@ def _csv_header(path: Path, origin: str) -> tuple[_Layout, bool]:
         records.close()
 
 
-def _csv_rows(path: Path, origin: str) -> Iterator[Recipient]:
+def _csv_rows(path: Path, origin: str, header_columns: Iterable[str] | None) -> Iterator[Recipient]:
     records = _records(path, origin)
     try:
         header = next(records, None)
         if header is None:
             return
         layout = _layout(origin, [label.strip() for label in header[1]], "header")
-        builder = _Builder(layout)
+        builder = _Builder(layout, header_columns)
         for row, record in records:
             if len(record) > layout.width and not _is_blank(record[layout.width :]):
                 raise InputError(
@@ -396,49 +438,103 @@ def open_csv(path: str | Path) -> Source:
     layout, has_rows = _csv_header(file, origin)
     if not has_rows:
         raise InputError(f"{origin}: no data rows below the header")
-    return Source(origin, layout.keys, lambda: _csv_rows(file, origin))
+    return Source(origin, layout.keys, lambda header: _csv_rows(file, origin, header))
 
 
 # --------------------------------------------------------------------------- database
 
+QUERY_TIMEOUT = 30.0
+"""Seconds a ``--query`` may run (PostgreSQL ``statement_timeout``, a SQLite progress
+handler) before the database stops it."""
 
 _WORD = re.compile(r"[(\s]*([A-Za-z_]+)")
+# PostgreSQL: $$ or $tag$ opens a dollar-quoted string, closed by the same tag; not after a
+# character that continues an identifier ('a$b$' is a name) and not $1 (a parameter)
+_DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$")
+_IDENTIFIER_CHAR = re.compile(r"[\w$]")
 
 
-def _split_sql(sql: str, *, backslash: bool, hash_comments: bool, brackets: bool) -> list[str]:
+@dataclass(frozen=True)
+class _Dialect:
+    """The lexical rules that dialects disagree on."""
+
+    backslash: bool  # backslash escapes in strings (MySQL, PostgreSQL E'...')
+    hash_comments: bool  # '#' starts a comment (MySQL)
+    brackets: bool  # [bracketed] names (SQL Server, SQLite)
+    dollar: bool  # $tag$ ... $tag$ strings (PostgreSQL)
+    nested: bool  # /* /* */ */ comments nest (PostgreSQL)
+
+
+_DIALECTS = [
+    _Dialect(*flags) for flags in itertools.product((False, True), repeat=len(fields(_Dialect)))
+]
+
+
+def _skip_string(sql: str, i: int, dialect: _Dialect) -> int:
+    """The index after the quoted string or name that starts at ``sql[i]``."""
+    ch, n = sql[i], len(sql)
+    close = "]" if ch == "[" else ch
+    j = i + 1
+    while j < n:
+        if dialect.backslash and sql[j] == "\\" and ch != "[":
+            j += 2
+            continue
+        if sql[j] == close:
+            if close != "]" and sql.startswith(close * 2, j):
+                j += 2
+                continue
+            break
+        j += 1
+    return j + 1
+
+
+def _skip_comment(sql: str, i: int, dialect: _Dialect) -> int:
+    """The index after the block comment that starts at ``sql[i]`` ('/*')."""
+    depth, j, n = 1, i + 2, len(sql)
+    while j < n:
+        if sql.startswith("*/", j):
+            depth -= 1
+            j += 2
+            if depth == 0:
+                return j
+        elif dialect.nested and sql.startswith("/*", j):
+            depth += 1
+            j += 2
+        else:
+            j += 1
+    return n
+
+
+def _split_sql(sql: str, dialect: _Dialect) -> list[str]:
     """The statements in ``sql`` (comments removed, empty ones dropped), for one SQL dialect.
 
-    Dialects disagree on backslash escapes, '#' comments and [bracketed] names, so the
-    caller checks every combination: a query is accepted only if all of them see one
-    statement.
+    Dialects disagree on backslash escapes, '#' comments, [bracketed] names, dollar-quoted
+    strings and nested comments, so the caller checks every combination: a query is
+    accepted only if all of them see one statement.
     """
     statements: list[str] = []
     code: list[str] = []
     i, n = 0, len(sql)
     while i < n:
         ch = sql[i]
-        if ch in "'\"`" or (brackets and ch == "["):
-            close = "]" if ch == "[" else ch
-            j = i + 1
-            while j < n:
-                if backslash and sql[j] == "\\" and ch != "[":
-                    j += 2
-                    continue
-                if sql[j] == close:
-                    if close != "]" and sql.startswith(close * 2, j):
-                        j += 2
-                        continue
-                    break
-                j += 1
-            code.append(sql[i : j + 1])
-            i = j + 1
-        elif sql.startswith("--", i) or (hash_comments and ch == "#"):
+        dollar = None
+        if dialect.dollar and ch == "$" and not (i and _IDENTIFIER_CHAR.match(sql[i - 1])):
+            dollar = _DOLLAR_TAG.match(sql, i)
+        if dollar is not None:
+            end = sql.find(dollar.group(), dollar.end())
+            j = n if end < 0 else end + len(dollar.group())
+            code.append(sql[i:j])
+            i = j
+        elif ch in "'\"`" or (dialect.brackets and ch == "["):
+            j = _skip_string(sql, i, dialect)
+            code.append(sql[i:j])
+            i = j
+        elif sql.startswith("--", i) or (dialect.hash_comments and ch == "#"):
             end = sql.find("\n", i)
             i = n if end < 0 else end
             code.append(" ")
         elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            i = n if end < 0 else end + 2
+            i = _skip_comment(sql, i, dialect)
             code.append(" ")
         elif ch == ";":
             statements.append("".join(code))
@@ -452,27 +548,25 @@ def _split_sql(sql: str, *, backslash: bool, hash_comments: bool, brackets: bool
 
 
 def _check_query(query: str) -> str:
-    """The query without a trailing ';' if it is one SELECT or WITH statement, else raise."""
-    for backslash in (False, True):
-        for hash_comments in (False, True):
-            for brackets in (False, True):
-                statements = _split_sql(
-                    query, backslash=backslash, hash_comments=hash_comments, brackets=brackets
-                )
-                if not statements:
-                    raise InputError("--query: empty query")
-                if len(statements) > 1:
-                    raise InputError(
-                        "--query: only a single SELECT or WITH statement is accepted"
-                        " (found more than one statement)"
-                    )
-                match = _WORD.match(statements[0])
-                word = match.group(1).upper() if match else ""
-                if word not in ("SELECT", "WITH"):
-                    shown = f" (found {_one_line(word)})" if word else ""
-                    raise InputError(
-                        "--query: only a single SELECT or WITH statement is accepted" + shown
-                    )
+    """The query without a trailing ';' if it is one SELECT or WITH statement, else raise.
+
+    A check before the query reaches the database, in defence in depth: the database is
+    also asked to run one statement only, in a read-only transaction that is rolled back.
+    """
+    for dialect in _DIALECTS:
+        statements = _split_sql(query, dialect)
+        if not statements:
+            raise InputError("--query: empty query")
+        if len(statements) > 1:
+            raise InputError(
+                "--query: only a single SELECT or WITH statement is accepted"
+                " (found more than one statement)"
+            )
+        match = _WORD.match(statements[0])
+        word = match.group(1).upper() if match else ""
+        if word not in ("SELECT", "WITH"):
+            shown = f" (found {_one_line(word)})" if word else ""
+            raise InputError("--query: only a single SELECT or WITH statement is accepted" + shown)
     cleaned = query.strip()
     while cleaned.endswith(";"):
         cleaned = cleaned[:-1].rstrip()
@@ -498,10 +592,23 @@ def _parse_url(url: str) -> URL:
 
 
 def _engine(parsed: URL, origin: str) -> Engine:
-    """An engine for ``parsed``; SQLite files are opened read-only and must exist."""
+    """An engine for ``parsed``; SQLite files are opened read-only and must exist.
+
+    PostgreSQL is reached through psycopg 3 only: it can send the query so that the server
+    refuses a second statement (psycopg2 cannot), so a plain ``postgresql://`` means
+    ``postgresql+psycopg://`` and another PostgreSQL driver is refused.
+    """
     kwargs: dict[str, Any] = {"poolclass": NullPool}
     database = parsed.database or ""
-    if parsed.get_backend_name() == "sqlite" and database.startswith("file:"):
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        elif parsed.get_driver_name() != "psycopg":
+            raise InputError(
+                f"{origin}: the {_one_line(parsed.get_driver_name())} driver cannot keep a"
+                " --query to one statement; use postgresql+psycopg:// (psycopg 3)"
+            )
+    elif parsed.get_backend_name() == "sqlite" and database.startswith("file:"):
         # sqlite:///file:path?uri=true: SQLite's own URI form; force read-only there too.
         parsed = parsed.update_query_dict({"mode": "ro"})
     elif (
@@ -523,8 +630,9 @@ def _engine(parsed: URL, origin: str) -> Engine:
 
 
 @contextmanager
-def _read_only(parsed: URL, origin: str) -> Iterator[Connection]:
-    """A connection in a read-only transaction that is always rolled back, then disposed."""
+def _read_only(parsed: URL, origin: str, timeout: float) -> Iterator[Connection]:
+    """A connection in a read-only transaction that is always rolled back, then disposed;
+    a statement that runs longer than ``timeout`` seconds is stopped by the database."""
     engine = _engine(parsed, origin)
     try:
         try:
@@ -537,8 +645,11 @@ def _read_only(parsed: URL, origin: str) -> Iterator[Connection]:
                 try:
                     if backend == "sqlite":
                         conn.exec_driver_sql("PRAGMA query_only = ON")
+                        _sqlite_deadline(conn, timeout)
                     elif backend == "postgresql":
                         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                        milliseconds = max(1, round(timeout * 1000))
+                        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
                 except SQLAlchemyError as exc:
                     raise InputError(
                         f"{origin}: cannot start a read-only transaction ({_first_line(exc)})"
@@ -550,12 +661,68 @@ def _read_only(parsed: URL, origin: str) -> Iterator[Connection]:
         engine.dispose()
 
 
-def _run(conn: Connection, query: str, origin: str) -> CursorResult[Any]:
+def _sqlite_deadline(conn: Connection, timeout: float) -> None:
+    """Make SQLite interrupt any statement on this connection after ``timeout`` seconds."""
+    raw = conn.connection.dbapi_connection
+    if raw is None or not hasattr(raw, "set_progress_handler"):
+        return
+    deadline = time.monotonic() + timeout
+
+    def past_deadline() -> bool:
+        return time.monotonic() > deadline
+
+    raw.set_progress_handler(past_deadline, 1000)
+
+
+@dataclass(frozen=True)
+class _Result:
+    """One run of the query: its column labels and every row as text."""
+
+    labels: list[str]
+    rows: list[list[str]]
+
+
+def _run(conn: Connection, query: str, origin: str, timeout: float) -> _Result:
+    """Run ``query`` once on the driver's own cursor, as one statement only, and fetch every
+    row. psycopg sends it with the extended protocol (a prepared statement), which the
+    server refuses for more than one statement; sqlite3's ``execute`` refuses a second
+    statement itself. The SQL goes to the driver verbatim: '%' and ':x' included."""
+    dbapi_error: type[Exception] = conn.dialect.loaded_dbapi.Error
+    raw = conn.connection.dbapi_connection
+    psycopg = conn.dialect.driver == "psycopg"
+    if psycopg and getattr(raw, "prepare_threshold", 0) is None:
+        raw.prepare_threshold = 5  # type: ignore[union-attr]  # None would disable prepare=True
+
+    def failed(exc: Exception, where: str = "") -> InputError:
+        text = _first_line(exc)
+        if "interrupted" in text.lower() or "statement timeout" in text.lower():
+            text = f"stopped after {timeout:g} s ({text})"
+        return InputError(f"{origin}: {where}query failed: {text}")
+
+    cursor = conn.connection.cursor()
     try:
-        # no_parameters: the SQL goes to the driver verbatim, '%' and ':x' included.
-        return conn.execution_options(no_parameters=True).exec_driver_sql(query)
-    except SQLAlchemyError as exc:
-        raise InputError(f"{origin}: query failed: {_first_line(exc)}") from None
+        try:
+            if psycopg:
+                cursor.execute(query, prepare=True)  # type: ignore[call-arg]
+            else:
+                cursor.execute(query)
+        except dbapi_error as exc:
+            raise failed(exc) from None
+        if cursor.description is None:
+            raise InputError(f"{origin}: the query returned no result")
+        labels = [str(column[0]) for column in cursor.description]
+        rows: list[list[str]] = []
+        while True:
+            try:
+                values = cursor.fetchone()
+            except dbapi_error as exc:
+                raise failed(exc, f"row {len(rows) + 1}: ") from None
+            if values is None:
+                return _Result(labels, rows)
+            rows.append([_text(value) for value in values])
+    finally:
+        with suppress(Exception):
+            cursor.close()
 
 
 def _text(value: object) -> str:
@@ -568,50 +735,100 @@ def _text(value: object) -> str:
     return str(value)
 
 
+_WRITE_PRIVILEGES = "INSERT, UPDATE, DELETE, TRUNCATE"
+
+
+def _relations(plan: object) -> set[tuple[str, str]]:
+    """(schema, table) of every relation an EXPLAIN (VERBOSE, FORMAT JSON) plan reads."""
+    found: set[tuple[str, str]] = set()
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "Relation Name" in node:
+                found.add((str(node.get("Schema", "public")), str(node["Relation Name"])))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def _write_warnings(conn: Connection, query: str, origin: str) -> list[str]:
+    """PostgreSQL: a warning naming the role when it may write to a table the query reads.
+
+    No client-side check can stop a function with side effects (``dblink_exec``, ...); a
+    role that can only read can. Best effort: nothing is said when the check itself fails.
+    """
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg":
+        return []
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(f"EXPLAIN (VERBOSE, FORMAT JSON)\n{query}", prepare=True)  # type: ignore[call-arg]
+        plan = [row[0] for row in cursor.fetchall()]
+        plan = [json.loads(p) if isinstance(p, str) else p for p in plan]
+        relations = sorted(_relations(plan))
+        if not relations:
+            return []
+        cursor.execute(
+            "SELECT current_user, n.nspname, c.relname FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN unnest(%s::text[], %s::text[]) AS r(nspname, relname)"
+            " ON r.nspname = n.nspname AND r.relname = c.relname"
+            f" WHERE has_table_privilege(c.oid, '{_WRITE_PRIVILEGES}')"
+            " ORDER BY 2, 3",
+            ([schema for schema, _ in relations], [name for _, name in relations]),
+        )
+        writable = cursor.fetchall()
+    except (conn.dialect.loaded_dbapi.Error, ValueError, TypeError):  # never break the command
+        return []
+    finally:
+        with suppress(Exception):
+            cursor.close()
+    if not writable:
+        return []
+    role = str(writable[0][0])
+    tables = ", ".join(
+        _one_line(str(name) if schema == "public" else f"{schema}.{name}")
+        for _, schema, name in writable
+    )
+    return [
+        f"{origin}: the role {_quote(role)} can write to {tables} (which the query reads);"
+        " connect --db as a role that may only SELECT (see the README, 'Course database')"
+    ]
+
+
 _AS_HINT = " (name it in the query, e.g. SELECT address AS email)"
 
 
-def _db_rows(parsed: URL, query: str, origin: str) -> Iterator[Recipient]:
-    with _read_only(parsed, origin) as conn:
-        result = _run(conn, query, origin)
-        layout = _layout(origin, list(map(str, result.keys())), "query result", _AS_HINT)
-        builder = _Builder(layout)
-        row = 0
-        while True:
-            try:
-                values = result.fetchone()
-            except SQLAlchemyError as exc:
-                raise InputError(
-                    f"{origin}: row {row + 1}: query failed: {_first_line(exc)}"
-                ) from None
-            if values is None:
-                return
-            row += 1
-            yield builder.build(row, [_text(value) for value in values])
+def _cached_rows(layout: _Layout, rows: list[list[str]]) -> _Rows:
+    def recipients(header_columns: Iterable[str] | None) -> Iterator[Recipient]:
+        builder = _Builder(layout, header_columns)
+        for row, values in enumerate(rows, 1):
+            yield builder.build(row, values)
+
+    return recipients
 
 
-def open_db(url: str, query: str | None = None) -> Source:
+def open_db(url: str, query: str | None = None, *, timeout: float = QUERY_TIMEOUT) -> Source:
     """Open the recipients a single SELECT/WITH query returns from any SQLAlchemy URL.
 
-    The query runs in a read-only transaction that is rolled back (SQLite files are opened
-    read-only and never created). Raises InputError now for a bad URL or query, a failing
-    query, a result without an email column or with no rows.
+    The query runs once, here, in a read-only transaction that is rolled back, as a single
+    statement that the database stops after ``timeout`` seconds (SQLite files are opened
+    read-only and never created); iterating the source rebuilds the recipients from the
+    rows it returned. Raises InputError for a bad URL or query, a failing query, a result
+    without an email column or with no rows. PostgreSQL: ``Source.warnings`` names the role
+    when it could write to the tables the query reads.
     """
     parsed = _parse_url(url)
     origin = _one_line(parsed.render_as_string(hide_password=True))
     sql = _check_query(DEFAULT_QUERY if query is None else query)
-    with _read_only(parsed, origin) as conn:
-        result = _run(conn, sql, origin)
-        layout = _layout(origin, list(map(str, result.keys())), "query result", _AS_HINT)
-        try:
-            empty = result.fetchone() is None
-        except SQLAlchemyError as exc:
-            raise InputError(f"{origin}: query failed: {_first_line(exc)}") from None
-        finally:
-            result.close()
-    if empty:
-        raise InputError(f"{origin}: the query returned no rows")
-    return Source(origin, layout.keys, lambda: _db_rows(parsed, sql, origin))
+    with _read_only(parsed, origin, timeout) as conn:
+        result = _run(conn, sql, origin, timeout)
+        layout = _layout(origin, result.labels, "query result", _AS_HINT)
+        if not result.rows:
+            raise InputError(f"{origin}: the query returned no rows")
+        warnings = _write_warnings(conn, sql, origin)
+    return Source(origin, layout.keys, _cached_rows(layout, result.rows), warnings)
 
 
 # --------------------------------------------------------------------------- selection

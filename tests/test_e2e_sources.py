@@ -11,6 +11,7 @@ import io
 import json
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -342,3 +343,130 @@ def test_report_errors_are_one_line() -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and target in lines[0] and problem in lines[0], result.stderr
         assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- the query, once
+
+
+@pytest.fixture
+def query_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement run on a SQLite connection opened from now on (a trace callback on
+    the real connections): the course database's and the job store's."""
+    import sqlite3
+
+    statements: list[str] = []
+    real = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return statements
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["send-reminders", "--dry-run"],
+        ["send-reminders", "--yes"],
+        ["send-reminders", "--yes", "--only", "zoe.angstrom@example.edu"],
+        ["preview", "--count", "2"],
+    ],
+)
+def test_the_query_runs_once_per_command(query_runs: list[str], command: list[str]) -> None:
+    build_course_db()
+    query = readme_join_query()
+    result = bulkmail(
+        *command, "--db", "sqlite:///course.db", "--query", query,
+        "--template", REMINDER, "--subject", SUBJECT,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [s for s in query_runs if "JOIN courses" in s] == [query]
+
+
+# --------------------------------------------------------------------------- multi-line fields
+
+
+def write_notes_list() -> Path:
+    path = Path("notes.csv")
+    rows = [
+        ["name", "email", "course", "notes"],
+        ["Ada", "ada@example.edu", "CS101", "Room 4B.\r\nBring the signed forms.\nThanks!"],
+        ["Ben", "ben@example.edu", "CS102\nBcc: victim@example.org", "fine"],
+        ["Eve\r\nBcc: victim@example.org", "eve@example.org", "CS103", "fine"],
+        ["Mal", "mal@example.org\nBcc: victim@example.org", "CS104", "fine"],
+        ["Cleo", "cleo@example.edu", "CS105", "one line\x00NUL"],
+        ["Dan", "dan@example.edu", "CS106", "Line one\rline two (old Mac)"],
+    ]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    path.write_text(buffer.getvalue(), encoding="utf-8", newline="")
+    return path
+
+
+def test_line_breaks_are_kept_in_a_body_only_column_and_refused_in_headers(
+    smtp_sink: SmtpSink,
+) -> None:
+    write_notes_list()
+    Path("t.txt").write_text("Dear {{ name }},\n{{ notes }}\n", encoding="utf-8")
+    result = bulkmail(
+        "send-reminders", "--csv", "notes.csv", "--template", "t.txt",
+        "--subject", "Reminder: {{ course }}", *smtp_args(), "--json",
+        env=smtp_env(smtp_sink),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sent"] == 2
+    received = {m.rcpt_tos[0]: m for m in smtp_sink.messages}
+    assert set(received) == {"ada@example.edu", "dan@example.edu"}
+    assert b"\nBcc" not in b"".join(m.data for m in smtp_sink.messages)
+    ada = received["ada@example.edu"].parse()
+    assert ada["Subject"] == "Reminder: CS101"
+    assert ada.get_content() == "Dear Ada,\nRoom 4B.\nBring the signed forms.\nThanks!\n"
+    dan = received["dan@example.edu"].parse()
+    assert dan.get_content() == "Dear Dan,\nLine one\nline two (old Mac)\n"
+    skips = json.loads(bulkmail("status", "1", "--skipped", "--json").stdout)["skips"]
+    assert [(s["email"], s["reason"]) for s in skips] == [
+        ("ben@example.edu", "column 'course' contains a line feed (LF)"),
+        ("eve@example.org", "column 'name' contains a carriage return (CR)"),
+        ("mal@example.org\nBcc: victim@example.org", "column 'email' contains a line feed (LF)"),
+        ("cleo@example.edu", "column 'notes' contains a NUL character"),
+    ]
+
+
+def test_a_column_used_in_the_subject_or_an_attachment_name_is_a_header_column() -> None:
+    write_notes_list()
+    Path("files").mkdir()
+    for code in ("CS101", "CS105", "CS106"):
+        Path("files", f"{code}.txt").write_text("sheet", encoding="utf-8")
+    Path("t.txt").write_text("Dear {{ name }}\n", encoding="utf-8")
+    base = ["send-reminders", "--csv", "notes.csv", "--template", "t.txt", "--dry-run", "--json"]
+    in_subject = bulkmail(*base, "--subject", "About {{ notes }}")
+    assert in_subject.exit_code == 0, in_subject.output
+    reasons = {s["email"]: s["reason"] for s in json.loads(in_subject.stdout)["skipped"]}
+    assert reasons["ada@example.edu"] == "column 'notes' contains a carriage return (CR)"
+    assert reasons["dan@example.edu"] == "column 'notes' contains a carriage return (CR)"
+    in_attachment = bulkmail(*base, "--subject", "Hi", "--attach", "files/{{ course }}.txt")
+    assert in_attachment.exit_code == 0, in_attachment.output
+    doc = json.loads(in_attachment.stdout)
+    reasons = {s["email"]: s["reason"] for s in doc["skipped"]}
+    assert reasons["ben@example.edu"] == "column 'course' contains a line feed (LF)"
+    assert "ada@example.edu" not in reasons and doc["to_send"] == 2
+
+
+def test_a_postgresql_role_that_can_write_is_named_on_stderr(pg_url: str) -> None:
+    from sqlalchemy import make_url
+
+    from tests.test_sources import course_tables
+
+    course_tables(pg_url)
+    role = make_url(pg_url).username
+    Path("t.txt").write_text("Dear {{ name }}\n", encoding="utf-8")
+    args = ["--db", pg_url, "--template", "t.txt", "--subject", "Hi"]
+    for command in (["preview", "--count", "1"], ["send-reminders", "--dry-run", "--json"]):
+        result = bulkmail(*command, *args)
+        assert result.exit_code == 0, result.output
+        [line] = result.stderr.splitlines()
+        assert line.startswith("bulkmail: warning: postgresql+psycopg://")
+        assert f"the role '{role}' can write to instructors (which the query reads)" in line

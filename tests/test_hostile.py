@@ -24,8 +24,10 @@ from hypothesis import strategies as st
 from bulkmail.compose import Composer, Templates
 from bulkmail.mime import to_bytes_fast
 from bulkmail.sources import open_csv, open_db
+from bulkmail.store import message_id
 from tests.e2e import WIDE, bulkmail, smtp_args, smtp_env
 from tests.smtp_sink import SmtpSink
+from tests.test_sources import course_tables, table_contents
 
 VICTIM = "victim@example.org"
 INJECT = f"\r\nBcc: {VICTIM}"
@@ -245,7 +247,7 @@ def composer(tmp_path_factory: pytest.TempPathFactory) -> Composer:
 
 
 def _message_id(n: int) -> str:
-    return f"<bulkmail.1.{n}@example.edu>"
+    return message_id(1, n, "0a1b2c3d", "example.edu")
 
 
 @settings(
@@ -307,3 +309,85 @@ def test_the_property_also_holds_for_a_database_source(composer: Composer, tmp_p
             [to] = parse(message.to_bytes())["To"].addresses
             sent.add(to.addr_spec)
     assert sent == SENT
+
+
+# --------------------------------------------------------------------------- hostile queries
+
+
+SELECT = "SELECT name, email FROM instructors"
+HOSTILE_QUERIES = [
+    # nested block comments: PostgreSQL ends the comment at the second */, a naive splitter
+    # at the first one and then sees a string up to the last quote
+    f"{SELECT} /* /* */ ' */; COMMIT; DELETE FROM instructors WHERE id = 2; -- '",
+    # dollar-quoted strings, tagged and plain
+    f"{SELECT} WHERE name <> $a$ ' $a$; COMMIT; DELETE FROM instructors WHERE id = 2; -- '",
+    f"{SELECT} WHERE name <> $$ ' $$; COMMIT; DELETE FROM courses; -- '",
+    f"{SELECT} WHERE name <> $q$ $$ ' $q$; COMMIT; TRUNCATE courses; -- '",
+    f"{SELECT} /* /* */ ' */; SET TRANSACTION READ WRITE; DELETE FROM courses; -- '",
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE_QUERIES)
+def test_a_hostile_query_changes_nothing_in_postgresql(pg_url: str, query: str) -> None:
+    from bulkmail.errors import InputError
+
+    course_tables(pg_url)
+    before = table_contents(pg_url)
+    assert len(before["instructors"]) == 12
+    with pytest.raises(InputError) as refused:
+        list(open_db(pg_url, query))
+    assert str(refused.value).startswith("--query: only a single SELECT"), refused.value
+    assert table_contents(pg_url) == before
+
+
+@pytest.mark.parametrize("query", HOSTILE_QUERIES[:2])
+def test_a_hostile_query_through_dry_run_and_preview_changes_nothing(
+    pg_url: str, query: str
+) -> None:
+    course_tables(pg_url)
+    before = table_contents(pg_url)
+    Path("t.txt").write_text("Dear {{ name }}\n", encoding="utf-8")
+    args = ["--db", pg_url, "--query", query, "--template", "t.txt", "--subject", "Hi"]
+    for command in (["send-reminders", *args, "--dry-run"], ["preview", *args]):
+        result = bulkmail(*command)
+        assert result.exit_code == 2, result.output
+        assert "--query: only a single SELECT" in result.stderr
+        assert table_contents(pg_url) == before
+
+
+def test_compose_refuses_a_line_break_in_a_rendered_header_whatever_the_source(
+    tmp_path: Path,
+) -> None:
+    """The backstop behind ``Source.header_columns``: a body-only value that still reaches
+    the subject or an attachment's file name (a caller that did not say which columns reach
+    a header) refuses the job, naming the row; nothing is built."""
+    from bulkmail.errors import InputError
+    from bulkmail.models import Recipient
+
+    Path("t.txt").write_text("{{ notes }}\n", encoding="utf-8")
+    Path("files").mkdir()
+    notes = "Room 4\nBcc: victim@example.org"
+    ada = Recipient(
+        row=2,
+        email="ada@example.edu",
+        name="Ada",
+        fields={"email": "ada@example.edu", "notes": notes},
+    )
+    body_only = Composer(
+        Templates.load(subject="Reminder", text_path="t.txt"), sender="office@example.edu"
+    )
+    body_only.check(ada, "n.csv")
+    assert body_only.build(ada, _message_id(1)).text == f"{notes}\n"
+    in_subject = Composer(
+        Templates.load(subject="About {{ notes }}", text_path="t.txt"), sender="office@example.edu"
+    )
+    assert in_subject.header_variables == {"notes"}
+    with pytest.raises(InputError, match=r"^n\.csv: row 2: subject contains a line feed \(LF\)"):
+        in_subject.check(ada, "n.csv")
+    in_name = Composer(
+        Templates.load(subject="Hi", text_path="t.txt", attach=["files/{{ notes }}.txt"]),
+        sender="office@example.edu",
+    )
+    assert in_name.header_variables == {"notes"}
+    with pytest.raises(InputError, match=r"^n\.csv: row 2: attachment file name .* line feed"):
+        in_name.check(ada, "n.csv")

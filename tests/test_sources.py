@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from email_validator import validate_email
@@ -527,6 +530,326 @@ def test_db_duplicate_result_columns(course_db: Path) -> None:
         " ON c.instructor_id = i.id",
     )
     assert "column 'name' appears twice in the query result" in message
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        # PostgreSQL reads these as several statements: refused whatever the database
+        "SELECT name, email FROM instructors /* /* */ ' */; DELETE FROM instructors; -- '",
+        "SELECT name, email FROM instructors WHERE name <> $a$ ' $a$; DELETE FROM courses; -- '",
+        "SELECT name, email FROM instructors WHERE name <> $$ ' $$; DELETE FROM courses; -- '",
+    ],
+)
+def test_db_nested_comments_and_dollar_quotes_hide_no_statement(
+    course_db: Path, query: str
+) -> None:
+    message = error(open_db, "sqlite:///course.db", query)
+    assert message.startswith("--query: only a single SELECT or WITH statement")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT name, email FROM instructors WHERE name <> 'a$b$; c'",
+        'SELECT name AS "n$a$", email FROM instructors -- $a$ ;',
+        "SELECT name, email FROM instructors /* a $$ ; */",
+        "SELECT name, email FROM instructors WHERE email LIKE '%example.edu' AND name <> ':x'",
+    ],
+)
+def test_db_dollars_and_comments_in_a_single_statement_are_fine(
+    course_db: Path, query: str
+) -> None:
+    assert len(list(open_db("sqlite:///course.db", query))) >= 10
+
+
+def test_db_sqlite_itself_refuses_a_second_statement(course_db: Path) -> None:
+    """Below the splitter: sqlite3 runs one statement per execute, whatever the text."""
+    from sqlalchemy import make_url
+
+    from bulkmail.sources import _read_only, _run
+
+    with pytest.raises(InputError, match="one statement at a time"):  # noqa: SIM117
+        with _read_only(make_url("sqlite:///course.db"), "db", 5.0) as conn:
+            _run(conn, "SELECT name, email FROM instructors; DELETE FROM instructors", "db", 5.0)
+    assert count(course_db) == 12
+
+
+def test_db_query_is_stopped_after_the_timeout(course_db: Path) -> None:
+    endless = (
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n)"
+        " SELECT 'a' AS name, 'a@example.edu' AS email FROM n WHERE x < 0"
+    )
+    started = time.monotonic()
+    message = error(lambda: open_db("sqlite:///course.db", endless, timeout=0.2))
+    assert time.monotonic() - started < 10
+    assert message == "sqlite:///course.db: query failed: stopped after 0.2 s (interrupted)"
+
+
+@pytest.fixture
+def query_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every SQL statement run on a SQLite connection opened from now on (a trace callback
+    on the real connections), to count how often the query runs."""
+    statements: list[str] = []
+    real = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return statements
+
+
+def test_db_query_runs_once_however_often_the_source_is_read(
+    course_db: Path, query_runs: list[str]
+) -> None:
+    source = open_db("sqlite:///course.db", JOIN)
+    first, second = list(source), list(source)
+    assert first == second and len(first) == 12
+    assert [s for s in query_runs if "JOIN courses" in s] == [JOIN]
+
+
+def test_db_multi_line_value_in_a_body_only_column(tmp_path: Path) -> None:
+    with sqlite3.connect("notes.db") as conn:
+        conn.execute("CREATE TABLE t (name TEXT, email TEXT, course TEXT, notes TEXT)")
+        conn.executemany(
+            "INSERT INTO t VALUES (?, ?, ?, ?)",
+            [
+                ("Ada", "ada@example.edu", "CS1", "Room 4\r\nBring the forms\nThanks"),
+                ("Ben", "ben@example.edu", "CS1\nBcc: x@example.org", "fine"),
+                ("Eve\nBcc: x@example.org", "eve@example.org", "CS1", "fine"),
+            ],
+        )
+    conn.close()
+    source = open_db("sqlite:///notes.db", "SELECT * FROM t")
+    source.header_columns = frozenset({"course"})
+    ada, ben, eve = source
+    assert ada.skip_reason is None
+    assert ada.fields["notes"] == "Room 4\r\nBring the forms\nThanks"
+    assert ben.skip_reason == "column 'course' contains a line feed (LF)"
+    assert eve.skip_reason == "column 'name' contains a line feed (LF)"
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def course_tables(url: str) -> None:
+    """The example course database's two tables, in a PostgreSQL database."""
+    import sqlalchemy as sa
+
+    from examples.make_course_db import COURSES, INSTRUCTORS
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE instructors (id integer PRIMARY KEY, name text, email text)"
+            )
+            conn.exec_driver_sql(
+                "CREATE TABLE courses (id integer PRIMARY KEY, code text, title text,"
+                " instructor_id integer, starts_on text)"
+            )
+            conn.exec_driver_sql("CREATE SEQUENCE instructors_seq")
+            conn.exec_driver_sql(
+                "INSERT INTO instructors VALUES (%s, %s, %s)", [tuple(r) for r in INSTRUCTORS]
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO courses VALUES (%s, %s, %s, %s, %s)", [tuple(r) for r in COURSES]
+            )
+    finally:
+        engine.dispose()
+
+
+def table_contents(url: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table, read on a new connection (what psql would show)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            names = [
+                row[0]
+                for row in conn.exec_driver_sql(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+                )
+            ]
+            return {
+                name: [tuple(r) for r in conn.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY 1')]
+                for name in names
+            }
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def course_pg(pg_url: str) -> str:
+    """A PostgreSQL database holding the example course tables."""
+    course_tables(pg_url)
+    return pg_url
+
+
+def shown(url: str) -> str:
+    """The URL as messages show it (no password)."""
+    from sqlalchemy import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def assert_unchanged(url: str) -> None:
+    """Nothing was written: the example's twelve rows in each table, as built."""
+    tables = table_contents(url)
+    assert len(tables["instructors"]) == 12 and len(tables["courses"]) == 12
+
+
+def test_pg_query_values_and_characters_a_driver_could_misread(course_pg: str) -> None:
+    query = (
+        f"/* a comment */ {JOIN}"
+        " WHERE i.email LIKE '%example.%' AND i.name <> ':x' AND i.name <> $$O'Brien$$"
+        " ORDER BY c.code; -- done"
+    )
+    source = open_db(course_pg, query)
+    assert source.columns == ["name", "email", "course", "title", "starts_on"]
+    recipients = list(source)
+    assert len(recipients) == 12
+    assert recipients[0].fields["course"] == "BIO120"
+    assert recipients[0].fields["starts_on"] == "2025-09-15"
+    assert_unchanged(course_pg)
+
+
+def test_pg_the_server_refuses_a_second_statement(course_pg: str) -> None:
+    """Below the splitter: the query goes out as a prepared statement, which PostgreSQL
+    refuses to hold two commands, so a COMMIT can never end the read-only transaction."""
+    from sqlalchemy import make_url
+
+    from bulkmail.sources import _read_only, _run
+
+    hostile = "SELECT name, email FROM instructors; COMMIT; DELETE FROM instructors WHERE id = 2"
+    with pytest.raises(InputError, match="cannot insert multiple commands"):  # noqa: SIM117
+        with _read_only(make_url(course_pg), "db", 5.0) as conn:
+            _run(conn, hostile, "db", 5.0)
+    assert_unchanged(course_pg)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "WITH gone AS (DELETE FROM instructors RETURNING name, email) SELECT * FROM gone",
+        "SELECT name, email FROM instructors FOR UPDATE",
+        "SELECT name, email, nextval('instructors_seq') FROM instructors",
+    ],
+)
+def test_pg_a_writing_statement_fails_in_the_read_only_transaction(
+    course_pg: str, query: str
+) -> None:
+    message = error(open_db, course_pg, query)
+    assert message.startswith(f"{shown(course_pg)}: query failed: ")
+    assert "read-only transaction" in message
+    assert_unchanged(course_pg)
+
+
+def test_pg_query_is_stopped_after_the_timeout(course_pg: str) -> None:
+    started = time.monotonic()
+    message = error(
+        lambda: open_db(course_pg, "SELECT name, email FROM instructors, pg_sleep(60)", timeout=0.2)
+    )
+    assert time.monotonic() - started < 10
+    assert message == (
+        f"{shown(course_pg)}: query failed: stopped after 0.2 s"
+        " (canceling statement due to statement timeout)"
+    )
+
+
+def test_pg_plain_url_uses_psycopg_3_and_other_drivers_are_refused(course_pg: str) -> None:
+    plain = course_pg.replace("postgresql+psycopg://", "postgresql://")
+    source = open_db(plain)
+    assert source.description == shown(plain)
+    assert len(list(source)) == 12
+    psycopg2 = course_pg.replace("postgresql+psycopg://", "postgresql+psycopg2://")
+    message = error(open_db, psycopg2)
+    assert message == (
+        f"{shown(psycopg2)}: the psycopg2 driver cannot keep a --query to one statement;"
+        " use postgresql+psycopg:// (psycopg 3)"
+    )
+
+
+def test_pg_a_role_that_can_write_what_the_query_reads_is_named(course_pg: str) -> None:
+    from sqlalchemy import make_url
+
+    role = make_url(course_pg).username
+    source = open_db(course_pg, JOIN)
+    assert source.warnings == [
+        f"{shown(course_pg)}: the role '{role}' can write to courses, instructors (which the"
+        " query reads); connect --db as a role that may only SELECT (see the README,"
+        " 'Course database')"
+    ]
+    assert open_db(course_pg, "SELECT 'a@example.edu' AS email").warnings == []
+
+
+def readme_role_sql() -> str:
+    """The read-only role the README recommends, exactly as it shows it."""
+    text = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"```sql\n(CREATE ROLE bulkmail_reader .*?)```", text, re.DOTALL)
+    assert found is not None, "the README shows no read-only role"
+    return found.group(1)
+
+
+@pytest.fixture
+def reader_url(course_pg: str) -> Iterator[str]:
+    """``course_pg`` reached as the README's read-only role (a unique name per test)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    url = sa.make_url(course_pg)
+    role, password = f"bulkmail_reader_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    sql = (
+        readme_role_sql()
+        .replace("bulkmail_reader", role)
+        .replace("'choose-a-password'", f"'{password}'")
+        .replace("DATABASE courses", f'DATABASE "{url.database}"')
+    )
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for statement in filter(str.strip, sql.split(";")):
+                conn.exec_driver_sql(statement)
+        yield url.set(username=role, password=password).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+    finally:
+        admin.dispose()
+
+
+def test_pg_the_readme_read_only_role_reads_and_is_not_warned_about(
+    course_pg: str, reader_url: str
+) -> None:
+    import sqlalchemy as sa
+
+    source = open_db(reader_url, JOIN)
+    assert len(list(source)) == 12
+    assert source.warnings == []
+    # the role really cannot write, even outside bulkmail's read-only transaction
+    engine = sa.create_engine(reader_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError):
+            conn.exec_driver_sql("SET default_transaction_read_only = off")
+            conn.exec_driver_sql("DELETE FROM instructors")
+    finally:
+        engine.dispose()
+    assert_unchanged(course_pg)
+    # one privilege more, on one table: that table is named
+    admin = sa.create_engine(course_pg, poolclass=sa.pool.NullPool)
+    try:
+        with admin.begin() as conn:
+            role = sa.make_url(reader_url).username
+            conn.exec_driver_sql(f"GRANT UPDATE ON instructors TO {role}")
+    finally:
+        admin.dispose()
+    [warning] = open_db(reader_url, JOIN).warnings
+    assert f"the role '{role}' can write to instructors (which the query reads)" in warning
 
 
 # --------------------------------------------------------------------------- select

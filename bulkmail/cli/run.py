@@ -144,6 +144,14 @@ def _source_options(
     )
 
 
+def _warn_about_source(plan: Any) -> None:
+    """The source's warnings (e.g. a database role that can write), one line each."""
+    for warning in plan.source.warnings:
+        err_console().print(
+            f"bulkmail: warning: {warning}", markup=False, highlight=False, soft_wrap=True
+        )
+
+
 def _confirm(plan: Any, summary: Any) -> bool:
     """Ask on a terminal only; --yes and non-terminals never ask."""
     from bulkmail import ui
@@ -245,6 +253,7 @@ def send_reminders(
         ),
         settings,
     )
+    _warn_about_source(plan)
     interactive = sys.stdin.isatty()
     if select:
         if not interactive:
@@ -388,6 +397,7 @@ def preview(
         jobs.SendOptions(provider=provider),
         settings,
     )
+    _warn_about_source(plan)
     out = Console()
     for n, message in enumerate(jobs.preview(plan, count), 1):
         out.print(ui.message_panel(message, n))
