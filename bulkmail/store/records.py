@@ -182,6 +182,11 @@ class Counts:
         return self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
 
     @property
+    def done(self) -> int:
+        """Deliveries that reached a final state (sent, failed, skipped or cancelled)."""
+        return self.sent + self.failed + self.skipped + self.cancelled
+
+    @property
     def open(self) -> int:
         """Deliveries still to be done (pending or in flight)."""
         return self.pending + self.sending
