@@ -188,9 +188,7 @@ class EmailManager:
                 registration.reclaimed,
             )
         job = self.store.get_job(self.job_id)
-        limiter = RateLimiter(
-            self.store, job.account, job.rate, job.burst, clock=self.clock, sleep=self.sleep
-        )
+        limiter = RateLimiter(self.store, job.account, job.rate, job.burst, clock=self.clock)
         composer = composer_for(job)
         heartbeat = threading.Thread(target=self._heartbeat, name="bulkmail-heartbeat", daemon=True)
         heartbeat.start()
