@@ -1,8 +1,15 @@
-"""The domain's exceptions and the exit codes they map to (one place, used by the CLI)."""
+"""The domain's exceptions and the process exit codes: the one module that computes an
+exit code, from how a job ended (``exit_code_for``) or from an error (``exit_code_of``)."""
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+from bulkmail.store.records import JobState  # light: no SQLAlchemy
+
+if TYPE_CHECKING:
+    from bulkmail.store.records import Counts
 
 
 class ExitCode(IntEnum):
@@ -65,3 +72,24 @@ def file_error(shown: str, exc: OSError, what: str) -> InputError:
     if not reason.isprintable():  # one line, control characters escaped
         reason = repr(reason)[1:-1]
     return InputError(f"{shown}: cannot read ({reason})")
+
+
+def exit_code_for(state: str, counts: Counts, *, interrupted: bool = False) -> ExitCode:
+    """The exit code of a run that left the job in ``state`` with ``counts``: Ctrl-C is 130
+    (paused, resumable); a completed job is 0, or 1 when some deliveries failed; anything
+    else (paused, aborted, stalled, cancelled) stopped before finishing: 3."""
+    if interrupted:
+        return ExitCode.INTERRUPTED
+    if state == JobState.COMPLETED:
+        return ExitCode.SOME_FAILED if counts.failed else ExitCode.OK
+    return ExitCode.STOPPED
+
+
+def exit_code_of(error: BaseException) -> ExitCode | None:
+    """The exit code an error ends the process with: a domain error's own code, 130 for
+    Ctrl-C; None for anything else (a bug: it propagates with its traceback)."""
+    if isinstance(error, BulkmailError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    return None

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bulkmail.compose import Composer, Templates
 from bulkmail.config import PROVIDERS, Settings
-from bulkmail.errors import BulkmailError, ExitCode, InputError
-from bulkmail.manager import EmailManager, Event, exit_code_for
+from bulkmail.errors import BulkmailError, ExitCode, InputError, JobStateError, exit_code_for
+from bulkmail.manager import EmailManager, Event
 from bulkmail.models import Message, Recipient
 from bulkmail.providers import (
     Provider,
@@ -27,9 +27,15 @@ from bulkmail.providers import (
     with_defaults,
 )
 from bulkmail.sources import Source, open_csv, open_db, select
-from bulkmail.store import JobRecord, JobStore, JobView, NewDelivery, NewJob, dedupe_reason
-
-TERMINAL_STATES = ("completed", "cancelled", "paused", "aborted")
+from bulkmail.store import (
+    JobRecord,
+    JobState,
+    JobStore,
+    JobView,
+    NewDelivery,
+    NewJob,
+    dedupe_reason,
+)
 
 
 def data_dir() -> Path:
@@ -365,6 +371,58 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
-def exit_code_of(view: JobView) -> ExitCode:
-    """The exit code a finished run of this job reports."""
-    return exit_code_for(view.job.state, view.counts)
+# ------------------------------------------------- what resume, retry and worker decide
+
+
+@dataclass(frozen=True)
+class NothingToDo:
+    """A command found nothing to run: the line to tell the user and the exit code."""
+
+    view: JobView
+    message: str
+    exit_code: ExitCode = ExitCode.OK
+
+
+FINISHED_STATES = (JobState.COMPLETED, JobState.CANCELLED)
+
+
+def check_resume(store: JobStore, job_id: int) -> NothingToDo | None:
+    """None when ``resume`` runs the job; a finished (completed or cancelled) job has
+    nothing to resume, and reports the exit code its last run ended with."""
+    view = store.view(job_id)
+    state = view.job.state
+    if state not in FINISHED_STATES:
+        return None
+    return NothingToDo(
+        view,
+        f"job {job_id} is {state}; nothing to resume",
+        exit_code_for(state, view.counts),
+    )
+
+
+def prepare_retry(store: JobStore, job_id: int, *, now: float | None = None) -> NothingToDo | int:
+    """Put the job's failed deliveries back to pending and return how many, for ``retry``
+    to run the job. A job a live worker runs is refused (JobStateError, exit 2); a
+    completed job without failures has nothing to retry (exit 0)."""
+    from bulkmail.views import effective_state
+
+    view = store.view(job_id)
+    if effective_state(view, now=time.time() if now is None else now) == JobState.RUNNING:
+        raise JobStateError(
+            f"job {job_id} is being run by a worker; retry its failures once it has finished "
+            f"(bulkmail status {job_id} --watch)"
+        )
+    if view.counts.failed == 0 and view.job.state == JobState.COMPLETED:
+        return NothingToDo(view, f"job {job_id} has no failed deliveries; nothing to retry")
+    return store.retry_failed(job_id)
+
+
+def joined_too_late(store: JobStore, job_id: int, *, exclusive: bool) -> NothingToDo | None:
+    """A worker was refused the job (JobStateError): when it came to join a job that the
+    other workers have just finished, that is nothing to do, not an error (exit 0); None
+    when the refusal stands (an exclusive worker, or a job that is not finished)."""
+    view = store.view(job_id)
+    state = view.job.state
+    if exclusive or state not in FINISHED_STATES:
+        return None
+    return NothingToDo(view, f"job {job_id} is already {state}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bulkmail.compose import Composer, Templates
-from bulkmail.errors import BulkmailError, ExitCode, StoreError
+from bulkmail.errors import BulkmailError, ExitCode, StoreError, exit_code_for
 from bulkmail.models import Message, Recipient
 from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, worker_alive
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
@@ -31,6 +31,7 @@ from bulkmail.store import (
     Counts,
     DeliveryRecord,
     JobRecord,
+    JobState,
     JobStore,
     Outcome,
     Reclaimed,
@@ -43,6 +44,7 @@ log = logging.getLogger("bulkmail")
 MAX_CONSECUTIVE_TRANSIENT = 10
 CLAIM_LEAD = 0.05  # seconds before its rate slot that a delivery is claimed and built
 TAIL_POLL = 0.5  # seconds between looks at other workers' last messages in flight
+MAX_BACKOFF = 24 * 3600.0  # the longest wait before a retry: one day
 
 EventKind = Literal["sending", "sent", "failed", "retry", "stopped"]
 
@@ -71,13 +73,15 @@ class RunResult:
     def exit_code(self) -> ExitCode:
         return exit_code_for(self.state, self.counts, interrupted=self.interrupted)
 
-
-def exit_code_for(state: str, counts: Counts, *, interrupted: bool = False) -> ExitCode:
-    if interrupted:
-        return ExitCode.INTERRUPTED
-    if state == "completed":
-        return ExitCode.SOME_FAILED if counts.failed else ExitCode.OK
-    return ExitCode.STOPPED
+    @property
+    def hint(self) -> str | None:
+        """The line telling the user how to go on when the run did not finish the job."""
+        resume = f"bulkmail resume {self.job_id}"
+        if self.interrupted:
+            return f"interrupted: job {self.job_id} paused; continue with: {resume}"
+        if self.state in (JobState.PAUSED, JobState.ABORTED, JobState.STALLED):
+            return f"job {self.job_id} {self.state}: {self.error}; after fixing it: {resume}"
+        return None
 
 
 def backoff_delay(attempts: int, backoff: float, retry_after: float | None = None) -> float:
@@ -85,11 +89,8 @@ def backoff_delay(attempts: int, backoff: float, retry_after: float | None = Non
     Retry-After when it gave one, else ``backoff`` doubling (5, 10, 20 ... for 5)."""
     if retry_after is not None and retry_after >= 0:
         return retry_after
-    from tenacity import RetryCallState, wait_exponential  # only paid for when retrying
-
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(1, attempts)
-    return float(wait_exponential(multiplier=backoff, exp_base=2, max=24 * 3600)(state))
+    doublings = min(max(1, attempts) - 1, 64)  # 2**64 periods is past any cap already
+    return float(max(0.0, min(backoff * 2.0**doublings, MAX_BACKOFF)))
 
 
 def composer_for(job: JobRecord) -> Composer:
@@ -178,9 +179,7 @@ class EmailManager:
                 registration.reclaimed,
             )
         job = self.store.get_job(self.job_id)
-        limiter = RateLimiter(
-            self.store, job.account, job.rate, job.burst, clock=self.clock, sleep=self.sleep
-        )
+        limiter = RateLimiter(self.store, job.account, job.rate, job.burst, clock=self.clock)
         composer = composer_for(job)
         heartbeat = threading.Thread(target=self._heartbeat, name="bulkmail-heartbeat", daemon=True)
         heartbeat.start()

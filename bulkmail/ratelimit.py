@@ -55,11 +55,8 @@ class MemorySlots:
 
 
 class RateLimiter:
-    """Hands out send slots for one account.
-
-    ``clock`` returns POSIX seconds; ``sleep(seconds)`` waits and returns True when it was
-    interrupted (a stop was requested) — ``threading.Event.wait`` has that shape.
-    """
+    """Hands out send slots for one account; the caller waits for its slot (the send loop
+    does, so that a stop can interrupt the wait). ``clock`` returns POSIX seconds."""
 
     def __init__(
         self,
@@ -69,14 +66,12 @@ class RateLimiter:
         burst: int,
         *,
         clock: Callable[[], float],
-        sleep: Callable[[float], bool],
     ) -> None:
         self.slots = slots
         self.key = key
         self.rate = rate
         self.burst = max(1, burst)
         self.clock = clock
-        self.sleep = sleep
 
     @property
     def unlimited(self) -> bool:
@@ -92,13 +87,3 @@ class RateLimiter:
         return self.slots.reserve_slot(
             self.key, lambda tat: gcra_reserve(tat, self.clock(), self.rate, self.burst)
         )
-
-    def acquire(self) -> bool:
-        """Wait for the next slot. Returns False when the wait was interrupted (the slot is
-        then simply unused, which only ever slows the account down)."""
-        if self.unlimited:
-            return True
-        delay = self.reserve() - self.clock()
-        if delay > 0:
-            return not self.sleep(delay)
-        return True

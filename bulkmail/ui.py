@@ -11,9 +11,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress import (
@@ -27,9 +27,15 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from bulkmail.views import FailureDocument, JobDocument, SkipDocument, job_document
+
 if TYPE_CHECKING:  # the send machinery is not loaded by status/recent
+    from rich.console import OverflowMethod
+
+    from bulkmail.jobs import DryRun
     from bulkmail.manager import Event
-    from bulkmail.models import Message
+    from bulkmail.models import Message, Recipient
+    from bulkmail.store.records import Counts, JobView
 
 STATE_STYLE = {
     "completed": "green",
@@ -42,24 +48,35 @@ STATE_STYLE = {
 }
 
 
-def shown(text: str | None, *, multiline: bool = False, **options: Any) -> Text:
+def shown(
+    text: str | None,
+    *,
+    multiline: bool = False,
+    style: str = "",
+    no_wrap: bool | None = None,
+    overflow: OverflowMethod | None = None,
+) -> Text:
     """``text`` as a Rich ``Text`` that is safe to print on a terminal: control characters,
     escape sequences and other non-printable characters (which a hostile CSV or server
     can put in a name, an address, a reason or an error) are shown escaped, e.g. ``\\x1b``,
     never sent to the terminal. ``multiline`` keeps line feeds and tabs (message bodies);
-    ``options`` go to ``Text`` (style, no_wrap...)."""
+    ``style``, ``no_wrap`` and ``overflow`` go to ``Text``."""
     text = text or ""
     if multiline:
         text = text.replace("\r\n", "\n")
-    if text.isprintable():
-        return Text(text, **options)
+    if not text.isprintable():
+        text = _escaped(text, multiline=multiline)
+    return Text(text, style=style, no_wrap=no_wrap, overflow=overflow)
+
+
+def _escaped(text: str, *, multiline: bool) -> str:
     out: list[str] = []
     for ch in text:
         if ch.isprintable() or (multiline and ch in "\n\t"):
             out.append(ch)
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))
-    return Text("".join(out), **options)
+    return "".join(out)
 
 
 def _state(state: str) -> Text:
@@ -92,8 +109,9 @@ def new_progress(console: Console) -> Progress:
 class RunDisplay:
     """Turns send-loop events into a live bar (terminal) or plain lines (anything else).
 
-    ``done`` counts deliveries that reached a final state (sent, failed, skipped), so the
-    bar of a resumed job starts where the last run stopped.
+    ``done`` counts deliveries that reached a final state (``Counts.done``), so the bar of
+    a resumed job starts where the last run stopped; ``settle`` ends it at the store's
+    counts (the store also settles deliveries without an event: skips at claim time).
     """
 
     def __init__(
@@ -164,8 +182,19 @@ class RunDisplay:
                 line += f": {event.error}"
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
+    def settle(self, counts: Counts) -> None:
+        """Move the bar to the store's counts at the end of the run (never back: a store
+        that could not be read gives empty counts)."""
+        with self._lock:
+            self.done = max(self.done, counts.done)
+            self.failed = max(self.failed, counts.failed)
+            if self._progress is not None and self._task is not None:
+                self._progress.update(
+                    self._task, completed=self.done, failed=self.failed, current=""
+                )
 
-def status_panel(doc: dict[str, Any]) -> Panel:
+
+def status_panel(doc: JobDocument) -> Panel:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
@@ -174,14 +203,14 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     table.add_row("source", shown(str(doc.get("source") or "")))
     table.add_row("subject", shown(doc["subject"]))
     counts = Text()
-    for key, style in (
-        ("sent", "green"),
-        ("failed", "red"),
-        ("pending", "cyan"),
-        ("skipped", "yellow"),
-        ("cancelled", "magenta"),
+    for key, count, style in (
+        ("sent", doc["sent"], "green"),
+        ("failed", doc["failed"], "red"),
+        ("pending", doc["pending"], "cyan"),
+        ("skipped", doc["skipped"], "yellow"),
+        ("cancelled", doc["cancelled"], "magenta"),
     ):
-        counts.append(f"{doc[key]} {key}", style=style)
+        counts.append(f"{count} {key}", style=style)
         counts.append("  ")
     counts.append(f"of {doc['total']}")
     table.add_row("deliveries", counts)
@@ -190,9 +219,13 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     table.add_row("rate", f"{rate(doc['rate'])}, burst {doc['burst']}")
     if doc.get("dedupe_key"):
         table.add_row("dedupe key", doc["dedupe_key"])
-    for key in ("created_at", "started_at", "finished_at"):
-        if doc[key]:
-            table.add_row(key.replace("_at", ""), doc[key])
+    for label, when in (
+        ("created", doc["created_at"]),
+        ("started", doc["started_at"]),
+        ("finished", doc["finished_at"]),
+    ):
+        if when:
+            table.add_row(label, when)
     if doc["worker_pid"]:
         table.add_row(
             "worker",
@@ -208,14 +241,14 @@ def status_panel(doc: dict[str, Any]) -> Panel:
     return Panel(table, title=f"job {doc['id']}", expand=False)
 
 
-def _transport(doc: dict[str, Any]) -> str:
+def _transport(doc: JobDocument) -> str:
     """The provider and where it sends: the outbox folder, the SMTP server, the API."""
     from bulkmail.providers.registry import describe
 
     return describe(str(doc["provider"]), doc.get("provider_settings") or {})
 
 
-def next_step(doc: dict[str, Any]) -> str:
+def next_step(doc: JobDocument) -> str:
     job = doc["id"]
     state = doc["state"]
     if state in ("paused", "aborted", "stalled"):
@@ -229,7 +262,7 @@ def next_step(doc: dict[str, Any]) -> str:
     return ""
 
 
-def workers_table(doc: dict[str, Any]) -> Table | None:
+def workers_table(doc: JobDocument) -> Table | None:
     if len(doc["workers"]) < 2:
         return None
     table = Table(title="workers")
@@ -247,7 +280,7 @@ def workers_table(doc: dict[str, Any]) -> Table | None:
     return table
 
 
-def failures_table(failures: Sequence[dict[str, Any]]) -> Table:
+def failures_table(failures: Sequence[FailureDocument]) -> Table:
     table = Table(title=f"{len(failures)} failed deliveries")
     table.add_column("email")
     table.add_column("name")
@@ -258,7 +291,7 @@ def failures_table(failures: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def skips_table(skips: Sequence[dict[str, Any]]) -> Table:
+def skips_table(skips: Sequence[SkipDocument]) -> Table:
     table = Table(title=f"{len(skips)} skipped deliveries (not sent)")
     table.add_column("row", justify="right")
     table.add_column("email")
@@ -269,7 +302,7 @@ def skips_table(skips: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def recent_table(docs: Sequence[dict[str, Any]]) -> Table:
+def recent_table(docs: Sequence[JobDocument]) -> Table:
     from rich import box
 
     table = Table(title="recent jobs", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -296,7 +329,7 @@ def recent_table(docs: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def summary(doc: dict[str, Any]) -> Group:
+def summary(doc: JobDocument) -> Group:
     lines = [status_panel(doc)]
     return Group(*lines)
 
@@ -317,7 +350,7 @@ def message_panel(message: Message, index: int) -> Panel:
         head.add_row(
             "Attach:", shown(f"{att.filename} ({att.content_type}, {len(att.data)} bytes)")
         )
-    parts: list[Any] = [head, Text(""), shown(message.text, multiline=True)]
+    parts: list[RenderableType] = [head, Text(""), shown(message.text, multiline=True)]
     if message.html is not None:
         parts += [Text("--- HTML part ---", style="dim"), shown(message.html, multiline=True)]
     return Panel(Group(*parts), title=f"message {index}", expand=True)
@@ -325,14 +358,15 @@ def message_panel(message: Message, index: int) -> Panel:
 
 def watch(
     console: Console,
-    fetch: Callable[[], dict[str, Any]],
+    fetch: Callable[[], JobView],
     *,
     live: bool,
     interval: float = 0.5,
     sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, Any]:
+) -> JobDocument:
     """Follow a job until it leaves running/queued; return its last document."""
-    doc = fetch()
+    view = fetch()
+    doc = job_document(view)
     if not live:
         last = None
         while True:
@@ -346,14 +380,14 @@ def watch(
             if doc["state"] not in ("running", "queued"):
                 return doc
             sleep(interval)
-            doc = fetch()
+            doc = job_document(fetch())
     progress = new_progress(console)
     task = progress.add_task(f"job {doc['id']}", total=doc["total"], failed=0, speed="", current="")
     started = time.monotonic()
-    first_done = doc["sent"] + doc["failed"] + doc["skipped"]
+    first_done = view.counts.done
     with Live(progress, console=console, refresh_per_second=8):
         while True:
-            done = doc["sent"] + doc["failed"] + doc["skipped"]
+            done = view.counts.done
             elapsed = time.monotonic() - started
             speed = f"{(done - first_done) / elapsed:.2f}/s" if elapsed > 1 else ""
             progress.update(
@@ -362,7 +396,8 @@ def watch(
             if doc["state"] not in ("running", "queued"):
                 return doc
             sleep(interval)
-            doc = fetch()
+            view = fetch()
+            doc = job_document(view)
 
 
 def parse_selection(text: str, count: int) -> set[int]:
@@ -387,11 +422,12 @@ def parse_selection(text: str, count: int) -> set[int]:
     return picked
 
 
-def select_rows(console: Console, recipients: Sequence[Any]) -> set[int]:
+def select_rows(
+    console: Console, recipients: Sequence[Recipient], *, ask: Callable[[str], str]
+) -> set[int]:
     """Show a numbered table of recipients and ask which to send to (numbers and ranges):
-    the command-line counterpart of a list of checkboxes. Returns the chosen source rows."""
-    import typer
-
+    the command-line counterpart of a list of checkboxes. Returns the chosen source rows.
+    ``ask`` puts a question to the user and returns the answer."""
     table = Table(title="recipients")
     table.add_column("#", justify="right")
     table.add_column("email")
@@ -401,7 +437,7 @@ def select_rows(console: Console, recipients: Sequence[Any]) -> set[int]:
         table.add_row(str(n), shown(r.email), shown(r.name), shown(r.skip_reason, style="yellow"))
     console.print(table)
     while True:
-        answer = typer.prompt("Send to which (e.g. 1-3,5 or all)", err=True)
+        answer = ask("Send to which (e.g. 1-3,5 or all)")
         try:
             chosen = parse_selection(answer, len(recipients))
         except ValueError as exc:
@@ -410,7 +446,7 @@ def select_rows(console: Console, recipients: Sequence[Any]) -> set[int]:
         return {recipients[n - 1].row for n in chosen}
 
 
-def dry_run_document(summary: Any) -> dict[str, Any]:
+def dry_run_document(summary: DryRun) -> dict[str, object]:
     return {
         "dry_run": True,
         "source": summary.source,
@@ -423,7 +459,7 @@ def dry_run_document(summary: Any) -> dict[str, Any]:
     }
 
 
-def dry_run_view(summary: Any) -> Group:
+def dry_run_view(summary: DryRun) -> Group:
     """What a send would do: how many messages, how long at the rate, and every skipped row
     with its reason."""
     head = Text()
@@ -437,7 +473,7 @@ def dry_run_view(summary: Any) -> Group:
         head.append(f": about {duration(summary.estimated_seconds)}")
     else:
         head.append(f", via {summary.provider} with no rate limit")
-    parts: list[Any] = [head]
+    parts: list[RenderableType] = [head]
     if summary.skipped:
         table = Table(title="skipped (not sent, recorded with the reason)")
         table.add_column("row", justify="right")

@@ -8,11 +8,70 @@ from __future__ import annotations
 import csv
 import time
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import IO, NotRequired, TypedDict
 
 from bulkmail.procs import STALE_AFTER, this_host, worker_alive
 from bulkmail.store.contract import StoreReader
 from bulkmail.store.records import JobView
+
+
+class WorkerDocument(TypedDict):
+    id: str
+    host: str
+    pid: int
+    started_at: str | None
+    heartbeat_at: str | None
+    stopped_at: str | None
+    sent: int
+
+
+class FailureDocument(TypedDict):
+    email: str
+    name: str
+    attempts: int
+    error: str | None
+
+
+class SkipDocument(TypedDict):
+    row: int
+    email: str
+    name: str
+    reason: str | None
+
+
+class JobDocument(TypedDict):
+    """A job as ``--json`` prints it (``status``, ``recent``, the sending commands), and
+    the data behind the Rich views. ``failures``/``skips``: with ``status --failed/--skipped``."""
+
+    id: int
+    state: str
+    provider: str
+    provider_settings: dict[str, object]  # never a secret
+    subject: str
+    source: str
+    total: int
+    sent: int
+    failed: int
+    skipped: int
+    pending: int
+    sending: int
+    cancelled: int
+    in_doubt: int
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    rate: float
+    burst: int
+    concurrency: int
+    dedupe_key: str | None
+    error: str | None
+    worker_pid: int | None
+    worker_host: str | None
+    heartbeat_at: str | None
+    log_path: str | None
+    workers: list[WorkerDocument]
+    failures: NotRequired[list[FailureDocument]]
+    skips: NotRequired[list[SkipDocument]]
 
 
 def iso(t: float | None) -> str | None:
@@ -31,7 +90,7 @@ def effective_state(view: JobView, *, now: float, stale_after: float = STALE_AFT
     return "running" if live else "stalled"
 
 
-def job_document(view: JobView, *, now: float | None = None) -> dict[str, Any]:
+def job_document(view: JobView, *, now: float | None = None) -> JobDocument:
     """The job as the JSON document of the design (also the data behind the Rich views)."""
     now = time.time() if now is None else now
     job, c = view.job, view.counts
@@ -41,7 +100,7 @@ def job_document(view: JobView, *, now: float | None = None) -> dict[str, Any]:
         "id": job.id,
         "state": effective_state(view, now=now),
         "provider": job.provider,
-        "provider_settings": job.provider_settings,  # never a secret
+        "provider_settings": dict(job.provider_settings),  # never a secret
         "subject": job.subject,
         "source": job.source,
         "total": job.total,
@@ -79,14 +138,14 @@ def job_document(view: JobView, *, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def failures(store: StoreReader, job_id: int) -> list[dict[str, Any]]:
+def failures(store: StoreReader, job_id: int) -> list[FailureDocument]:
     return [
         {"email": d.email, "name": d.name, "attempts": d.attempts, "error": d.last_error}
         for d in store.deliveries(job_id, states=("failed",))
     ]
 
 
-def skips(store: StoreReader, job_id: int) -> list[dict[str, Any]]:
+def skips(store: StoreReader, job_id: int) -> list[SkipDocument]:
     """The job's skipped deliveries: the source row and why it is not sent."""
     return [
         {"row": d.row, "email": d.email, "name": d.name, "reason": d.last_error}
@@ -109,7 +168,7 @@ REPORT_COLUMNS = (
 )
 
 
-def write_report(store: StoreReader, job_id: int, out: TextIO) -> int:
+def write_report(store: StoreReader, job_id: int, out: IO[str]) -> int:
     """Write one CSV row per delivery; returns the number of rows."""
     store.get_job(job_id)  # JobNotFound before writing a header
     writer = csv.writer(out)

@@ -350,11 +350,18 @@ def test_dry_run_sends_nothing_and_creates_nothing(tmp_path: Path) -> None:
     assert job_count(store) == 0
 
 
-def test_help_of_every_command_has_an_example() -> None:
+def registered_commands() -> list[str]:
+    """The commands the app registers, as Click sees them (hidden ones too)."""
+    from typer.core import TyperGroup
     from typer.main import get_command
 
     group = get_command(app)
-    commands = group.commands  # type: ignore[attr-defined]
+    assert isinstance(group, TyperGroup)
+    return sorted(group.commands)
+
+
+def test_help_of_every_command_has_an_example() -> None:
+    commands = registered_commands()
     assert set(commands) >= {
         "send-reminders",
         "status",
@@ -370,6 +377,13 @@ def test_help_of_every_command_has_an_example() -> None:
         result = bulkmail(name, "--help")
         assert result.exit_code == 0
         assert "Example" in result.stdout and "bulkmail" in result.stdout, name
+
+
+def test_the_readme_command_table_lists_every_command() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z-]+)[ `]", table, re.MULTILINE))
+    assert listed == set(registered_commands())
 
 
 def test_failed_deliveries_listed_then_retried(smtp_sink: SmtpSink, tmp_path: Path) -> None:

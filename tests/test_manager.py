@@ -282,3 +282,5 @@ def test_backoff_delays() -> None:
     assert [backoff_delay(n, 5.0) for n in (1, 2, 3)] == [5.0, 10.0, 20.0]
     assert backoff_delay(2, 5.0, retry_after=42.0) == 42.0
     assert backoff_delay(1, 0.0) == 0.0
+    # doubling stops at one day, however many attempts (no overflow on huge counts)
+    assert backoff_delay(20, 5.0) == backoff_delay(10_000, 5.0) == 24 * 3600.0

@@ -3,8 +3,11 @@
 The Typer app lives here; its commands are in :mod:`bulkmail.cli.run` (those that send:
 send-reminders, resume, retry, cancel, preview, worker) and :mod:`bulkmail.cli.show` (those
 that read: status, recent, report), on the options and helpers of
-:mod:`bulkmail.cli.common`. Every domain error (``BulkmailError``) becomes one line on
-stderr and its exit code, in ``common.handles_errors`` and nowhere else.
+:mod:`bulkmail.cli.common`. What to do with a job in each state and the exit codes are
+decided in the core (``bulkmail.jobs``, ``bulkmail.errors``); the commands get their
+consoles and terminal facts from one :class:`bulkmail.cli.env.Environment`. Every domain
+error (``BulkmailError``) becomes one line on stderr and its exit code, in
+``common.handles_errors`` and nowhere else.
 """
 
 from __future__ import annotations

@@ -1,21 +1,28 @@
-"""Options shared by every command (defined once) and the helpers every command uses:
-settings, the store, JSON output, and the one place that turns domain errors into a line
-on stderr and the design's exit code."""
+"""Options shared by the commands (each defined once, the source and template options as
+one signature) and the helpers every command uses: settings, the store, JSON output, and
+the one place that turns domain errors into a line on stderr and their exit code."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
 
-from bulkmail.errors import BulkmailError, ExitCode
+from bulkmail.cli.env import environment
+from bulkmail.errors import BulkmailError, ExitCode, exit_code_of
+
+if TYPE_CHECKING:  # the commands import these on first use: `--help` stays light
+    from bulkmail.config import Settings
+    from bulkmail.jobs import SourceOptions
+    from bulkmail.store import JobStore
+    from bulkmail.store.contract import StoreReader
 
 # -- shared options, defined once
 
@@ -106,47 +113,112 @@ ExcludeOpt = Annotated[
     typer.Option("--exclude", metavar="EMAIL", help="Leave this address out (repeatable)."),
 ]
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def err_console() -> Console:
-    return Console(stderr=True)
+def source_options(
+    template: TemplateOpt,
+    subject: SubjectOpt,
+    csv: CsvOpt = None,
+    db: DbOpt = None,
+    query: QueryOpt = None,
+    html_template: HtmlOpt = None,
+    attach: AttachOpt = None,
+    sender: FromOpt = None,
+    only: OnlyOpt = None,
+    exclude: ExcludeOpt = None,
+) -> SourceOptions:
+    """The source and template options of send-reminders and preview, defined once: this
+    signature is spliced into each command's by ``with_source_options``."""
+    from bulkmail.jobs import SourceOptions
+
+    return SourceOptions(
+        csv=str(csv) if csv else None,
+        db=db,
+        query=query,
+        template=str(template),
+        html_template=str(html_template) if html_template else None,
+        subject=subject,
+        attach=attach or (),
+        sender=sender,
+        only=only or (),
+        exclude=exclude or (),
+    )
+
+
+def _parameters(fn: Callable[..., object], *, skip: int = 0) -> list[inspect.Parameter]:
+    """``fn``'s parameters (after the first ``skip``) with their annotations evaluated (this
+    package writes them as strings), as Typer reads them."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return [
+        p.replace(annotation=eval(p.annotation, fn.__globals__))
+        if isinstance(p.annotation, str)
+        else p
+        for p in params
+    ]
+
+
+_SOURCE_PARAMS = _parameters(source_options)
+
+
+def with_source_options(
+    command: Callable[Concatenate[SourceOptions, P], T],
+) -> Callable[P, T]:
+    """Give ``command`` (whose first parameter is ``source``) the options of
+    ``source_options`` in its place: Typer sees them as the command's own options, and the
+    command receives them as one ``SourceOptions``."""
+    if next(iter(inspect.signature(command).parameters), None) != "source":
+        raise TypeError(f"{command.__name__}: the first parameter must be `source`")
+    names = [p.name for p in _SOURCE_PARAMS]
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        picked = {name: kwargs.pop(name) for name in names if name in kwargs}
+        return command(source_options(**picked), *args, **kwargs)  # type: ignore[arg-type]
+
+    params = [*_SOURCE_PARAMS, *_parameters(command, skip=1)]
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
-    err_console().print(f"bulkmail: {message}", markup=False, highlight=False, soft_wrap=True)
+    environment().stderr.print(
+        f"bulkmail: {message}", markup=False, highlight=False, soft_wrap=True
+    )
     raise typer.Exit(int(code))
 
 
-def handles_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn domain errors into one line on stderr and the design's exit code."""
+def handles_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Turn domain errors into one line on stderr and their exit code (``exit_code_of``)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
         except BulkmailError as exc:
-            fail(exc.message, exc.exit_code)
+            fail(exc.message, exit_code_of(exc) or ExitCode.BAD_INPUT)
 
     return wrapper
 
 
-def load_config(config: str | None) -> Any:
+def load_config(config: str | None) -> Settings:
     from bulkmail.config import load_settings
 
     settings = load_settings(config=config)
     for warning in settings.warnings:
-        err_console().print(f"bulkmail: warning: {warning}", markup=False, highlight=False)
+        environment().note(f"bulkmail: warning: {warning}")
     return settings
 
 
-def open_store_for(store: str | None, settings: Any = None) -> Any:
+def open_store_for(store: str | None, settings: Settings | None = None) -> JobStore:
     from bulkmail.store import open_store
 
     return open_store(store or (settings.store if settings is not None else None) or None)
 
 
-def open_reader_for(store: str | None, config: str | None) -> Any:
+def open_reader_for(store: str | None, config: str | None) -> StoreReader:
     """The store to read from for status/recent/report: on the embedded SQLite store a
     light read-only reader that never imports SQLAlchemy, and that creates nothing."""
     from bulkmail.store.lite import open_reader
@@ -158,10 +230,9 @@ def open_reader_for(store: str | None, config: str | None) -> Any:
     return open_reader(store)
 
 
-def print_json(doc: Any) -> None:
+def print_json(doc: object) -> None:
     try:
-        sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
-        sys.stdout.flush()
+        environment().write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
     except OSError as exc:
         raise BulkmailError(f"cannot write to standard output: {exc.strerror}") from None
 

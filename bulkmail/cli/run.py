@@ -5,33 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
-from pathlib import Path
-from typing import Annotated, Any
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from bulkmail.cli import app
 from bulkmail.cli.common import (
-    AttachOpt,
     ConfigOpt,
-    CsvOpt,
-    DbOpt,
     DetachOpt,
-    ExcludeOpt,
-    FromOpt,
-    HtmlOpt,
     JobArg,
     JsonOpt,
-    OnlyOpt,
-    QueryOpt,
     StoreOpt,
-    SubjectOpt,
-    TemplateOpt,
     WorkersOpt,
-    err_console,
     fail,
     handles_errors,
     load_config,
@@ -39,24 +26,32 @@ from bulkmail.cli.common import (
     open_store_for,
     print_json,
     setup_logging,
+    with_source_options,
 )
+from bulkmail.cli.env import Environment, environment
 from bulkmail.errors import ExitCode, InputError, JobStateError
+
+if TYPE_CHECKING:  # loaded by the commands when they run: `--help` stays light
+    from bulkmail.config import Settings
+    from bulkmail.jobs import DryRun, NothingToDo, Plan, SourceOptions
+    from bulkmail.manager import Event
+    from bulkmail.store import JobStore
 
 
 def _run_job(
-    store: Any,
+    env: Environment,
+    store: JobStore,
     job_id: int,
-    settings: Any,
+    settings: Settings,
     *,
     as_json: bool,
     detach: bool,
     config: str | None,
     workers: int = 1,
 ) -> None:
-    """Run (or detach) a job and report the outcome with the design's exit code."""
+    """Run (or detach) a job and report the outcome with its exit code."""
     from bulkmail import jobs, ui, views
 
-    out = Console()
     if detach or workers > 1:
         # the first worker is exclusive (a job a live worker holds is refused, as for a
         # foreground resume); the others join it
@@ -67,10 +62,10 @@ def _run_job(
         pids = ", ".join(str(s.pid) for s in started)
         if as_json:
             doc = views.job_document(store.view(job_id))
-            doc.update(worker_pid=started[0].pid, log_path=started[0].log_path)
+            doc["worker_pid"], doc["log_path"] = started[0].pid, started[0].log_path
             print_json(doc)
         else:
-            out.print(
+            env.stdout.print(
                 f"job {job_id} started in the background: "
                 f"worker pid{'s' if workers > 1 else ''} {pids}, "
                 f"log {started[0].log_path}\nwatch it with: bulkmail status {job_id} --watch",
@@ -81,78 +76,50 @@ def _run_job(
 
     setup_logging(quiet=as_json)
     view = store.view(job_id)
-    c = view.counts
-    err = err_console()
     display = ui.RunDisplay(
-        err,
+        env.stderr,
         job_id=job_id,
         total=view.job.total,
-        done=c.sent + c.failed + c.skipped + c.cancelled,
-        failed=c.failed,
-        live=err.is_terminal and not as_json,
+        done=view.counts.done,
+        failed=view.counts.failed,
+        live=env.stderr_is_terminal and not as_json,
     )
     mgr = jobs.manager(store, job_id, settings, on_event=display.handle)
     with display.running():
         result = mgr.run()
+        # deliveries the store settled without an event (skipped at claim time under a
+        # --dedupe-key) count too: the bar ends at the store's numbers
+        display.settle(result.counts)
     doc = views.job_document(store.view(job_id))
     if as_json:
         print_json(doc)
     else:
-        out.print(ui.summary(doc))
-    if result.interrupted:
-        err.print(
-            f"interrupted: job {job_id} paused; continue with: bulkmail resume {job_id}",
-            markup=False,
-            highlight=False,
-        )
-    elif result.state in ("paused", "aborted", "stalled"):
-        err.print(
-            f"job {job_id} {result.state}: {result.error}; "
-            f"after fixing it: bulkmail resume {job_id}",
-            markup=False,
-            highlight=False,
-        )
+        env.stdout.print(ui.summary(doc))
+    if result.hint:
+        env.note(result.hint)
     raise typer.Exit(int(result.exit_code))
 
 
-def _source_options(
-    csv: Path | None,
-    db: str | None,
-    query: str | None,
-    template: Path,
-    html_template: Path | None,
-    subject: str,
-    attach: list[str] | None,
-    sender: str | None,
-    only: list[str] | None,
-    exclude: list[str] | None,
-) -> Any:
-    """The source and template options shared by send-reminders and preview."""
-    from bulkmail import jobs
+def _nothing_to_do(env: Environment, nothing: NothingToDo, *, as_json: bool) -> None:
+    """Report a job a command found nothing to run in: its document or the line why."""
+    from bulkmail import views
 
-    return jobs.SourceOptions(
-        csv=str(csv) if csv else None,
-        db=db,
-        query=query,
-        template=str(template),
-        html_template=str(html_template) if html_template else None,
-        subject=subject,
-        attach=attach or (),
-        sender=sender,
-        only=only or (),
-        exclude=exclude or (),
-    )
+    if as_json:
+        print_json(views.job_document(nothing.view))
+    else:
+        env.stdout.print(nothing.message, markup=False)
+    raise typer.Exit(int(nothing.exit_code))
 
 
-def _warn_about_source(plan: Any) -> None:
+def _warn_about_source(env: Environment, plan: Plan) -> None:
     """The source's warnings (e.g. a database role that can write), one line each."""
     for warning in plan.source.warnings:
-        err_console().print(
+        env.stderr.print(
             f"bulkmail: warning: {warning}", markup=False, highlight=False, soft_wrap=True
         )
 
 
-def _confirm(plan: Any, summary: Any) -> bool:
+def _confirm(env: Environment, plan: Plan, summary: DryRun) -> bool:
     """Ask on a terminal only; --yes and non-terminals never ask."""
     from bulkmail import ui
 
@@ -164,21 +131,15 @@ def _confirm(plan: Any, summary: Any) -> bool:
         line += f", taking about {ui.duration(summary.estimated_seconds)} at {ui.rate(plan.rate)}"
         if summary.estimated_seconds > 600:
             line += "; --detach runs it in the background"
-    err_console().print(line, markup=False, highlight=False)
-    return typer.confirm("Continue?", default=False, err=True)
+    env.note(line)
+    return env.confirm("Continue?")
 
 
 @app.command("send-reminders")
 @handles_errors
+@with_source_options
 def send_reminders(
-    template: TemplateOpt,
-    subject: SubjectOpt,
-    csv: CsvOpt = None,
-    db: DbOpt = None,
-    query: QueryOpt = None,
-    html_template: HtmlOpt = None,
-    attach: AttachOpt = None,
-    sender: FromOpt = None,
+    source: SourceOptions,
     provider: Annotated[
         str | None,
         typer.Option(
@@ -209,8 +170,6 @@ def send_reminders(
             "--backoff", metavar="SECONDS", help="First retry delay in seconds, doubling."
         ),
     ] = 5.0,
-    only: OnlyOpt = None,
-    exclude: ExcludeOpt = None,
     select: Annotated[
         bool, typer.Option("--select", help="Pick recipients from a numbered list (terminal).")
     ] = False,
@@ -237,11 +196,10 @@ def send_reminders(
     """
     from bulkmail import jobs, ui
 
+    env = environment()
     settings = load_config(config)
     plan = jobs.plan(
-        _source_options(
-            csv, db, query, template, html_template, subject, attach, sender, only, exclude
-        ),
+        source,
         jobs.SendOptions(
             provider=provider,
             rate=rate,
@@ -253,12 +211,12 @@ def send_reminders(
         ),
         settings,
     )
-    _warn_about_source(plan)
-    interactive = sys.stdin.isatty()
+    _warn_about_source(env, plan)
+    interactive = env.stdin_isatty
     if select:
         if not interactive:
             raise InputError("--select needs a terminal; use --only/--exclude in scripts")
-        plan.chosen = ui.select_rows(err_console(), list(plan.recipients()))
+        plan.chosen = ui.select_rows(env.stderr, list(plan.recipients()), ask=env.prompt)
     if dry_run or (interactive and not yes):
         taken = None
         if plan.send.dedupe_key:
@@ -268,17 +226,24 @@ def send_reminders(
             if as_json:
                 print_json(ui.dry_run_document(summary))
             else:
-                Console().print(ui.dry_run_view(summary))
+                env.stdout.print(ui.dry_run_view(summary))
         if summary.nothing_valid:
             fail(f"{summary.source}: no valid recipient; every row is skipped")
         if dry_run:
             raise typer.Exit(0)
-        if not _confirm(plan, summary):
+        if not _confirm(env, plan, summary):
             fail("nothing sent and no job created", ExitCode.OK)
     db_store = open_store_for(store, settings)
     job_id = jobs.create_job(db_store, plan)
     _run_job(
-        db_store, job_id, settings, as_json=as_json, detach=detach, config=config, workers=workers
+        env,
+        db_store,
+        job_id,
+        settings,
+        as_json=as_json,
+        detach=detach,
+        config=config,
+        workers=workers,
     )
 
 
@@ -293,19 +258,17 @@ def resume(
     config: ConfigOpt = None,
 ) -> None:
     """Continue a paused, aborted or stalled job.  Example: bulkmail resume 3"""
+    from bulkmail import jobs
+
+    env = environment()
     settings = load_config(config)
     db = open_store_for(store, settings)
-    job = db.get_job(job_id)
-    if job.state in ("completed", "cancelled"):
-        from bulkmail import jobs, views
-
-        view = db.view(job_id)
-        if as_json:
-            print_json(views.job_document(view))
-        else:
-            Console().print(f"job {job_id} is {job.state}; nothing to resume", markup=False)
-        raise typer.Exit(int(jobs.exit_code_of(view)))
-    _run_job(db, job_id, settings, as_json=as_json, detach=detach, config=config, workers=workers)
+    nothing = jobs.check_resume(db, job_id)
+    if nothing is not None:
+        _nothing_to_do(env, nothing, as_json=as_json)
+    _run_job(
+        env, db, job_id, settings, as_json=as_json, detach=detach, config=config, workers=workers
+    )
 
 
 @app.command()
@@ -319,7 +282,7 @@ def cancel(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> 
     count = open_store_for(store, load_config(config)).cancel(
         job_id, now=now, alive=lambda w: worker_alive(w, now=now, host=host)
     )
-    Console().print(
+    environment().stdout.print(
         f"job {job_id} cancelled: {count} pending deliveries will not be sent",
         markup=False,
         highlight=False,
@@ -336,48 +299,27 @@ def retry(
     config: ConfigOpt = None,
 ) -> None:
     """Put failed deliveries back to pending and run the job.  Example: bulkmail retry 3"""
-    from bulkmail import views
+    from bulkmail import jobs
 
+    env = environment()
     settings = load_config(config)
     db = open_store_for(store, settings)
-    view = db.view(job_id)
-    if views.effective_state(view, now=time.time()) == "running":
-        raise JobStateError(
-            f"job {job_id} is being run by a worker; retry its failures once it has finished "
-            f"(bulkmail status {job_id} --watch)"
-        )
-    if view.counts.failed == 0 and view.job.state == "completed":
-        if as_json:
-            print_json(views.job_document(view))
-        else:
-            Console().print(f"job {job_id} has no failed deliveries; nothing to retry")
-        raise typer.Exit(0)
-    count = db.retry_failed(job_id)
+    count = jobs.prepare_retry(db, job_id)
+    if not isinstance(count, int):
+        _nothing_to_do(env, count, as_json=as_json)
     if not as_json:
-        err_console().print(
-            f"job {job_id}: {count} failed deliveries back to pending",
-            markup=False,
-            highlight=False,
-        )
-    _run_job(db, job_id, settings, as_json=as_json, detach=detach, config=config)
+        env.note(f"job {job_id}: {count} failed deliveries back to pending")
+    _run_job(env, db, job_id, settings, as_json=as_json, detach=detach, config=config)
 
 
 @app.command()
 @handles_errors
+@with_source_options
 def preview(
-    template: TemplateOpt,
-    subject: SubjectOpt,
-    csv: CsvOpt = None,
-    db: DbOpt = None,
-    query: QueryOpt = None,
-    html_template: HtmlOpt = None,
-    attach: AttachOpt = None,
-    sender: FromOpt = None,
+    source: SourceOptions,
     provider: Annotated[
         str | None, typer.Option("--provider", metavar="NAME", help="As for sending.")
     ] = None,
-    only: OnlyOpt = None,
-    exclude: ExcludeOpt = None,
     count: Annotated[
         int, typer.Option("--count", metavar="N", help="How many messages.", min=1)
     ] = 3,
@@ -389,16 +331,9 @@ def preview(
     --subject "Reminder: {{ course }}" --count 2"""
     from bulkmail import jobs, ui
 
-    settings = load_config(config)
-    plan = jobs.plan(
-        _source_options(
-            csv, db, query, template, html_template, subject, attach, sender, only, exclude
-        ),
-        jobs.SendOptions(provider=provider),
-        settings,
-    )
-    _warn_about_source(plan)
-    out = Console()
+    plan = jobs.plan(source, jobs.SendOptions(provider=provider), load_config(config))
+    _warn_about_source(environment(), plan)
+    out = environment().stdout
     for n, message in enumerate(jobs.preview(plan, count), 1):
         out.print(ui.message_panel(message, n))
 
@@ -419,37 +354,33 @@ def worker(
     Example: bulkmail worker 3 --store postgresql://bulkmail@db.example.edu/bulkmail"""
     from bulkmail import jobs
 
-    def on_term(_signum: int, _frame: Any) -> None:
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    env = environment()
     settings = load_config(config)
     db = open_store_for(store, settings)
     setup_logging()
     log = logging.getLogger("bulkmail")
     log.setLevel(logging.INFO)
-    print(f"worker pid {os.getpid()} starting job {job_id}", flush=True)
+    me = f"worker pid {os.getpid()}"
+    env.write(f"{me} starting job {job_id}\n")
 
-    def on_event(event: Any) -> None:
+    def on_event(event: Event) -> None:
         if event.kind in ("sent", "failed", "retry"):
             suffix = f": {event.error}" if event.error else ""
-            print(
-                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event.kind} {event.email}{suffix}",
-                flush=True,
-            )
+            now = time.strftime("%Y-%m-%dT%H:%M:%S")
+            env.write(f"{now} {event.kind} {event.email}{suffix}\n")
 
     try:
         result = jobs.manager(db, job_id, settings, on_event=on_event, exclusive=exclusive).run()
     except JobStateError:
-        state = db.get_job(job_id).state
-        if exclusive or state not in ("completed", "cancelled"):
+        nothing = jobs.joined_too_late(db, job_id, exclusive=exclusive)
+        if nothing is None:
             raise
-        # a worker joining a job the others have just finished: nothing to do, not an error
-        print(f"worker pid {os.getpid()}: job {job_id} is already {state}", flush=True)
-        raise typer.Exit(0) from None
-    print(
-        f"worker pid {os.getpid()} stopped: job {job_id} {result.state}"
-        + (f" ({result.error})" if result.error else ""),
-        flush=True,
-    )
+        env.write(f"{me}: {nothing.message}\n")
+        raise typer.Exit(int(nothing.exit_code)) from None
+    error = f" ({result.error})" if result.error else ""
+    env.write(f"{me} stopped: job {job_id} {result.state}{error}\n")
     raise typer.Exit(int(result.exit_code))

@@ -3,12 +3,10 @@ do not import the send machinery (see the start-up benchmark)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from bulkmail.cli import app
 from bulkmail.cli.common import (
@@ -16,11 +14,11 @@ from bulkmail.cli.common import (
     JobArg,
     JsonOpt,
     StoreOpt,
-    err_console,
     handles_errors,
     open_reader_for,
     print_json,
 )
+from bulkmail.cli.env import environment
 from bulkmail.errors import BulkmailError, InputError
 
 
@@ -42,11 +40,11 @@ def status(
     """Show a job's state and counts.  Example: bulkmail status 1 --failed"""
     from bulkmail import ui, views
 
+    env = environment()
     db = open_reader_for(store, config)
     doc = views.job_document(db.view(job_id))
     if watch:
-        err = err_console()
-        doc = ui.watch(err, lambda: views.job_document(db.view(job_id)), live=err.is_terminal)
+        doc = ui.watch(env.stderr, lambda: db.view(job_id), live=env.stderr_is_terminal)
     if failed:
         doc["failures"] = views.failures(db, job_id)
     if skipped:
@@ -54,7 +52,7 @@ def status(
     if as_json:
         print_json(doc)
         return
-    out = Console()
+    out = env.stdout
     out.print(ui.status_panel(doc))
     table = ui.workers_table(doc)
     if table is not None:
@@ -77,12 +75,13 @@ def recent(
     from bulkmail import ui, views
 
     docs = [views.job_document(v) for v in open_reader_for(store, config).recent(limit)]
+    out = environment().stdout
     if as_json:
         print_json(docs)
     elif not docs:
-        Console().print("no jobs yet", markup=False)
+        out.print("no jobs yet", markup=False)
     else:
-        Console().print(ui.recent_table(docs))
+        out.print(ui.recent_table(docs))
 
 
 @app.command()
@@ -99,11 +98,12 @@ def report(
     """Per-recipient outcomes as CSV.  Example: bulkmail report 3 --output job3.csv"""
     from bulkmail import views
 
+    env = environment()
     db = open_reader_for(store, config)
     if output is None:
         try:
-            views.write_report(db, job_id, sys.stdout)
-            sys.stdout.flush()
+            views.write_report(db, job_id, env.stdout.file)
+            env.stdout.file.flush()
         except BrokenPipeError:
             raise  # `bulkmail report 1 | head`: click exits quietly
         except OSError as exc:
@@ -116,4 +116,4 @@ def report(
     except OSError as exc:
         raise InputError(f"{output}: cannot write: {exc.strerror}") from None
     noun = "row" if rows == 1 else "rows"
-    err_console().print(f"wrote {rows} {noun} to {output}", markup=False, highlight=False)
+    env.note(f"wrote {rows} {noun} to {output}")

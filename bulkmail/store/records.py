@@ -171,6 +171,11 @@ class Counts:
     def total(self) -> int:
         return self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
 
+    @property
+    def done(self) -> int:
+        """Deliveries that reached a final state (sent, failed, skipped or cancelled)."""
+        return self.sent + self.failed + self.skipped + self.cancelled
+
 
 @dataclass(frozen=True)
 class Claimed:

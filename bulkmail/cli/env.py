@@ -1,0 +1,81 @@
+"""The terminal a command runs in, as one object the commands get from ``environment()``.
+
+Every command reads its consoles and terminal facts (is stdin a terminal, is stderr one)
+and asks its questions through an ``Environment``, never through ``sys`` or ``typer``
+directly (httpie's ``Environment`` does the same). Tests install their own with ``use()``:
+a Rich console that says it is a terminal shows the live bar and the confirmation prompt
+is asked, all without a pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import typer
+from rich.console import Console
+
+
+@dataclass
+class Environment:
+    """``stdout``: results (panels, tables, JSON, CSV); ``stderr``: progress, questions,
+    notes and errors; ``stdin_isatty``: whether a person can answer a question."""
+
+    stdout: Console
+    stderr: Console
+    stdin_isatty: bool
+
+    @classmethod
+    def from_process(cls) -> Environment:
+        """This process's terminal (or pipes and files) as it is now."""
+        return cls(stdout=Console(), stderr=Console(stderr=True), stdin_isatty=sys.stdin.isatty())
+
+    @property
+    def stdout_is_terminal(self) -> bool:
+        return self.stdout.is_terminal
+
+    @property
+    def stderr_is_terminal(self) -> bool:
+        """A terminal on stderr gets the live progress bar; anything else plain lines."""
+        return self.stderr.is_terminal
+
+    def write(self, text: str) -> None:
+        """``text`` on stdout as it is (JSON, CSV, a worker's log lines): no wrapping, no
+        styles, flushed at once."""
+        out = self.stdout.file
+        out.write(text)
+        out.flush()
+
+    def note(self, text: str) -> None:
+        """One plain line on stderr (text from users and servers is never read as markup)."""
+        self.stderr.print(text, markup=False, highlight=False)
+
+    def confirm(self, question: str) -> bool:
+        """Ask a yes/no question on stderr (default: no); the answer is read from stdin."""
+        return typer.confirm(question, default=False, err=True)
+
+    def prompt(self, question: str) -> str:
+        """Ask for a line of text on stderr; the answer is read from stdin."""
+        return str(typer.prompt(question, err=True))
+
+
+_installed: Environment | None = None
+
+
+def environment() -> Environment:
+    """The environment of the command being run: the one installed with ``use()``, else
+    this process's terminal."""
+    return _installed if _installed is not None else Environment.from_process()
+
+
+@contextmanager
+def use(env: Environment) -> Iterator[Environment]:
+    """Run the commands inside the ``with`` block in ``env`` (tests)."""
+    global _installed
+    previous, _installed = _installed, env
+    try:
+        yield env
+    finally:
+        _installed = previous
