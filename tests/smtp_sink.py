@@ -6,7 +6,8 @@ In tests::
         smtp_sink.replies["bob@example.org"] = "550 5.1.1 no such user"        # at RCPT
         smtp_sink.replies["eve@example.org"] = Rule("451 4.3.0 later", at="data", times=1)
         smtp_sink.replies["amy@example.org"] = Rule(drop=True)  # hang up after the data
-        smtp_sink.delay = 0.02                   # every reply 20 ms late (a slow link)
+        smtp_sink.delay = 0.02                   # every reply 20 ms late (a slow link);
+                                                 # a message is recorded before that delay
         ... send to smtp_sink.host / smtp_sink.port ...
         msg = smtp_sink.messages[0].parse()      # email.message.EmailMessage
 
@@ -47,8 +48,9 @@ HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class Received:
-    """One message as the server received it (also kept when the sink dropped the
-    connection instead of answering: a real server may have queued it)."""
+    """One message as the server received it, recorded when its data ended, before any
+    reply delay (also kept when the sink dropped the connection instead of answering, or the
+    client left before the reply: a real server may have queued it)."""
 
     mail_from: str
     rcpt_tos: list[str]
@@ -287,9 +289,12 @@ class _Handler:
         rule = None
         for address in envelope.rcpt_tos:
             rule = rule or self.sink._rule(address, "data")
-        await self._pause(rule)
         if rule is not None and rule.reply:
-            return rule.reply
+            await self._pause(rule)
+            return rule.reply  # refused: not received
+        # recorded the moment the data ends, before any reply delay: a client that gives up
+        # while waiting for the reply has still handed the message over (a real server may
+        # deliver it), so an abandoned message shows up here instead of vanishing
         self.sink._receive(
             Received(
                 mail_from=envelope.mail_from,
@@ -299,6 +304,7 @@ class _Handler:
                 connection=server.connection_number,
             )
         )
+        await self._pause(rule)
         if rule is not None and rule.drop:
             assert server.transport is not None
             server.transport.close()
@@ -333,7 +339,8 @@ _REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class SinkProcess:
     """A sink running as its own process (``python -m tests.smtp_sink``), recording every
-    message it accepts to a JSON-lines file (fsynced before it answers)."""
+    message it accepts to a JSON-lines file at the end of its data (fsynced before any reply
+    delay and before it answers)."""
 
     proc: subprocess.Popen[str]
     port: int
