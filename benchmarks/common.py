@@ -11,12 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pwd
 import random
 import selectors
 import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import statistics
 import subprocess
 import sys
@@ -98,7 +100,7 @@ class Row:
     measured: str
     ratio: str = ""  # "1.23x bare smtplib"
     target: str = ""  # ">= 0.90x bare smtplib"
-    verdict: str = ""  # PASS | MISS | skipped | "" (information only)
+    verdict: str = ""  # PASS | MISS | skipped | FAILED (could not run) | "" (information only)
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,8 +121,26 @@ class Result:
     def misses(self) -> list[Row]:
         return [r for r in self.rows if r.verdict == "MISS"]
 
+    @property
+    def failures(self) -> list[Row]:
+        """Rows whose measurement could not run (the other rows still did)."""
+        return [r for r in self.rows if r.verdict == FAILED]
+
+    def add_failure(self, label: str, error: BaseException) -> None:
+        """Record that one part of the benchmark could not run: its row says why, in short
+        (the whole message goes to stderr and into the row's data)."""
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        short = lines[0] if lines else type(error).__name__
+        if len(short) > 100:
+            short = short[:97] + "..."
+        print(f"  ! {label} could not run: {error}", file=sys.stderr, flush=True)
+        self.add(Row(label, f"could not run: {short}", verdict=FAILED, data={"error": str(error)}))
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+FAILED = "FAILED"
 
 
 def verdict(ok: bool) -> str:
@@ -142,7 +162,7 @@ def print_result(result: Result) -> None:
     table.add_column("vs reference", justify="right")
     table.add_column("target")
     table.add_column("result")
-    styles = {"PASS": "green", "MISS": "bold red", "skipped": "yellow"}
+    styles = {"PASS": "green", "MISS": "bold red", FAILED: "bold red", "skipped": "yellow"}
     for row in result.rows:
         cells = (row.label, row.measured, row.ratio, row.target)
         table.add_row(*(Text(c) for c in cells), Text(row.verdict, styles.get(row.verdict, "")))
@@ -303,11 +323,14 @@ class Sink(Protocol):
 
     def times(self) -> list[float]: ...
 
+    def death(self) -> str | None: ...
+
 
 class _SinkProcess:
-    """What both sinks share: a server process of their own and a scratch folder, both gone
-    when the ``with`` block ends."""
+    """What both sinks share: a server process of their own with its stderr in a file, and a
+    scratch folder, both gone when the ``with`` block ends."""
 
+    label: str
     dir: Path
     _proc: subprocess.Popen[bytes] | None
 
@@ -318,6 +341,24 @@ class _SinkProcess:
             stop_process(self._proc)
             self._proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def _stderr_path(self) -> Path:
+        return self.dir / "stderr.txt"
+
+    def _stderr_tail(self) -> str:
+        try:
+            text = self._stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-10:])
+
+    def death(self) -> str | None:
+        """Why the server process is gone (None while it runs): what a failed measurement
+        against it reports, since the client only sees a reset connection."""
+        if self._proc is None or self._proc.poll() is None:
+            return None
+        return f"{self.label} exited {self._proc.returncode}: {self._stderr_tail()}".strip()
 
 
 class AiosmtpdSink(_SinkProcess):
@@ -338,20 +379,19 @@ class AiosmtpdSink(_SinkProcess):
         argv = [self.ctx.python, "-m", "tests.smtp_sink", "--port", "0"]
         argv += ["--record", str(self.record), "--delay", str(self.delay)]
         env = clean_env(self.dir / "home", bytecode=False)
-        errlog = open(self.dir / "stderr.txt", "wb")
-        self._proc = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=errlog,
-        )
-        errlog.close()
+        with open(self._stderr_path, "wb") as errlog:
+            self._proc = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errlog,
+            )
         line = _read_line(self._proc, timeout=20.0)
         if not line.startswith("ready "):
+            err = self._stderr_tail()
             self.__exit__(None, None, None)
-            err = (self.dir / "stderr.txt").read_text(errors="replace")[-2000:]
             raise BenchmarkError(f"the SMTP sink did not start: {line!r}\n{err}")
         self.port = int(line.split()[1])
         self.reset()
@@ -375,14 +415,24 @@ class AiosmtpdSink(_SinkProcess):
 
 
 class PostfixSink(_SinkProcess):
-    """Postfix's ``smtp-sink`` (a fast C server), dumping every message into one file."""
+    """Postfix's ``smtp-sink`` (a fast C server), dumping every message into one file.
+
+    Run as root, smtp-sink must drop to another user (``-u nobody``) before it opens the dump
+    file, so the dump then lives in a folder of its own owned by that user, made where every
+    user can reach it (the run's own folders are private to us). As any other user it runs as
+    us, in the run's fast folder."""
 
     label = "postfix smtp-sink"
+    USER = "nobody"
 
     def __init__(self, ctx: Context, program: str) -> None:
         self.ctx = ctx
         self.program = program
-        self.dir = Path(tempfile.mkdtemp(prefix="psink-", dir=ctx.fastdir))
+        self.user: str | None = self.USER if os.geteuid() == 0 else None
+        if self.user is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="psink-", dir=ctx.fastdir))
+        else:
+            self.dir = _dir_for_user(self.user, [ctx.fastdir.parent, Path(tempfile.gettempdir())])
         self.dump = self.dir / "dump.txt"
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -398,22 +448,24 @@ class PostfixSink(_SinkProcess):
         return None
 
     def __enter__(self) -> PostfixSink:
-        os.chmod(self.dir, 0o777)  # smtp-sink drops root privileges (-u nobody) before writing
-        self.dump.touch(mode=0o666)
-        os.chmod(self.dump, 0o666)
+        self.dump.touch(mode=0o600)
+        if self.user is not None:
+            _give_to(self.dump, self.user)
         self.port = free_port()
         argv = [self.program, "-D", str(self.dump)]
-        if os.geteuid() == 0:
-            argv += ["-u", "nobody"]
+        if self.user is not None:
+            argv += ["-u", self.user]
         argv += [f"{HOST}:{self.port}", "256"]
-        self._proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        with open(self._stderr_path, "wb") as errlog:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errlog
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise BenchmarkError(f"smtp-sink exited at once: {err.strip()}")
+                why = self.death()
+                self.__exit__(None, None, None)
+                raise BenchmarkError(f"smtp-sink exited at once: {why}")
             try:
                 with socket.create_connection((HOST, self.port), timeout=1) as s:
                     s.recv(512)  # the greeting
@@ -423,7 +475,30 @@ class PostfixSink(_SinkProcess):
         else:
             self.__exit__(None, None, None)
             raise BenchmarkError("smtp-sink did not start listening")
+        self._check_dump()
         return self
+
+    def _check_dump(self) -> None:
+        """One message through the sink, so a dump file it cannot write fails here, with
+        smtp-sink's own words, rather than as a reset connection in the middle of a run."""
+        import smtplib
+
+        try:
+            with smtplib.SMTP(HOST, self.port, timeout=10) as smtp:
+                smtp.sendmail(
+                    "probe@example.edu", ["probe@example.edu"], b"Subject: probe\r\n\r\nprobe\r\n"
+                )
+        except (OSError, smtplib.SMTPException) as exc:
+            time.sleep(0.1)  # let a dying sink finish writing its reason
+            raise BenchmarkError(
+                f"smtp-sink failed a probe message ({exc}): {self.death()}"
+            ) from None
+        deadline = time.monotonic() + 5
+        while self.count() < 1:
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"smtp-sink did not dump a probe message: {self.death()}")
+            time.sleep(0.02)
+        self.reset()
 
     def reset(self) -> None:
         with open(self.dump, "w"):
@@ -436,6 +511,39 @@ class PostfixSink(_SinkProcess):
 
     def times(self) -> list[float]:
         return []
+
+
+def _searchable_by_all(folder: Path) -> bool:
+    """Every folder on the way to ``folder`` (and it) can be passed through by any user."""
+    path = folder.resolve()
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in (path, *path.parents))
+
+
+def _dir_for_user(user: str, candidates: Sequence[Path]) -> Path:
+    """A new folder owned by ``user`` (mode 0700), in the first candidate any user can reach."""
+    for parent in candidates:
+        try:
+            if not (parent.is_dir() and _searchable_by_all(parent)):
+                continue
+            made = Path(tempfile.mkdtemp(prefix="bulkmail-psink-", dir=parent))
+        except OSError:
+            continue
+        try:
+            _give_to(made, user)
+        except BaseException:
+            shutil.rmtree(made, ignore_errors=True)
+            raise
+        return made
+    where = ", ".join(str(p) for p in candidates)
+    raise BenchmarkError(f"no folder that user {user!r} can reach for the dump file ({where})")
+
+
+def _give_to(path: Path, user: str) -> None:
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise BenchmarkError(f"there is no user {user!r} for smtp-sink -u") from None
+    os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
 def _read_line(proc: subprocess.Popen[bytes], *, timeout: float) -> str:

@@ -7,7 +7,8 @@
 Every number is compared with a reference measured in the same run (machines are noisy:
 absolute numbers do not compare across runs), and each target is marked PASS or MISS.
 Exit status: 0 when every benchmark ran (whatever the targets said; --strict: 3 when a
-target was missed), 1 when a benchmark could not run.
+target was missed), 1 when a benchmark, or one of its measurements, could not run (its row
+says FAILED and why; the other rows and benchmarks still run and print).
 """
 
 from __future__ import annotations
@@ -111,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(fastdir, ignore_errors=True)
     misses = [(r.name, row.label) for r in results for row in r.misses]
+    failed_rows = [(r.name, row.label) for r in results for row in r.failures]
     print(
         f"\n{len(results)} benchmark(s) in {time.perf_counter() - started:.0f} s; "
         f"{len(misses)} target(s) missed"
         + "".join(f"\n  MISS {name}: {label.strip()}" for name, label in misses)
+        + "".join(f"\n  FAILED {name}: {label.strip()}" for name, label in failed_rows)
         + "".join(f"\n  FAILED {name}" for name in failed),
         flush=True,
     )
@@ -126,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "results": [r.to_json() for r in results],
             "failed": failed,
+            "failed_rows": [list(item) for item in failed_rows],
         }
         args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    if failed:
+    if failed or failed_rows:
         return 1
     if args.strict and misses:
         return 3

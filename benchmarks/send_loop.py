@@ -8,6 +8,7 @@ waits for); the job's own started->finished time is shown too.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import (
@@ -15,6 +16,7 @@ from benchmarks.common import (
     SUBJECT,
     TEMPLATE,
     AiosmtpdSink,
+    BenchmarkError,
     Context,
     PostfixSink,
     Proc,
@@ -203,6 +205,32 @@ def _against(
     )
 
 
+def _against_sink(
+    ctx: Context,
+    result: Result,
+    make_sink: Callable[[], AiosmtpdSink | PostfixSink],
+    csv_path: Path,
+    n: int,
+    script: Path,
+    tag: str,
+) -> None:
+    """The comparison against one sink; when it cannot run (the sink does not start or dies,
+    a contender fails), one FAILED row says why and the other sinks' rows still run."""
+    label = f"send loop{tag or ' (aiosmtpd sink)'}"
+    try:
+        with make_sink() as sink:
+            try:
+                _against(ctx, result, sink, csv_path, n, script, tag)
+            except BenchmarkError as exc:
+                time.sleep(0.1)  # a sink that just died: let it finish writing why
+                died = sink.death()
+                if died is None:
+                    raise
+                raise BenchmarkError(f"{died}\n{exc}") from None
+    except BenchmarkError as exc:
+        result.add_failure(label, exc)
+
+
 def run(ctx: Context) -> Result:
     n = 20 if ctx.quick else 2000
     result = Result(NAME, f"{n} recipients at --rate 0 to a local SMTP sink")
@@ -210,8 +238,7 @@ def run(ctx: Context) -> Result:
     csv_path = write_csv(where / "recipients.csv", n)
     script = where / "bare_smtplib.py"
     script.write_text(BARE_SCRIPT)
-    with AiosmtpdSink(ctx) as sink:
-        _against(ctx, result, sink, csv_path, n, script, "")
+    _against_sink(ctx, result, lambda: AiosmtpdSink(ctx), csv_path, n, script, "")
     program = PostfixSink.find()
     if program is None:
         result.add(
@@ -222,8 +249,8 @@ def run(ctx: Context) -> Result:
             )
         )
     else:
-        with PostfixSink(ctx, program) as psink:
-            _against(ctx, result, psink, csv_path, n, script, " (postfix smtp-sink)")
+        tag = " (postfix smtp-sink)"
+        _against_sink(ctx, result, lambda: PostfixSink(ctx, program), csv_path, n, script, tag)
     result.note(
         "wall = process start to exit, best of "
         f"{1 if ctx.quick else 2} runs each; ratios > 1 mean faster than the reference"

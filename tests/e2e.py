@@ -129,7 +129,7 @@ def process_env(tmp_path: Path, *, port: int, store: str, **extra: str) -> dict[
         "BULKMAIL_SMTP_PORT": str(port),
         "BULKMAIL_SMTP_SECURITY": "none",
     }
-    if "PYTHONPATH" in os.environ:  # a checkout other than the installed one
+    if "PYTHONPATH" in os.environ:  # a checkout under test (not the installed copy) runs
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env.update(extra)
     return env

@@ -6,7 +6,9 @@ In tests::
         smtp_sink.replies["bob@example.org"] = "550 5.1.1 no such user"        # at RCPT
         smtp_sink.replies["eve@example.org"] = Rule("451 4.3.0 later", at="data", times=1)
         smtp_sink.replies["amy@example.org"] = Rule(drop=True)  # hang up after the data
-        smtp_sink.delay = 0.02                   # every reply 20 ms late (a slow link)
+        smtp_sink.delay = 0.02                   # every reply 20 ms late (a slow link);
+                                                 # a message is recorded before that delay
+        smtp_sink.slow_messages[2] = 1.0         # the 2nd message's final reply 1 s later
         ... send to smtp_sink.host / smtp_sink.port ...
         msg = smtp_sink.messages[0].parse()      # email.message.EmailMessage
 
@@ -47,8 +49,9 @@ HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class Received:
-    """One message as the server received it (also kept when the sink dropped the
-    connection instead of answering: a real server may have queued it)."""
+    """One message as the server received it, recorded when its data ended, before any
+    reply delay (also kept when the sink dropped the connection instead of answering, or the
+    client left before the reply: a real server may have queued it)."""
 
     mail_from: str
     rcpt_tos: list[str]
@@ -107,6 +110,9 @@ class SmtpSink:
         self.port = port
         self.replies: dict[str, str | Rule] = {}
         self.delay = 0.0
+        # extra seconds before the reply to the Nth message received (1 for the first):
+        # holds one message "in flight" at the client for as long as a test needs
+        self.slow_messages: dict[int, float] = {}
         self.auth = auth
         self.record = record
         self._state = _State()
@@ -198,7 +204,8 @@ class SmtpSink:
                 return rule
         return None
 
-    def _receive(self, item: Received) -> None:
+    def _receive(self, item: Received) -> int:
+        """Record one message; returns its number (1 for the first since start)."""
         if self.record is not None:
             parsed = item.parse()
             line = {
@@ -213,6 +220,7 @@ class SmtpSink:
                 os.fsync(out.fileno())
         with self._state.lock:
             self._state.messages.append(item)
+            return len(self._state.messages)
 
     def _authenticate(
         self, server: SMTP, session: Any, envelope: Any, mechanism: str, data: Any
@@ -287,10 +295,13 @@ class _Handler:
         rule = None
         for address in envelope.rcpt_tos:
             rule = rule or self.sink._rule(address, "data")
-        await self._pause(rule)
         if rule is not None and rule.reply:
-            return rule.reply
-        self.sink._receive(
+            await self._pause(rule)
+            return rule.reply  # refused: not received
+        # recorded the moment the data ends, before any reply delay: a client that gives up
+        # while waiting for the reply has still handed the message over (a real server may
+        # deliver it), so an abandoned message shows up here instead of vanishing
+        number = self.sink._receive(
             Received(
                 mail_from=envelope.mail_from,
                 rcpt_tos=list(envelope.rcpt_tos),
@@ -299,14 +310,15 @@ class _Handler:
                 connection=server.connection_number,
             )
         )
+        await self._pause(rule, self.sink.slow_messages.get(number, 0.0))
         if rule is not None and rule.drop:
             assert server.transport is not None
             server.transport.close()
             await asyncio.sleep(60)  # cancelled by connection_lost: no reply ever goes out
         return "250 2.0.0 Ok: queued"
 
-    async def _pause(self, rule: Rule | None) -> None:
-        delay = self.sink.delay + (rule.delay if rule is not None else 0.0)
+    async def _pause(self, rule: Rule | None, extra: float = 0.0) -> None:
+        delay = self.sink.delay + (rule.delay if rule is not None else 0.0) + extra
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -333,7 +345,8 @@ _REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class SinkProcess:
     """A sink running as its own process (``python -m tests.smtp_sink``), recording every
-    message it accepts to a JSON-lines file (fsynced before it answers)."""
+    message it accepts to a JSON-lines file at the end of its data (fsynced before any reply
+    delay and before it answers)."""
 
     proc: subprocess.Popen[str]
     port: int
@@ -356,11 +369,18 @@ class SinkProcess:
         self.proc.wait(10)
 
 
-def start_sink_process(folder: Path, name: str = "sink", delay: float = 0.0) -> SinkProcess:
+def start_sink_process(
+    folder: Path,
+    name: str = "sink",
+    delay: float = 0.0,
+    slow_messages: dict[int, float] | None = None,
+) -> SinkProcess:
     record = folder / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "tests.smtp_sink", "--port", "0", "--record", str(record)]
     if delay:
         cmd += ["--delay", str(delay)]
+    for number, seconds in (slow_messages or {}).items():
+        cmd += ["--slow-message", f"{number}:{seconds}"]
     proc = subprocess.Popen(cmd, cwd=_REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
@@ -373,12 +393,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--record", type=Path, help="append one JSON line per message")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each reply")
+    parser.add_argument(
+        "--slow-message",
+        action="append",
+        default=[],
+        metavar="N:SECONDS",
+        help="extra seconds before the reply to the Nth message received (repeatable)",
+    )
     args = parser.parse_args(argv)
+    slow: dict[int, float] = {}
+    for item in args.slow_message:
+        number, _, seconds = item.partition(":")
+        slow[int(number)] = float(seconds)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with SmtpSink(port=args.port, record=args.record) as sink:
         sink.delay = args.delay
+        sink.slow_messages = slow
         print(f"ready {sink.port}", flush=True)
         stop.wait()
     return 0

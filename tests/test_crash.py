@@ -157,7 +157,23 @@ def test_kill_9_from_outside_during_a_slow_reply(tmp_path: Path, slow_sink: Sink
     assert check_store(tmp_path / "jobs.db", 10) == {"sent": 10}
 
 
-def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, slow_sink: Sink) -> None:
+@pytest.fixture
+def held_sink(tmp_path: Path) -> Iterator[Sink]:
+    """The slow sink, holding its reply to the 2nd message for a second: a Ctrl-C sent
+    once that message is recorded (at the end of its data) lands while it is in flight."""
+    s = start_sink_process(tmp_path, "held", delay=0.04, slow_messages={2: 1.0})
+    yield s
+    s.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11 item 1: after a KeyboardInterrupt inside Thread.join() CPython 3.11 "
+    "reports the still-running sender as not alive (gh-90882), so the worker abandons the "
+    "message in flight (left 'sending', sent again on resume) instead of finishing it",
+)
+def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, held_sink: Sink) -> None:
+    slow_sink = held_sink  # Ctrl-C comes while the 2nd message waits for its reply
     csv, emails = write_recipients(tmp_path, 20)  # enough that the job is still running at Ctrl-C
     env = env_for(tmp_path, slow_sink)
     proc = subprocess.Popen(
