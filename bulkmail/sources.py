@@ -34,7 +34,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from bulkmail.errors import InputError
+from bulkmail.errors import InputError, file_error
 from bulkmail.headersafe import header_safe_problem
 from bulkmail.models import Recipient
 
@@ -332,14 +332,8 @@ class _Lines:
 def _open_binary(path: Path, origin: str) -> IO[bytes]:
     try:
         return path.open("rb")
-    except FileNotFoundError:
-        raise InputError(f"{origin}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{origin}: is a directory, expected a CSV file") from None
-    except PermissionError:
-        raise InputError(f"{origin}: cannot read (permission denied)") from None
     except OSError as exc:
-        raise InputError(f"{origin}: cannot read ({_one_line(exc.strerror or str(exc))})") from None
+        raise file_error(origin, exc, "a CSV file") from None
 
 
 def _sniff_delimiter(line: str) -> str:
