@@ -285,9 +285,10 @@ def clean_env(
 ) -> dict[str, str]:
     """The environment of a user with their own HOME and XDG dirs and no BULKMAIL_* set.
     ``bytecode=False`` keeps the process from writing __pycache__ (for code run from the
-    checkout's tests/); measured processes cache bytecode as a user's install does."""
+    checkout's tests/); measured processes cache bytecode as a user's install does.
+    PYTHONPATH is kept: with it set, the checkout it names is the one measured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKMAIL_")}
-    for key in ("PYTHONPATH", "PYTHONSTARTUP", "COVERAGE_PROCESS_START"):
+    for key in ("PYTHONSTARTUP", "COVERAGE_PROCESS_START"):
         env.pop(key, None)
     home.mkdir(parents=True, exist_ok=True)
     env.update(
