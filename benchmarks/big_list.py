@@ -4,7 +4,8 @@
 Job creation is measured through the library, doing exactly what ``send-reminders`` does up
 to the point where sending starts (``jobs.plan`` then ``jobs.create_job``), in a fresh
 process whose whole wall time and peak RSS are reported. Its reference is a floor script:
-csv.DictReader, the same Jinja2 templates rendered per row, one sqlite3 executemany.
+a csv reader, one Jinja2 render per row (the body), one sqlite3 executemany in one
+transaction; the job creation must stay within 2.5x that floor, measured in the same run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from benchmarks.common import (
 )
 
 NAME = "big_list"
+FLOOR_RATIO_LIMIT = 2.5  # job creation within 2.5x the floor script (issue 11)
 
 CREATE_SCRIPT = """\
 import json, resource, sys, time
@@ -66,31 +68,33 @@ print(json.dumps({
 }))
 """
 
+# the floor, exactly (issue 11): a csv reader, ONE Jinja2 render per row (the body), and
+# one sqlite3 executemany in one transaction; nothing bulkmail must do besides (the
+# subject, validation, JSON, Message-IDs, dedupe, batches) is in it
 FLOOR_SCRIPT = """\
-import csv, json, sqlite3, sys
+import csv, sqlite3, sys
 import jinja2
 csv_path, template, subject_text, db_path = sys.argv[1:5]
 env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 body = env.from_string(open(template, encoding="utf-8").read())
-subject = env.from_string(subject_text)
 db = sqlite3.connect(db_path, isolation_level=None)
 db.execute("PRAGMA journal_mode = WAL")
 db.execute("PRAGMA synchronous = FULL")
 db.execute(
     "CREATE TABLE deliveries (id INTEGER PRIMARY KEY, position INTEGER, email TEXT, "
-    "name TEXT, fields TEXT, state TEXT)"
+    "name TEXT, body TEXT)"
 )
 def rows():
     with open(csv_path, encoding="utf-8", newline="") as f:
-        for position, row in enumerate(csv.DictReader(f), 1):
-            subject.render(row)
-            body.render(row)
-            fields = {k: v for k, v in row.items() if k not in ("name", "email")}
-            yield position, row["email"], row["name"], json.dumps(fields), "pending"
+        for position, row in enumerate(csv.reader(f)):
+            if position == 0:
+                header = row
+                continue
+            record = dict(zip(header, row))
+            yield position, record["email"], record["name"], body.render(record)
 db.execute("BEGIN IMMEDIATE")
 db.executemany(
-    "INSERT INTO deliveries (position, email, name, fields, state) VALUES (?, ?, ?, ?, ?)",
-    rows(),
+    "INSERT INTO deliveries (position, email, name, body) VALUES (?, ?, ?, ?)", rows()
 )
 db.execute("COMMIT")
 """
@@ -154,7 +158,7 @@ def _job_creation(ctx: Context, result: Result) -> None:
     rss = max(p.maxrss_kib for p in made)
     result.add(
         Row(
-            f"floor: csv + jinja2 + sqlite3, {rows:,} rows (reference)",
+            f"floor: csv + 1 jinja2 render/row + sqlite3 executemany, {rows:,} rows",
             f"{fmt_s(ref.wall)} · {fmt_mb(ref.maxrss_kib)}",
             data={"wall_s": ref.wall, "maxrss_kib": ref.maxrss_kib},
         ),
@@ -165,6 +169,14 @@ def _job_creation(ctx: Context, result: Result) -> None:
             f"<= {limit_s:g} s",
             verdict(best.wall <= limit_s),
             data={"wall_s": best.wall, "walls": [p.wall for p in made], **info},
+        ),
+        Row(
+            "job creation / floor (same run)",
+            f"{ratio(best.wall, ref.wall):.2f}x",
+            "",
+            f"<= {FLOOR_RATIO_LIMIT:g}x",
+            verdict(ratio(best.wall, ref.wall) <= FLOOR_RATIO_LIMIT),
+            data={"ratio": ratio(best.wall, ref.wall), "floor_walls": [p.wall for p in floors]},
         ),
         Row(
             "  import / plan / create_job",

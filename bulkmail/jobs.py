@@ -36,6 +36,7 @@ from bulkmail.store import (
     NewJob,
     dedupe_reason,
 )
+from bulkmail.store.records import creating_refusal
 
 
 def data_dir() -> Path:
@@ -195,8 +196,8 @@ def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient
 
 
 def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
-    """Create the job and its deliveries in one transaction (nothing is left behind when a
-    row or template fails)."""
+    """Create the job and its deliveries, in batches under the state ``creating``, then
+    ``queued`` (nothing is left behind when a row or template fails)."""
     t = plan.templates
     new = NewJob(
         provider=plan.provider,
@@ -391,6 +392,8 @@ def check_resume(store: JobStore, job_id: int) -> NothingToDo | None:
     nothing to resume, and reports the exit code its last run ended with."""
     view = store.view(job_id)
     state = view.job.state
+    if state == JobState.CREATING:
+        raise JobStateError(creating_refusal(job_id))
     if state not in FINISHED_STATES:
         return None
     return NothingToDo(

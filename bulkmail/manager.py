@@ -38,6 +38,7 @@ from bulkmail.store import (
     Stop,
     Wait,
 )
+from bulkmail.storeretry import retrying
 
 log = logging.getLogger("bulkmail")
 
@@ -123,7 +124,9 @@ class EmailManager:
         max_consecutive_transient: int = MAX_CONSECUTIVE_TRANSIENT,
         exclusive: bool = True,
     ) -> None:
-        self.store = store
+        # a store error (a restarted server, a lock held too long) is retried for up to the
+        # stale window before this worker gives up on the job
+        self.store = retrying(store, give_up_after=stale_after)
         self.job_id = job_id
         self.provider_factory = provider_factory
         self.clock = clock

@@ -64,6 +64,14 @@ def _unavailable(reason: str) -> NoReturn:
 class PgServer:
     url: str  # the maintenance database; its user may create databases
     admin: sa.Engine
+    cluster: _Cluster | None = None  # the throwaway cluster (None: BULKMAIL_TEST_PG_URL)
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast -w`` of the throwaway cluster: every connection is cut
+        and the server is back within a second (skips on a server given by URL)."""
+        if self.cluster is None:
+            pytest.skip("restarting the server needs the throwaway cluster, not a given URL")
+        self.cluster.restart()
 
     def new_database(self) -> str:
         name = f"bulkmail_test_{uuid.uuid4().hex[:12]}"
@@ -116,6 +124,10 @@ class _Cluster:
                   "-o", f"-p {self.port} {SERVER_OPTIONS}", "start")  # fmt: skip
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
+    def restart(self) -> None:
+        self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w",
+                  "-t", "60", "-o", f"-p {self.port} {SERVER_OPTIONS}", "restart")  # fmt: skip
+
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
@@ -157,7 +169,7 @@ def pg_server() -> Iterator[PgServer]:
             cluster.stop()
         pytest.fail(f"cannot connect to the PostgreSQL test server: {exc.orig}")
     try:
-        yield PgServer(parsed.render_as_string(hide_password=False), admin)
+        yield PgServer(parsed.render_as_string(hide_password=False), admin, cluster)
     finally:
         admin.dispose()
         if cluster is not None:

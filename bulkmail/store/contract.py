@@ -93,8 +93,10 @@ class JobStore(StoreReader, Protocol):
     def create_job(
         self, new: NewJob, recipients: Iterable[NewDelivery], *, now: float, domain: str
     ) -> int:
-        """Create a ``queued`` job and every delivery in ONE transaction, streaming
-        ``recipients``; an exception while iterating them rolls it all back (no job is left).
+        """Create a job and every delivery, streaming ``recipients`` in batches, each its own
+        short write transaction, under the state ``creating`` (no worker runs it), then make
+        it ``queued``; an exception while iterating them deletes what was written (no job is
+        left). A process killed meanwhile leaves a ``creating`` job, which never runs.
         Each delivery gets its Message-ID (``records.message_id``); it is ``pending``, or
         ``skipped`` with its reason: the recipient's own ``skip_reason``, or an address
         taken under the job's dedupe key (see ``taken_under``). Returns the job's id."""

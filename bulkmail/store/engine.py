@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from bulkmail.errors import StoreError
 from bulkmail.store.records import store_url
 
-__all__ = ["Opened", "open_engine"]
+__all__ = ["POSTGRES_CONNECT_ARGS", "Opened", "open_engine"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,24 @@ def _sqlite_engine(url: sa.URL) -> Engine:
     return engine
 
 
+# How a PostgreSQL connection notices that the server or the network is gone, so a worker
+# never hangs on a dead connection (it gets an error and retries: manager's store retry):
+# connecting gives up after connect_timeout; an idle connection is probed by TCP keepalives
+# (first after keepalives_idle seconds, then every keepalives_interval, dropped after
+# keepalives_count unanswered); data left unacknowledged for tcp_user_timeout milliseconds
+# drops it too (a server cut off mid-statement). libpq ignores the last on systems
+# without TCP_USER_TIMEOUT.
+POSTGRES_CONNECT_ARGS: dict[str, int | str] = {
+    "application_name": "bulkmail",
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+}
+
+
 def _postgres_engine(url: sa.URL) -> Engine:
     shown = url.render_as_string(hide_password=True)
     if url.drivername in ("postgresql", "postgres"):
@@ -152,7 +170,7 @@ def _postgres_engine(url: sa.URL) -> Engine:
         return sa.create_engine(
             url,
             pool_pre_ping=True,  # a worker outlives a server restart
-            connect_args={"connect_timeout": 10, "application_name": "bulkmail"},
+            connect_args=dict(POSTGRES_CONNECT_ARGS),
         )
     except ImportError as exc:
         raise StoreError(

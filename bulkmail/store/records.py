@@ -34,6 +34,8 @@ __all__ = [
     "Wait",
     "WorkerAlive",
     "WorkerRecord",
+    "creating_error",
+    "creating_refusal",
     "dedupe_reason",
     "default_store_path",
     "delivery_from_row",
@@ -50,12 +52,15 @@ SCHEMA_VERSION = 2  # 2: the partial index on deliveries.in_doubt
 class JobState(StrEnum):
     """A job's state as stored (the strings are the stored values: no migration).
 
-    ``queued -> running -> completed``; ``running -> paused`` (Ctrl-C, too many transient
+    ``creating -> queued -> running -> completed``; a job is ``creating`` while its
+    deliveries are written in batches (no worker runs it; one left ``creating`` was
+    interrupted: it is cancelled, never run); ``running -> paused`` (Ctrl-C, too many transient
     failures), ``running -> aborted`` (fatal provider error), ``* -> cancelled``. ``paused``
     and ``aborted`` jobs resume. ``STALLED`` is never stored: it is how a ``running`` job
     whose workers are all gone is shown (``views.effective_state``).
     """
 
+    CREATING = "creating"
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"
@@ -304,6 +309,20 @@ def message_id(job_id: int, position: int, token: str, domain: str) -> str:
     """The Message-ID of a job's delivery at ``position``: stable (a resend after a crash
     carries the same one) and globally unique (``token`` is random per job)."""
     return f"<bulkmail.{job_id}.{position}.{token}@{domain}>"
+
+
+def creating_error(job_id: int) -> str:
+    """What a ``creating`` job says of itself: a job still ``creating`` after its command
+    ended was interrupted while its deliveries were written, and can only be cancelled."""
+    return f"interrupted while creating; bulkmail cancel {job_id}"
+
+
+def creating_refusal(job_id: int) -> str:
+    """Why a ``creating`` job is not run (``resume``, a worker)."""
+    return (
+        f"job {job_id} is creating: its list was never completely written (interrupted "
+        f"while creating, or still being created); it never runs: bulkmail cancel {job_id}"
+    )
 
 
 def dedupe_reason(dedupe_key: str, job_id: int, state: str = DeliveryState.SENT) -> str:

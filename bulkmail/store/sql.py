@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import secrets
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,8 @@ from bulkmail.store.records import (
     Wait,
     WorkerAlive,
     WorkerRecord,
+    creating_error,
+    creating_refusal,
     dedupe_reason,
     delivery_from_row,
     message_id,
@@ -175,6 +178,28 @@ def open_store(location: str | os.PathLike[str] | None = None) -> Store:
     return store
 
 
+# job creation: rows per write transaction, and the columns of a new delivery in the order
+# create_job builds them
+CREATE_BATCH = 5000
+_NEW_COLUMNS = (
+    "job_id", "position", "row", "email", "email_key", "name", "fields", "state", "attempts",
+    "last_error", "next_attempt_at", "message_id", "in_doubt",
+)  # fmt: skip
+_KEY, _STATE, _ERROR = (_NEW_COLUMNS.index(c) for c in ("email_key", "state", "last_error"))
+_SQLITE_INSERT = (
+    f"INSERT INTO deliveries ({', '.join(_NEW_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _NEW_COLUMNS)})"
+)
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _creating_failpoint() -> int:
+    """Crash-test hook: ``BULKMAIL_FAILPOINT=creating:N`` kills the process with SIGKILL
+    right after the N-th batch of a new job's deliveries is committed (as ``kill -9``)."""
+    point, _, count = os.environ.get("BULKMAIL_FAILPOINT", "").partition(":")
+    return int(count or 1) if point == "creating" else 0
+
+
 def _one_line(error: object) -> str:
     return " ".join(str(error).split())
 
@@ -236,12 +261,16 @@ class Store(StoreReads):
     def create_job(
         self, new: NewJob, recipients: Iterable[NewDelivery], *, now: float, domain: str
     ) -> int:
-        """Create a job and all its deliveries in ONE transaction, streaming ``recipients``
-        in batches. Any exception raised while iterating (bad row, template error) rolls
-        everything back: bad input never leaves a job behind.
+        """Create a job and its deliveries, streaming ``recipients`` in batches of
+        ``CREATE_BATCH``, each batch its own short write transaction (workers of other jobs
+        on the same SQLite file go on between two batches), under the job state ``creating``
+        that no worker runs; the job becomes ``queued`` once every delivery is in. Any
+        exception raised while iterating (bad row, template error) deletes what was
+        written: bad input never leaves a job behind. A process killed meanwhile leaves a
+        ``creating`` job that ``resume`` refuses, with the error telling to cancel it.
 
-        Addresses already ``sent`` under the same ``dedupe_key`` in any job become
-        ``skipped`` deliveries with the reason.
+        Addresses another job under the same ``dedupe_key`` has sent or still holds (earlier
+        batches of this job are rows like any other) become ``skipped`` with the reason.
         """
         token = secrets.token_hex(4)
         with self._write() as conn:
@@ -249,7 +278,7 @@ class Store(StoreReads):
                 jobs.insert()
                 .values(
                     token=token,
-                    state=JobState.QUEUED,
+                    state=JobState.CREATING,
                     provider=new.provider,
                     provider_settings=_json(dict(new.provider_settings)),
                     account=new.account,
@@ -269,57 +298,114 @@ class Store(StoreReads):
                 .returning(jobs.c.id)
             )
             job_id = int(inserted.scalar_one())
-            position = 0
-            batch: list[dict[str, Any]] = []
-
-            def flush() -> None:
-                if not batch:
-                    return
-                if new.dedupe_key:
-                    self._mark_already_sent(conn, new.dedupe_key, batch)
-                conn.execute(deliveries.insert(), batch)
-                batch.clear()
-
-            for rcpt in recipients:
-                position += 1
-                batch.append(
-                    {
-                        "job_id": job_id,
-                        "position": position,
-                        "row": rcpt.row,
-                        "email": rcpt.email,
-                        "email_key": rcpt.email.lower(),
-                        "name": rcpt.name,
-                        "fields": _json(dict(rcpt.fields)),
-                        "state": DeliveryState.SKIPPED if rcpt.skip_reason else _PENDING,
-                        "attempts": 0,
-                        "last_error": rcpt.skip_reason,
-                        "next_attempt_at": 0.0,
-                        "message_id": message_id(job_id, position, token, domain),
-                        "in_doubt": False,
-                    }
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id).values(error=creating_error(job_id))
+            )
+        try:
+            total = self._create_deliveries(job_id, token, new.dedupe_key, recipients, domain)
+        except BaseException:
+            self._forget_job(job_id)
+            raise
+        with self._write() as conn:
+            flipped = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.CREATING)
+                .values(state=JobState.QUEUED, total=total, error=None)
+            ).rowcount
+            if not flipped:  # cancelled while being created: nothing of it is sent
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.job_id == job_id, deliveries.c.state == _PENDING)
+                    .values(state=DeliveryState.CANCELLED)
                 )
-                if len(batch) >= 1000:
-                    flush()
-            flush()
-            conn.execute(jobs.update().where(jobs.c.id == job_id).values(total=position))
+                conn.execute(jobs.update().where(jobs.c.id == job_id).values(total=total))
         return job_id
 
-    def _mark_already_sent(
-        self, conn: Connection, dedupe_key: str, batch: list[dict[str, Any]]
+    def _create_deliveries(
+        self,
+        job_id: int,
+        token: str,
+        dedupe_key: str | None,
+        recipients: Iterable[NewDelivery],
+        domain: str,
+    ) -> int:
+        """Insert the job's deliveries batch by batch; return how many. A batch is built
+        outside any transaction (reading and rendering the list takes most of the time):
+        each transaction holds the write lock only to insert it."""
+        failpoint = _creating_failpoint()
+        dumps = _JSON.encode
+        pending, skipped = str(_PENDING), str(DeliveryState.SKIPPED)
+        batch: list[list[Any]] = []
+        position = batches = 0
+        for rcpt in recipients:
+            position += 1
+            email = rcpt.email
+            reason = rcpt.skip_reason
+            batch.append(
+                [
+                    job_id,
+                    position,
+                    rcpt.row,
+                    email,
+                    email.lower(),
+                    rcpt.name,
+                    dumps(rcpt.fields if type(rcpt.fields) is dict else dict(rcpt.fields)),
+                    skipped if reason else pending,
+                    0,
+                    reason,
+                    0.0,
+                    message_id(job_id, position, token, domain),
+                    False,
+                ]
+            )
+            if len(batch) >= CREATE_BATCH:
+                self._insert_batch(job_id, dedupe_key, batch, position)
+                batch = []
+                batches += 1
+                if batches == failpoint:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        if batch:
+            self._insert_batch(job_id, dedupe_key, batch, position)
+        return position
+
+    def _insert_batch(
+        self, job_id: int, dedupe_key: str | None, batch: list[list[Any]], total: int
     ) -> None:
+        with self._write() as conn:
+            if dedupe_key:
+                self._mark_already_sent(conn, dedupe_key, batch)
+            if self.server:
+                conn.execute(
+                    deliveries.insert(), [dict(zip(_NEW_COLUMNS, r, strict=True)) for r in batch]
+                )
+            else:  # the driver's executemany: no statement compiled per batch
+                conn.exec_driver_sql(_SQLITE_INSERT, [tuple(r) for r in batch])
+            # the progress, for `status`
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(total=total))
+
+    def _forget_job(self, job_id: int) -> None:
+        """Delete a job whose creation failed, and what was written of it (best effort: a
+        store gone meanwhile leaves it ``creating``, which nothing runs)."""
+        try:
+            with self._write() as conn:
+                conn.execute(deliveries.delete().where(deliveries.c.job_id == job_id))
+                conn.execute(jobs.delete().where(jobs.c.id == job_id))
+        except (StoreError, sa.exc.SQLAlchemyError):
+            pass
+
+    def _mark_already_sent(self, conn: Connection, dedupe_key: str, batch: list[list[Any]]) -> None:
         """Skip the batch's addresses that another job under ``dedupe_key`` has sent or
         still holds (a paused cron run's pending reminders are not sent twice)."""
-        keys = {row["email_key"] for row in batch if row["state"] == _PENDING}
+        keys = {row[_KEY] for row in batch if row[_STATE] == _PENDING}
         if not keys:
             return
         rows = _query(conn)(SQL_TAKEN_AMONG, {"key": dedupe_key, "keys": sorted(keys)})
         taken = pick_dedupe((row["email_key"], row["job"], row["state"]) for row in rows)
         for row in batch:
-            if row["state"] == _PENDING and row["email_key"] in taken:
-                job, state = taken[row["email_key"]]
-                row["state"] = DeliveryState.SKIPPED
-                row["last_error"] = dedupe_reason(dedupe_key, job, state)
+            if row[_STATE] == _PENDING and row[_KEY] in taken:
+                job, state = taken[row[_KEY]]
+                row[_STATE] = str(DeliveryState.SKIPPED)
+                row[_ERROR] = dedupe_reason(dedupe_key, job, state)
 
     def _job(self, conn: Connection, job_id: int, *, lock: bool = False) -> JobRecord:
         """The job; ``lock``: hold its row until the transaction ends (``FOR UPDATE`` on
@@ -359,6 +445,8 @@ class Store(StoreReads):
             job = self._job(conn, job_id, lock=True)
             if job.state in (JobState.COMPLETED, JobState.CANCELLED):
                 raise JobStateError(f"job {job_id} is {job.state}; there is nothing to run")
+            if job.state == JobState.CREATING:
+                raise JobStateError(creating_refusal(job_id))
             current = self._workers(conn, job_id, live_only=True)
             live = [w for w in current if alive(w)]
             if live and exclusive:
