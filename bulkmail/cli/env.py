@@ -67,11 +67,12 @@ class Environment:
 
 @contextmanager
 def _interrupt_passes() -> Iterator[None]:
-    """Let a KeyboardInterrupt (Ctrl-C, or ``Terminated``) out of a click prompt: click
-    turns it into ``Abort`` (printed "Aborted!", exit 1), keeping it as the context."""
+    """Let a KeyboardInterrupt (Ctrl-C, or ``Terminated``) out of a prompt: click and
+    typer turn it into their ``Abort`` (printed "Aborted!", exit 1), keeping it as the
+    exception's context."""
     try:
         yield
-    except click.exceptions.Abort as exc:
+    except (click.exceptions.Abort, typer.Abort) as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):
             raise exc.__context__ from None
         raise
