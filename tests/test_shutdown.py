@@ -47,6 +47,12 @@ def test_sigterm_is_143_and_ctrl_c_130() -> None:
     assert exit_code_of(KeyboardInterrupt()) == ExitCode.INTERRUPTED == 130
     paused = exit_code_for("paused", Counts(sent=1), interrupted=True, terminated=True)
     assert paused == ExitCode.TERMINATED
+    # the README's table documents every exit code, and only those
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split("|")[1].strip() for line in table.splitlines() if "|" in line]
+    documented = {int(cell) for cell in first_cells if cell.isdigit()}
+    assert documented == {int(code) for code in ExitCode}
 
 
 # -- the store: finish_worker -------------------------------------------------------------
