@@ -19,7 +19,14 @@ class ExitCode(IntEnum):
     SOME_FAILED = 1  # job finished but some deliveries failed
     BAD_INPUT = 2  # bad usage or input: nothing sent, no job created
     STOPPED = 3  # job stopped before finishing (fatal provider error, too many transient)
-    INTERRUPTED = 130  # Ctrl-C: job paused, resumable
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): message in flight finished, job paused, resumable
+    TERMINATED = 143  # SIGTERM (128 + SIGTERM: timeout, cron, systemd): handled as Ctrl-C
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the handler the command line installs
+    (``bulkmail.cli.main``): handled exactly as Ctrl-C (the message in flight is finished,
+    the job paused, or this worker leaves a job other live workers go on with), exit 143."""
 
 
 class BulkmailError(Exception):
@@ -74,10 +81,14 @@ def file_error(shown: str, exc: OSError, what: str) -> InputError:
     return InputError(f"{shown}: cannot read ({reason})")
 
 
-def exit_code_for(state: str, counts: Counts, *, interrupted: bool = False) -> ExitCode:
+def exit_code_for(
+    state: str, counts: Counts, *, interrupted: bool = False, terminated: bool = False
+) -> ExitCode:
     """The exit code of a run that left the job in ``state`` with ``counts``: Ctrl-C is 130
-    (paused, resumable); a completed job is 0, or 1 when some deliveries failed; anything
-    else (paused, aborted, stalled, cancelled) stopped before finishing: 3."""
+    and SIGTERM 143 (paused, resumable); a completed job is 0, or 1 when some deliveries
+    failed; anything else (paused, aborted, stalled, cancelled) stopped before finishing: 3."""
+    if terminated:
+        return ExitCode.TERMINATED
     if interrupted:
         return ExitCode.INTERRUPTED
     if state == JobState.COMPLETED:
@@ -87,9 +98,12 @@ def exit_code_for(state: str, counts: Counts, *, interrupted: bool = False) -> E
 
 def exit_code_of(error: BaseException) -> ExitCode | None:
     """The exit code an error ends the process with: a domain error's own code, 130 for
-    Ctrl-C; None for anything else (a bug: it propagates with its traceback)."""
+    Ctrl-C, 143 for SIGTERM; None for anything else (a bug: it propagates with its
+    traceback)."""
     if isinstance(error, BulkmailError):
         return error.exit_code
+    if isinstance(error, Terminated):
+        return ExitCode.TERMINATED
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     return None

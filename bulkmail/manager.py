@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bulkmail.compose import Composer, Templates
-from bulkmail.errors import BulkmailError, ExitCode, StoreError, exit_code_for
+from bulkmail.errors import BulkmailError, ExitCode, StoreError, Terminated, exit_code_for
 from bulkmail.models import Message, Recipient
 from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, worker_alive
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
@@ -67,19 +67,33 @@ class RunResult:
     state: str  # the job's state when this worker stopped
     counts: Counts
     error: str | None
-    interrupted: bool
+    interrupted: bool  # by Ctrl-C or SIGTERM
     reclaimed: int  # in-doubt deliveries taken over at the start
+    terminated: bool = False  # interrupted by SIGTERM
 
     @property
     def exit_code(self) -> ExitCode:
-        return exit_code_for(self.state, self.counts, interrupted=self.interrupted)
+        return exit_code_for(
+            self.state, self.counts, interrupted=self.interrupted, terminated=self.terminated
+        )
 
     @property
     def hint(self) -> str | None:
         """The line telling the user how to go on when the run did not finish the job."""
         resume = f"bulkmail resume {self.job_id}"
         if self.interrupted:
-            return f"interrupted: job {self.job_id} paused; continue with: {resume}"
+            how = "terminated" if self.terminated else "interrupted"
+            if self.state == JobState.RUNNING:  # other live workers go on with the job
+                return (
+                    f"{how}: this worker left job {self.job_id}; its other workers go on "
+                    f"(bulkmail status {self.job_id} --watch)"
+                )
+            return f"{how}: job {self.job_id} paused; continue with: {resume}"
+        if self.state == JobState.RUNNING and self.error:
+            return (
+                f"this worker left job {self.job_id}: {self.error}; its other workers go on "
+                f"(bulkmail status {self.job_id} --watch)"
+            )
         if self.state in (JobState.PAUSED, JobState.ABORTED, JobState.STALLED):
             return f"job {self.job_id} {self.state}: {self.error}; after fixing it: {resume}"
         return None
@@ -141,17 +155,26 @@ class EmailManager:
         self._lock = threading.Lock()
         self._consecutive_transient = 0
         self._stop_as: str | None = None  # "paused" | "aborted" when this worker stops the job
+        self._stop_local = False  # ... for a trouble of its own: it only leaves a shared job
         self._error: str | None = None
         self._crash: BaseException | None = None
         self._failpoint = _Failpoint.from_env()
 
     # -- control
 
-    def request_stop(self, state: str | None = None, error: str | None = None) -> None:
-        """Stop before the next message; ``state`` is what the job becomes (paused/aborted)."""
+    def request_stop(
+        self, state: str | None = None, error: str | None = None, *, local: bool | None = None
+    ) -> None:
+        """Stop before the next message; ``state`` is what the job becomes (paused/aborted).
+
+        ``local``: the trouble is this worker's own (its signal, its connection to the
+        provider or the store): with other live workers on the job it only leaves the job,
+        which becomes ``state`` when it was the last live worker. Default: True for
+        ``paused``, False for ``aborted`` (rejected credentials abort the whole job)."""
         with self._lock:
             if state is not None and self._stop_as is None:
                 self._stop_as, self._error = state, error
+                self._stop_local = state == JobState.PAUSED if local is None else local
         self._stop.set()
 
     @property
@@ -161,9 +184,10 @@ class EmailManager:
     # -- running
 
     def run(self) -> RunResult:
-        """Register, send until done, unregister. Ctrl-C (KeyboardInterrupt) pauses the job:
-        the messages in flight are finished (a second Ctrl-C abandons them: they are in
-        doubt on resume)."""
+        """Register, send until done, unregister. Ctrl-C (KeyboardInterrupt) or SIGTERM
+        (``Terminated``) pauses the job, or only takes this worker out of it while other
+        live workers go on: the messages in flight are finished (a second one abandons them:
+        they are in doubt on resume)."""
         host, now = this_host(), self.clock()
         registration = self.store.register_worker(
             self.job_id,
@@ -186,34 +210,50 @@ class EmailManager:
         composer = composer_for(job)
         heartbeat = threading.Thread(target=self._heartbeat, name="bulkmail-heartbeat", daemon=True)
         heartbeat.start()
+        # one "done" event per sending thread, set when it has recorded its last outcome:
+        # waited on instead of Thread.join, which after a KeyboardInterrupt inside it can
+        # report a still-sending thread as finished (CPython gh-90882): the second wait
+        # would return at once and abandon the message in flight (a duplicate on resume)
+        done = [threading.Event() for _ in range(max(1, job.concurrency))]
         threads = [
             threading.Thread(
                 target=self._sender,
-                args=(job, limiter, composer),
+                args=(job, limiter, composer, finished),
                 name=f"bulkmail-sender-{n}",
                 daemon=True,
             )
-            for n in range(max(1, job.concurrency))
+            for n, finished in enumerate(done)
         ]
         for t in threads:
             t.start()
-        interrupted = False
+        interrupted = terminated = False
         try:
-            self._join(threads)
-        except KeyboardInterrupt:
-            interrupted = True
-            self.request_stop("paused", "interrupted")
-            log.warning("interrupted: finishing the message in flight (Ctrl-C again to abandon it)")
+            self._join(done)
+        except KeyboardInterrupt as exc:
+            interrupted, terminated = True, isinstance(exc, Terminated)
+            signame, again = ("SIGTERM", "again") if terminated else ("Ctrl-C", "Ctrl-C again")
+            self.request_stop("paused", f"interrupted ({signame})")
+            log.warning(
+                "%s: finishing the message in flight (%s to abandon it)",
+                "terminated" if terminated else "interrupted",
+                again,
+            )
             try:
-                self._join(threads)
+                self._join(done)
             except KeyboardInterrupt:
                 log.warning("abandoned the message in flight: it is in doubt until resumed")
         finally:
             self._stop.set()
         heartbeat.join(timeout=5)
         try:
+            now = self.clock()
             state = self.store.finish_worker(
-                self.worker_id, now=self.clock(), stop=self._stop_as, error=self._error
+                self.worker_id,
+                now=now,
+                stop=self._stop_as,
+                error=self._error,
+                local=self._stop_local,
+                alive=lambda w: worker_alive(w, now=now, host=host, stale_after=self.stale_after),
             )
             counts = self.store.counts(self.job_id)
         except StoreError as exc:
@@ -232,14 +272,17 @@ class EmailManager:
             error=self._error,
             interrupted=interrupted,
             reclaimed=registration.reclaimed,
+            terminated=terminated,
         )
 
     @staticmethod
-    def _join(threads: list[threading.Thread]) -> None:
-        # join with a timeout so a Ctrl-C reaches the main thread promptly
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
+    def _join(done: list[threading.Event]) -> None:
+        """Wait until every sending thread has set its ``done`` event; in short waits so a
+        Ctrl-C or SIGTERM reaches the main thread promptly (an interrupted wait leaves the
+        event as it was, so waiting again is exact)."""
+        for event in done:
+            while not event.wait(0.2):
+                pass
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
@@ -297,7 +340,9 @@ class EmailManager:
             return True
         return self.sleep(TAIL_POLL)  # True: a stop was requested meanwhile
 
-    def _sender(self, job: JobRecord, limiter: RateLimiter, composer: Composer) -> None:
+    def _sender(
+        self, job: JobRecord, limiter: RateLimiter, composer: Composer, done: threading.Event
+    ) -> None:
         provider: Provider | None = None
         try:
             provider = self.provider_factory(job)
@@ -305,7 +350,9 @@ class EmailManager:
                 provider.connect()
             self._send_loop(job, provider, limiter, composer)
         except FatalError as exc:
-            self.request_stop("aborted", str(exc))
+            # rejected credentials abort the job; a refusal of this worker's own connection
+            # (e.g. a 554 greeting) only takes it out of a job other live workers go on with
+            self.request_stop("aborted", str(exc), local=exc.local)
         except StoreError as exc:  # the store stayed locked or unreachable past its timeout
             log.error("job store error: %s", exc)
             self.request_stop("paused", f"job store error: {exc}")
@@ -315,8 +362,11 @@ class EmailManager:
                 self._crash = self._crash or exc
             self.request_stop("paused", f"internal error: {exc!r}")
         finally:
-            if provider is not None:
-                provider.close()
+            try:
+                if provider is not None:
+                    provider.close()
+            finally:
+                done.set()
 
     def _send_loop(
         self, job: JobRecord, provider: Provider, limiter: RateLimiter, composer: Composer

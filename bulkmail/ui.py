@@ -214,7 +214,13 @@ def status_panel(doc: JobDocument) -> Panel:
         counts.append("  ")
     counts.append(f"of {doc['total']}")
     table.add_row("deliveries", counts)
-    if doc["in_doubt"]:
+    if doc["in_doubt"] and doc["state"] == "stalled":
+        table.add_row(
+            "in doubt",
+            f"{doc['in_doubt']}: may have been delivered (in flight when the worker stopped); "
+            f"resume sends them again with the same Message-ID",
+        )
+    elif doc["in_doubt"]:
         table.add_row("in doubt", f"{doc['in_doubt']} resent after a crash (same Message-ID)")
     table.add_row("rate", f"{rate(doc['rate'])}, burst {doc['burst']}")
     if doc.get("dedupe_key"):

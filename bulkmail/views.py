@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import IO, NotRequired, TypedDict
 
 from bulkmail.procs import STALE_AFTER, this_host, worker_alive
 from bulkmail.store.contract import StoreReader
-from bulkmail.store.records import JobView
+from bulkmail.store.records import JobState, JobView
 
 
 class WorkerDocument(TypedDict):
@@ -80,25 +81,43 @@ def iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def effective_state(view: JobView, *, now: float, stale_after: float = STALE_AFTER) -> str:
+def effective_state(
+    view: JobView, *, now: float, stale_after: float = STALE_AFTER, gone: Collection[str] = ()
+) -> str:
     """The job's state as a user should see it: a ``running`` job none of whose workers is
-    alive is ``stalled`` (``bulkmail resume`` takes it over)."""
-    if view.job.state != "running":
+    alive is ``stalled`` (``bulkmail resume`` takes it over). ``gone``: ids of workers to
+    take as gone whatever the store says (a run that ended but could not record it)."""
+    if view.job.state != JobState.RUNNING:
         return view.job.state
     host = this_host()
-    live = [w for w in view.workers if worker_alive(w, now=now, host=host, stale_after=stale_after)]
-    return "running" if live else "stalled"
+    live = [
+        w
+        for w in view.workers
+        if w.id not in gone and worker_alive(w, now=now, host=host, stale_after=stale_after)
+    ]
+    return str(JobState.RUNNING if live else JobState.STALLED)
 
 
-def job_document(view: JobView, *, now: float | None = None) -> JobDocument:
-    """The job as the JSON document of the design (also the data behind the Rich views)."""
+def job_document(
+    view: JobView, *, now: float | None = None, gone: Collection[str] = ()
+) -> JobDocument:
+    """The job as the JSON document of the design (also the data behind the Rich views).
+
+    A stalled job's deliveries in ``sending`` were in flight when its last worker died:
+    they may have been delivered, so they count as ``in_doubt`` (not ``pending``) before
+    any resume, as they will after it. ``gone``: as for ``effective_state``."""
     now = time.time() if now is None else now
     job, c = view.job, view.counts
+    state = effective_state(view, now=now, gone=gone)
+    pending, in_doubt = c.pending + c.sending, c.in_doubt
+    if state == JobState.STALLED:
+        # (those already marked in doubt, resent and in flight again, count once)
+        pending, in_doubt = c.pending, c.in_doubt + c.sending - c.sending_in_doubt
     live = [w for w in view.workers if w.stopped_at is None]
     latest = max(live or view.workers, key=lambda w: w.heartbeat_at, default=None)
     return {
         "id": job.id,
-        "state": effective_state(view, now=now),
+        "state": state,
         "provider": job.provider,
         "provider_settings": dict(job.provider_settings),  # never a secret
         "subject": job.subject,
@@ -107,10 +126,10 @@ def job_document(view: JobView, *, now: float | None = None) -> JobDocument:
         "sent": c.sent,
         "failed": c.failed,
         "skipped": c.skipped,
-        "pending": c.pending + c.sending,
+        "pending": pending,
         "sending": c.sending,
         "cancelled": c.cancelled,
-        "in_doubt": c.in_doubt,
+        "in_doubt": in_doubt,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

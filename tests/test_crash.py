@@ -166,12 +166,6 @@ def held_sink(tmp_path: Path) -> Iterator[Sink]:
     s.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 item 1: after a KeyboardInterrupt inside Thread.join() CPython 3.11 "
-    "reports the still-running sender as not alive (gh-90882), so the worker abandons the "
-    "message in flight (left 'sending', sent again on resume) instead of finishing it",
-)
 def test_ctrl_c_pauses_and_resume_finishes(tmp_path: Path, held_sink: Sink) -> None:
     slow_sink = held_sink  # Ctrl-C comes while the 2nd message waits for its reply
     csv, emails = write_recipients(tmp_path, 20)  # enough that the job is still running at Ctrl-C

@@ -12,6 +12,8 @@ error (``BulkmailError``) becomes one line on stderr and its exit code, in
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -46,11 +48,25 @@ def root(
     """Send personalised, rate-limited reminder emails and track every delivery."""
 
 
+def _terminated(_signum: int, _frame: FrameType | None) -> None:
+    from bulkmail.errors import Terminated
+
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """SIGTERM (what `timeout`, cron and systemd send) raises ``Terminated``, a
+    KeyboardInterrupt, in the main thread: every command treats it as Ctrl-C (a run finishes
+    the message in flight and pauses the job) and exits 143."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
 def main() -> None:
+    handle_sigterm()
     app()
 
 
 # the commands register themselves on `app`
 from bulkmail.cli import run, show  # noqa: E402
 
-__all__ = ["app", "main", "run", "show"]
+__all__ = ["app", "handle_sigterm", "main", "run", "show"]

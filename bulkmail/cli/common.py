@@ -191,7 +191,8 @@ def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
 
 
 def handles_errors(fn: Callable[P, T]) -> Callable[P, T]:
-    """Turn domain errors into one line on stderr and their exit code (``exit_code_of``)."""
+    """Turn domain errors into one line on stderr and their exit code (``exit_code_of``);
+    Ctrl-C or SIGTERM outside a run (which handles its own) into "interrupted", 130 or 143."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -199,6 +200,8 @@ def handles_errors(fn: Callable[P, T]) -> Callable[P, T]:
             return fn(*args, **kwargs)
         except BulkmailError as exc:
             fail(exc.message, exit_code_of(exc) or ExitCode.BAD_INPUT)
+        except KeyboardInterrupt as exc:
+            fail("interrupted", exit_code_of(exc) or ExitCode.INTERRUPTED)
 
     return wrapper
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import click
 import typer
 from rich.console import Console
 
@@ -53,12 +54,28 @@ class Environment:
         self.stderr.print(text, markup=False, highlight=False)
 
     def confirm(self, question: str) -> bool:
-        """Ask a yes/no question on stderr (default: no); the answer is read from stdin."""
-        return typer.confirm(question, default=False, err=True)
+        """Ask a yes/no question on stderr (default: no); the answer is read from stdin.
+        Ctrl-C (or SIGTERM) while asking raises it (exit 130 or 143), not click's Abort."""
+        with _interrupt_passes():
+            return typer.confirm(question, default=False, err=True)
 
     def prompt(self, question: str) -> str:
         """Ask for a line of text on stderr; the answer is read from stdin."""
-        return str(typer.prompt(question, err=True))
+        with _interrupt_passes():
+            return str(typer.prompt(question, err=True))
+
+
+@contextmanager
+def _interrupt_passes() -> Iterator[None]:
+    """Let a KeyboardInterrupt (Ctrl-C, or ``Terminated``) out of a prompt: click and
+    typer turn it into their ``Abort`` (printed "Aborted!", exit 1), keeping it as the
+    exception's context."""
+    try:
+        yield
+    except (click.exceptions.Abort, typer.Abort) as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise
 
 
 _installed: Environment | None = None

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -29,7 +27,7 @@ from bulkmail.cli.common import (
     with_source_options,
 )
 from bulkmail.cli.env import Environment, environment
-from bulkmail.errors import ExitCode, InputError, JobStateError
+from bulkmail.errors import ExitCode, InputError, JobStateError, exit_code_of
 
 if TYPE_CHECKING:  # loaded by the commands when they run: `--help` stays light
     from bulkmail.config import Settings
@@ -90,7 +88,10 @@ def _run_job(
         # deliveries the store settled without an event (skipped at claim time under a
         # --dedupe-key) count too: the bar ends at the store's numbers
         display.settle(result.counts)
-    doc = views.job_document(store.view(job_id))
+    # a run that could not record its end (a store error) left the job `running` under
+    # this very process: the summary says stalled, as the run's own line does
+    gone = [mgr.worker_id] if result.state == "stalled" else []
+    doc = views.job_document(store.view(job_id), gone=gone)
     if as_json:
         print_json(doc)
     else:
@@ -231,7 +232,13 @@ def send_reminders(
             fail(f"{summary.source}: no valid recipient; every row is skipped")
         if dry_run:
             raise typer.Exit(0)
-        if not _confirm(env, plan, summary):
+        try:
+            confirmed = _confirm(env, plan, summary)
+        except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at the question
+            env.note("")  # off the prompt's line
+            code = exit_code_of(exc) or ExitCode.INTERRUPTED
+            fail("interrupted: nothing sent and no job created", code)
+        if not confirmed:
             fail("nothing sent and no job created", ExitCode.OK)
     db_store = open_store_for(store, settings)
     job_id = jobs.create_job(db_store, plan)
@@ -353,11 +360,9 @@ def worker(
     job, on this host or others sharing a PostgreSQL store.
     Example: bulkmail worker 3 --store postgresql://bulkmail@db.example.edu/bulkmail"""
     from bulkmail import jobs
+    from bulkmail.cli import handle_sigterm
 
-    def on_term(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    handle_sigterm()  # (already, when run as `bulkmail`): SIGTERM is handled as Ctrl-C
     env = environment()
     settings = load_config(config)
     db = open_store_for(store, settings)

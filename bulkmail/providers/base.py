@@ -47,7 +47,15 @@ class PermanentError(ProviderError):
 
 class FatalError(ProviderError):
     """Nothing can be sent with this configuration: authentication rejected, TLS or
-    configuration failure. The job is aborted; remaining deliveries stay pending."""
+    configuration failure. The job is aborted; remaining deliveries stay pending.
+
+    ``local`` is true when it is this worker's own connection the server refused (e.g. a
+    554 greeting to this host): with other live workers on the job, this worker leaves it
+    and they go on; the last live worker's refusal still aborts the job."""
+
+    def __init__(self, message: str, *, local: bool = False) -> None:
+        super().__init__(message)
+        self.local = local
 
 
 class Provider(Protocol):

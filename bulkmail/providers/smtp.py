@@ -223,7 +223,7 @@ class SmtpProvider:
             # this server will not serve us with this configuration.
             if 400 <= exc.smtp_code <= 499:
                 return TransientError(text)
-            return FatalError(text)
+            return FatalError(text, local=True)  # refused this host: others may go on
         if isinstance(exc, smtplib.SMTPServerDisconnected):
             return TransientError(text)
         if isinstance(exc, smtplib.SMTPException):  # e.g. no usable AUTH mechanism

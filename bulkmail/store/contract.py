@@ -151,12 +151,22 @@ class JobStore(StoreReader, Protocol):
         ...
 
     def finish_worker(
-        self, worker_id: str, *, now: float, stop: str | None, error: str | None
+        self,
+        worker_id: str,
+        *,
+        now: float,
+        stop: str | None,
+        error: str | None,
+        local: bool | None = None,
+        alive: WorkerAlive | None = None,
     ) -> str:
         """Mark the worker stopped and settle the job's state in one transaction holding
         the job row; return the job's new state. ``stop`` (``paused``/``aborted``, with
-        ``error``) applies to the whole job; otherwise a job with nothing pending or sending
-        becomes ``completed``, and the last worker out of one with work left pauses it."""
+        ``error``) applies to the whole job, except a ``local`` one (the worker's own
+        trouble; default: ``paused`` is local, ``aborted`` is not) while another worker
+        ``alive`` says is live (default: any not stopped) remains: then this worker just
+        leaves. Otherwise a job with nothing pending or sending becomes ``completed``, and
+        the last worker out of one with work left pauses it."""
         ...
 
     # -- claims

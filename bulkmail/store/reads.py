@@ -44,7 +44,11 @@ SQL_JOB_FOR_UPDATE = SQL_JOB + " FOR UPDATE"
 SQL_RECENT = "SELECT id FROM jobs ORDER BY id DESC LIMIT :limit"
 # both read only the (job_id, state, ...) index and the partial in-doubt index
 SQL_COUNTS = "SELECT state, count(*) AS n FROM deliveries WHERE job_id = :job GROUP BY state"
-SQL_IN_DOUBT = "SELECT count(*) AS n FROM deliveries WHERE job_id = :job AND in_doubt"
+# (and how many of those are in flight again: a handful of rows among millions)
+SQL_IN_DOUBT = (
+    f"SELECT count(*) AS n, coalesce(sum(CASE WHEN state = '{_SENDING}' THEN 1 ELSE 0 END), 0)"
+    " AS sending FROM deliveries WHERE job_id = :job AND in_doubt"
+)
 _SQL_WORKERS = "SELECT * FROM workers WHERE job_id = :job{live} ORDER BY started_at"
 SQL_WORKERS = _SQL_WORKERS.format(live="")
 SQL_LIVE_WORKERS = _SQL_WORKERS.format(live=" AND stopped_at IS NULL")  # not stopped
@@ -152,7 +156,8 @@ def read_job(query: Query, job_id: int, *, for_update: bool = False) -> JobRecor
 
 def read_counts(query: Query, job_id: int) -> Counts:
     values = {row["state"]: row["n"] for row in query(SQL_COUNTS, {"job": job_id})}
-    values["in_doubt"] = query(SQL_IN_DOUBT, {"job": job_id})[0]["n"]
+    doubt = query(SQL_IN_DOUBT, {"job": job_id})[0]
+    values["in_doubt"], values["sending_in_doubt"] = doubt["n"], int(doubt["sending"])
     return Counts(**values)
 
 

@@ -170,7 +170,8 @@ class Counts:
     failed: int = 0
     skipped: int = 0
     cancelled: int = 0
-    in_doubt: int = 0
+    in_doubt: int = 0  # deliveries marked in doubt (resent after a crash), in any state
+    sending_in_doubt: int = 0  # of those, the ones in ``sending`` right now
 
     @property
     def total(self) -> int:

@@ -561,15 +561,28 @@ class Store(StoreReads):
         return {str(w): int(n) for w, n in rows}
 
     def finish_worker(
-        self, worker_id: str, *, now: float, stop: str | None, error: str | None
+        self,
+        worker_id: str,
+        *,
+        now: float,
+        stop: str | None,
+        error: str | None,
+        local: bool | None = None,
+        alive: WorkerAlive | None = None,
     ) -> str:
         """Unregister a worker and settle the job's state; return the job's new state.
 
-        ``stop`` is why the worker stopped early: ``"paused"`` or ``"aborted"`` (job-wide),
-        or None when it ran out of work. The last worker out of a job with nothing left to
-        send marks it ``completed``. Deliveries this worker still had in ``sending`` (an
-        abandoned message) stay there: the next run treats them as in doubt.
+        ``stop`` is why the worker stopped early: ``"paused"`` or ``"aborted"``, or None when
+        it ran out of work. A ``local`` stop (default: ``paused`` is, ``aborted`` is not) is
+        the worker's own trouble (its signal, its connection to the provider or the store):
+        while another live worker (``alive`` says which; default: every one not stopped)
+        remains on the job, the worker only leaves it and the others go on; the last live
+        worker's stop applies to the job. Any other stop applies to the job at once. The last
+        worker out of a job with nothing left to send marks it ``completed``. Deliveries this
+        worker still had in ``sending`` (an abandoned message) stay there: the next run
+        treats them as in doubt.
         """
+        local = stop == JobState.PAUSED if local is None else local
         with self._write() as conn:
             job_id = conn.execute(
                 sa.select(workers.c.job_id).where(workers.c.id == worker_id)
@@ -579,6 +592,14 @@ class Store(StoreReads):
             conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=now))
             if job.state != JobState.RUNNING:
                 return job.state  # cancelled, or paused/aborted by another worker
+            if stop is not None and local:
+                others_live = [
+                    w
+                    for w in self._workers(conn, job_id, live_only=True)
+                    if w.id != worker_id and (alive is None or alive(w))
+                ]
+                if others_live:
+                    stop = None  # this worker leaves; the others go on with the job
             if stop is not None:
                 conn.execute(
                     jobs.update()
