@@ -228,11 +228,22 @@ def _megabytes(size: int) -> str:
 
 
 @dataclass(frozen=True)
+class _Attachment:
+    """One rendered attachment path, checked: ``path`` as rendered (its file name is the
+    attachment's), ``real`` the file it leads to with every symbolic link followed, and
+    ``folder`` the real folder it must stay in (None for a fixed path: the operator's own)."""
+
+    path: str
+    real: str
+    folder: str | None
+
+
+@dataclass(frozen=True)
 class _Rendered:
     subject: str
     text: str
     html: str | None
-    attachments: tuple[str, ...]  # absolute paths, checked
+    attachments: tuple[_Attachment, ...]
 
 
 class Composer:
@@ -252,13 +263,17 @@ class Composer:
         if templates.html is not None:
             html_name = templates.html_name or "HTML template"
             self._html = self._compile(html_env, templates.html, html_name, lines=True)
+        # (pattern, template, folder as written, the folder's real path): the real path is
+        # taken once, so a folder replaced by a link later does not move the boundary
         self._attachments = tuple(
             (
                 pattern,
                 self._compile(text_env, pattern, "--attach", lines=False),
-                _fixed_dir(pattern),
+                folder,
+                None if folder is None else os.path.realpath(folder),
             )
             for pattern in templates.attachments
+            for folder in (_fixed_dir(pattern),)
         )
 
     def _compile(
@@ -301,11 +316,9 @@ class Composer:
             raise ValueError(f"row {recipient.row} is skipped: {recipient.skip_reason}")
         rendered = self._render(recipient, origin)
         attachments: list[Attachment] = []
-        for path in rendered.attachments:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                raise _unreadable(_where(origin, recipient), _shown_path(path), exc) from None
+        for item in rendered.attachments:
+            data = _read_attachment(item, _where(origin, recipient))
+            path = item.path
             attachments.append(Attachment(os.path.basename(path), _content_type(path), data))
         return Message(
             from_email=self.sender_email,
@@ -341,20 +354,30 @@ class Composer:
         if self._html is not None:
             label = f"template {self.templates.html_name or 'HTML'}"
             html = _render(self._html, context, where, label)
-        paths: list[str] = []
+        paths: list[_Attachment] = []
         total = 0
-        for pattern, template, folder in self._attachments:
+        for pattern, template, folder, real_folder in self._attachments:
             label = f"--attach {_shown_path(pattern)!r}"
             path = _render(template, context, where, label)
-            if folder is not None and not _inside(path, folder):
+            item = _Attachment(path, path, None)
+            if folder is not None and real_folder is not None:
                 shown_folder = _shown_path(os.path.join(folder, "")) or "./"
-                raise InputError(
-                    f"{where}: {label} renders {_shown_path(path)!r}, outside the folder "
-                    f"{shown_folder!r}; a value may not lead out of it"
-                )
-            size = _check_attachment(path, where, label)
+                if not _inside(path, folder):
+                    raise InputError(
+                        f"{where}: {label} renders {_shown_path(path)!r}, outside the folder "
+                        f"{shown_folder!r}; a value may not lead out of it"
+                    )
+                # every link followed (a file link, a folder link, '..' after a link)
+                real = os.path.realpath(path)
+                if not _inside(real, real_folder):
+                    raise InputError(
+                        f"{where}: {label} renders {_shown_path(path)!r}, a link to {real!r} "
+                        f"outside the folder {shown_folder!r}; a link may not lead out of it"
+                    )
+                item = _Attachment(path, real, real_folder)
+            size = _check_attachment(item, where, label)
             total += size
-            paths.append(path)
+            paths.append(item)
         if total > MAX_ATTACHMENT_BYTES:
             raise InputError(
                 f"{where}: attachments total {_megabytes(total)}, over the "
@@ -383,14 +406,17 @@ def _render(template: jinja2.Template, context: dict[str, Any], where: str, labe
         raise InputError(f"{where}: {label}: {message}") from None
 
 
-def _check_attachment(path: str, where: str, label: str) -> int:
-    """The size of the attachment file at ``path``; InputError when it cannot be attached."""
+def _check_attachment(item: _Attachment, where: str, label: str) -> int:
+    """The size of the attachment file ``item`` leads to; InputError when it cannot be
+    attached."""
+    path = item.path
     if not os.path.basename(path).strip():
         raise InputError(f"{where}: {label} renders no file name ({_shown_path(path)!r})")
     shown = _shown_path(path)
     problem = header_safe_problem(os.path.basename(path))
     if problem is not None:
         raise InputError(f"{where}: attachment file name {shown!r} {problem}")
+    path = item.real
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -407,6 +433,52 @@ def _check_attachment(path: str, where: str, label: str) -> int:
     if not os.access(path, os.R_OK):
         raise InputError(f"{where}: attachment {shown!r} cannot be read (permission denied)")
     return info.st_size
+
+
+def _read_attachment(item: _Attachment, where: str) -> bytes:
+    """The content of a checked attachment, read from its real path. The file is opened
+    without following a link and, where the system tells which file an open descriptor is
+    (Linux ``/proc``), checked again to be inside its folder: a link swapped in after the
+    check cannot lead the read elsewhere."""
+    shown = _shown_path(item.path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
+    if item.folder is not None:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(item.real, flags)
+    except FileNotFoundError:
+        raise InputError(f"{where}: attachment {shown!r} not found") from None
+    except OSError as exc:
+        raise _unreadable(where, shown, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{where}: attachment {shown!r} is not a regular file")
+        if item.folder is not None:
+            opened = _opened_path(fd) or item.real
+            if not _inside(opened, item.folder):
+                raise InputError(
+                    f"{where}: attachment {shown!r} leads to {opened!r}, outside the folder "
+                    f"{_shown_path(os.path.join(item.folder, ''))!r}; a link may not lead out of it"
+                )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_ATTACHMENT_BYTES + 1)
+    except OSError as exc:
+        raise _unreadable(where, shown, exc) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_ATTACHMENT_BYTES:  # grew since it was checked
+        raise InputError(
+            f"{where}: attachment {shown!r} is over the {_megabytes(MAX_ATTACHMENT_BYTES)} limit"
+        )
+    return data
+
+
+def _opened_path(fd: int) -> str | None:
+    """The path of the file open as ``fd``, where the system says (Linux), else None."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 def _unreadable(where: str, shown: str, exc: OSError) -> InputError:

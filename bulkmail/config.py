@@ -26,6 +26,7 @@ from bulkmail.providers.settings import (
     OutboxSettings,
     ProviderSettings,
     SmtpSettings,
+    is_path,
     is_secret,
     public_settings,
 )
@@ -156,13 +157,32 @@ def _coerce(where: str, value: Any, to: type | str) -> Any:
     return value
 
 
+def _local_path(value: str, base: Path) -> str:
+    """A path setting made absolute (``~`` expanded, relative to ``base``); "" stays ""."""
+    if not value:
+        return value
+    expanded = Path(value).expanduser()
+    return str(expanded if expanded.is_absolute() else base / expanded)
+
+
 def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults < config file < environment. Flags are applied by the caller on top."""
     env = os.environ if env is None else env
     path = find_config(config, env)
     warnings: list[str] = []
     data: dict[str, Any] = {}
+    mode = 0
     if path is not None:
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+        if os.name == "posix" and mode & stat.S_IWOTH:
+            # whoever can change it can send the mail elsewhere, or read the secrets
+            raise ConfigError(
+                f"{path}: refusing a config file that every user can change (world-writable): "
+                f"chmod 600 {path}"
+            )
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
@@ -189,15 +209,16 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
         for key, value in table.items():
             if key not in declared:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{name}]")
-            sections[name][key] = _coerce(f"{path}: [{name}] {key}", value, declared[key].type)
+            value = _coerce(f"{path}: [{name}] {key}", value, declared[key].type)
+            if is_path(declared[key]) and path is not None:
+                value = _local_path(value, path.absolute().parent)
+            sections[name][key] = value
             has_secret = has_secret or (is_secret(declared[key]) and bool(value))
     unknown = set(data) - {"defaults", *SPECS}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
-    if path is not None and has_secret and os.name == "posix":
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRGRP | stat.S_IROTH):
-            warnings.append(f"{path} holds a secret and other users can read it: chmod 600 {path}")
+    if has_secret and os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH):
+        warnings.append(f"{path} holds a secret and other users can read it: chmod 600 {path}")
 
     # environment: BULKMAIL_<KEY> for [defaults], BULKMAIL_<SECTION>_<KEY> otherwise
     for key, attr in _DEFAULT_KEYS.items():
@@ -207,11 +228,11 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
             # checked here, so an error names the variable rather than the config file
             top[attr] = _coerce(var, value, _DEFAULT_TYPES.get(attr, "str"))
     for name, spec in SPECS.items():
-        known = {f.name: f.type for f in fields(spec.settings)}
-        for key, typ in known.items():
-            var = f"BULKMAIL_{name.upper()}_{key.upper()}"
+        for f in fields(spec.settings):
+            var = f"BULKMAIL_{name.upper()}_{f.name.upper()}"
             if env.get(var) is not None:
-                sections[name][key] = _coerce(var, env[var], typ)
+                value = _coerce(var, env[var], f.type)
+                sections[name][f.name] = _local_path(value, Path.cwd()) if is_path(f) else value
 
     where = f"{path}: [defaults]" if path else "BULKMAIL_*"
     provider = str(top.get("provider", "") or "")

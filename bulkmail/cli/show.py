@@ -3,8 +3,10 @@ do not import the send machinery (see the start-up benchmark)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -111,9 +113,25 @@ def report(
         return
     db.get_job(job_id)  # an unknown job is exit 2 before an empty file is left behind
     try:
-        with output.open("w", encoding="utf-8", newline="") as f:
+        with _private_file(output) as f:
             rows = views.write_report(db, job_id, f)
     except OSError as exc:
         raise InputError(f"{output}: cannot write: {exc.strerror}") from None
     noun = "row" if rows == 1 else "rows"
     env.note(f"wrote {rows} {noun} to {output}")
+
+
+def _private_file(path: Path) -> TextIO:
+    """``path`` opened for writing text, emptied, readable by its owner only (0600): a report
+    holds names and addresses. An existing file is made 0600 before it is emptied; anything
+    but a regular file (a FIFO, ``/dev/stdout``) is written as it is, its mode untouched."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            if os.name == "posix":
+                os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
+        return open(fd, "w", encoding="utf-8", newline="")
+    except BaseException:
+        os.close(fd)
+        raise

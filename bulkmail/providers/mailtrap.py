@@ -55,6 +55,7 @@ from bulkmail import __version__
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError, PermanentError, TransientError
 from bulkmail.providers.settings import MailtrapSettings
+from bulkmail.providers.tls import ca_file_problem, client_context, plaintext_problem
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the TCP/TLS connection; the read timeout is ``settings.timeout``."""
@@ -69,6 +70,33 @@ _ERRORS_LIMIT = 1000  # characters of the API's joined ``errors`` kept in the er
 TOKEN_MISSING = (
     "the mailtrap provider needs a token: set BULKMAIL_MAILTRAP_TOKEN or `token` under [mailtrap]"
 )
+CA_FILE_SETTING = "ca_file under [mailtrap] (BULKMAIL_MAILTRAP_CA_FILE)"
+
+
+class _CaAdapter(requests.adapters.HTTPAdapter):
+    """Verifies HTTPS servers with one given ``SSLContext`` (the system's trust store plus
+    ``ca_file``) instead of requests' own CA bundle. ``verify=ca_file`` would not do: it
+    replaces the trust store, so the public API's certificate would no longer verify."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        kwargs["ssl_context"] = self._context
+        return super().proxy_manager_for(proxy, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # always verified, with the context's trust store: requests would otherwise load
+        # its own CA bundle into the context at every new connection (no client
+        # certificate is ever used, so nothing else of the base method applies)
+        conn.cert_reqs = "CERT_REQUIRED" if url.lower().startswith("https") else "CERT_NONE"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
 
 class MailtrapProvider:
@@ -84,6 +112,13 @@ class MailtrapProvider:
         self._session = session if session is not None else requests.Session()
         self._token = settings.token.strip()
         self._problem = _config_problem(settings, self._token)
+        if not self._problem and settings.ca_file:
+            try:
+                context = client_context(settings.ca_file)
+            except (OSError, ValueError):  # gone since it was checked: say so at the send
+                self._problem = ca_file_problem(settings.ca_file, CA_FILE_SETTING)
+            else:
+                self._session.mount("https://", _CaAdapter(context))
         self._url = "" if self._problem else _send_url(settings)
         self._timeout = (CONNECT_TIMEOUT, float(settings.timeout))
         self._headers = {
@@ -124,8 +159,9 @@ class MailtrapProvider:
             ) from exc
         except requests.exceptions.SSLError as exc:
             if any(isinstance(c, ssl.SSLCertVerificationError) for c in _causes(exc)):
+                hint = "" if self.settings.ca_file else f"; a private CA: set {CA_FILE_SETTING}"
                 raise FatalError(
-                    f"the TLS certificate of {host} could not be verified: {_describe(exc)}"
+                    f"the TLS certificate of {host} could not be verified: {_describe(exc)}{hint}"
                 ) from exc
             raise TransientError(
                 f"TLS error talking to Mailtrap ({host}): {_describe(exc)}",
@@ -227,6 +263,10 @@ def _config_problem(settings: MailtrapSettings, token: str) -> str | None:
             f"mailtrap api_url must be an http(s) URL such as https://send.api.mailtrap.io, "
             f"got {settings.api_url!r}"
         )
+    if parts.scheme == "http":
+        problem = plaintext_problem("the mailtrap token", parts.hostname, "use an https:// api_url")
+        if problem is not None:
+            return problem
     if "/api/send" in parts.path or "/api/batch" in parts.path:
         return (
             f"mailtrap api_url must be the API's base URL without /api/send (such as "
@@ -243,7 +283,7 @@ def _config_problem(settings: MailtrapSettings, token: str) -> str | None:
             f"live sending API ({parts.hostname}): set api_url to {SANDBOX_URL}, or clear "
             "inbox_id to send for real"
         )
-    return None
+    return ca_file_problem(settings.ca_file, CA_FILE_SETTING)
 
 
 def _send_url(settings: MailtrapSettings) -> str:

@@ -2,8 +2,9 @@
 provider's config file table (``[smtp]``) and environment variables (``BULKMAIL_SMTP_HOST``).
 
 A secret field is marked once, with ``secret()``: it is never shown (``repr``) and never
-recorded on a job; ``public_settings`` is everything else, what a job records so that
-``resume`` and ``retry`` use the same transport with the secrets read again at that time.
+recorded on a job; ``public_settings`` is everything else but the host's own files
+(``local_path()``: a CA file), what a job records so that ``resume`` and ``retry`` use the
+same transport with the secrets and those files read again at that time.
 """
 
 from __future__ import annotations
@@ -24,14 +25,32 @@ def is_secret(f: Field[Any]) -> bool:
     return bool(f.metadata.get("secret"))
 
 
+def local_path() -> str:
+    """A path to a file of this host (a CA certificate file): ``~`` is expanded and a
+    relative path made absolute when settings are loaded (against the config file's folder,
+    or the current directory for an environment variable). Not recorded on a job: each
+    process (a worker on another host sharing a PostgreSQL store) reads its own."""
+    return field(default="", metadata={"path": True, "local": True})
+
+
+def is_path(f: Field[Any]) -> bool:
+    return bool(f.metadata.get("path"))
+
+
+def is_recorded(f: Field[Any]) -> bool:
+    """True for a field a job records: neither a secret nor a host's own file."""
+    return not (is_secret(f) or f.metadata.get("local"))
+
+
 def secret_keys(cls: type[Any]) -> frozenset[str]:
     """The names of the secret fields of a settings class."""
     return frozenset(f.name for f in fields(cls) if is_secret(f))
 
 
 def public_settings(section: ProviderSettings) -> dict[str, Any]:
-    """The non-secret fields of a provider's settings, in field order: what a job records."""
-    return {f.name: getattr(section, f.name) for f in fields(section) if not is_secret(f)}
+    """The non-secret fields of a provider's settings (a host's own files apart), in field
+    order: what a job records."""
+    return {f.name: getattr(section, f.name) for f in fields(section) if is_recorded(f)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class SmtpSettings:
     password: str = secret()
     max_per_connection: int = 100
     timeout: float = 30.0
+    ca_file: str = local_path()  # PEM certificates added to the system trust store (a private CA)
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,7 @@ class MailtrapSettings:
     inbox_id: str = ""  # set: sandbox path /api/send/{inbox_id}
     category: str = ""
     timeout: float = 30.0
+    ca_file: str = local_path()  # PEM certificates added to the system trust store (a private CA)
 
 
 @dataclass(frozen=True)

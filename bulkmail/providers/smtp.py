@@ -10,7 +10,6 @@ after it leaves the outcome unknown (the server may have accepted the message).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import smtplib
 import ssl
@@ -20,6 +19,11 @@ from bulkmail.mime import to_bytes_fast
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError, PermanentError, ProviderError, TransientError
 from bulkmail.providers.settings import SMTP_SECURITY, SmtpSettings
+from bulkmail.providers.tls import ca_file_problem, client_context, is_loopback, plaintext_problem
+
+__all__ = ["SmtpFactory", "SmtpProvider", "config_problem", "is_loopback"]
+
+CA_FILE_SETTING = "ca_file under [smtp] (BULKMAIL_SMTP_CA_FILE)"
 
 SmtpFactory = Callable[[SmtpSettings], smtplib.SMTP]
 """Opens a connection (up to and including the server's greeting) for these settings."""
@@ -31,7 +35,7 @@ def _open_connection(settings: SmtpSettings) -> smtplib.SMTP:
             settings.host,
             settings.port,
             timeout=settings.timeout,
-            context=ssl.create_default_context(),
+            context=client_context(settings.ca_file),
         )
     return smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout)
 
@@ -194,7 +198,7 @@ class SmtpProvider:
                         f"SMTP server {self._where} does not offer STARTTLS: set security to "
                         "'tls' if it expects TLS from the start, or check host and port"
                     )
-                conn.starttls(context=ssl.create_default_context())
+                conn.starttls(context=client_context(s.ca_file))
                 conn.ehlo_or_helo_if_needed()
             if s.username:
                 conn.login(s.username, s.password)
@@ -216,7 +220,10 @@ class SmtpProvider:
     def _setup_error(self, exc: OSError, context: str) -> ProviderError:
         """Classify a failure while connecting, greeting, securing or logging in."""
         text = f"{context}: {_exc_text(exc)}"
-        if isinstance(exc, ssl.SSLError):  # includes certificate verification errors
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            hint = "" if self._settings.ca_file else f"; a private CA: set {CA_FILE_SETTING}"
+            return FatalError(f"TLS failure with {self._where}: {_exc_text(exc)}{hint}")
+        if isinstance(exc, ssl.SSLError):
             return FatalError(f"TLS failure with {self._where}: {_exc_text(exc)}")
         if isinstance(exc, smtplib.SMTPResponseException):
             # 4xx (e.g. 421 busy) is worth retrying; a 5xx greeting/EHLO/login reply means
@@ -241,27 +248,13 @@ def config_problem(s: SmtpSettings) -> str | None:
         return f"SMTP port {s.port} is not a TCP port (1-65535): check BULKMAIL_SMTP_PORT"
     if not s.host.strip():
         return "no SMTP host: set BULKMAIL_SMTP_HOST or `host` under [smtp]"
-    if s.username and s.security == "none" and not is_loopback(s.host):
-        return (
-            f"refusing to send the SMTP password of {s.username} unencrypted to {s.host}: "
-            "set security to 'starttls' or 'tls' (plain login is allowed to loopback only)"
+    if s.username and s.security == "none":
+        problem = plaintext_problem(
+            f"the SMTP password of {s.username}", s.host, "set security to 'starttls' or 'tls'"
         )
-    return None
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1 (a name other than localhost is not trusted:
-    resolving it would not prove where the password goes)."""
-    name = host.strip().strip("[]").rstrip(".").lower()
-    if name == "localhost":
-        return True
-    try:
-        addr = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
+        if problem is not None:
+            return problem
+    return ca_file_problem(s.ca_file, CA_FILE_SETTING)
 
 
 def _mail_options(conn: smtplib.SMTP, message: Message, payload: bytes) -> list[str]:
