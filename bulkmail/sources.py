@@ -583,26 +583,16 @@ def _cell_text(value: object) -> str:
     return str(value)
 
 
-def open_xlsx(path: str | Path, sheet: str | None = None) -> Source:
-    """Open the recipients in an Excel workbook's sheet (``sheet``, else the first one):
-    a header row with an email column, then a row per recipient, numbered as the sheet
-    numbers them. Values are what Excel last computed (formulas are not evaluated), as
-    text: dates as ISO dates (YYYY-MM-DD), 12.0 as "12". Empty rows are ignored, and so is
-    anything in a column without a header. The sheet is read once, here.
-    """
-    file = Path(path)
-    origin = _one_line(str(path))
-    kind = _file_kind(file, origin)
-    if kind != "xlsx":
-        what = kind or "a text file (a CSV? use --csv PATH)"
-        raise InputError(f"{origin}: not an Excel workbook (.xlsx) but {what}")
+def _read_sheet(
+    stream: IO[bytes], origin: str, sheet: str | None
+) -> tuple[list[str], str, list[tuple[int, list[str]]]]:
+    """(the workbook's sheet names, the sheet read, its non-blank rows with their numbers)."""
     import openpyxl  # a second or so to import: only when a workbook is read
 
     try:
-        book = openpyxl.load_workbook(file, read_only=True, data_only=True)
+        book = openpyxl.load_workbook(stream, read_only=True, data_only=True)
     except Exception as exc:  # a damaged workbook fails in many ways, all the same to us
-        problem = _one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise InputError(f"{origin}: cannot read the workbook ({problem})") from None
+        raise InputError(f"{origin}: cannot read the workbook ({_problem(exc)})") from None
     try:
         names = [ws.title for ws in book.worksheets]
         if not names:
@@ -623,12 +613,35 @@ def open_xlsx(path: str | Path, sheet: str | None = None) -> Source:
                 if not _is_blank(record):
                     records.append((number, record))
         except Exception as exc:
-            problem = _one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise InputError(
-                f"{origin}: cannot read the sheet {_quote(sheet)} ({problem})"
+                f"{origin}: cannot read the sheet {_quote(sheet)} ({_problem(exc)})"
             ) from None
+        return names, sheet, records
     finally:
         book.close()
+
+
+def _problem(exc: Exception) -> str:
+    text = str(exc).strip()
+    return _one_line(text.splitlines()[0]) if text else type(exc).__name__
+
+
+def open_xlsx(path: str | Path, sheet: str | None = None) -> Source:
+    """Open the recipients in an Excel workbook's sheet (``sheet``, else the first one):
+    a header row with an email column, then a row per recipient, numbered as the sheet
+    numbers them. Values are what Excel last computed (formulas are not evaluated), as
+    text: dates as ISO dates (YYYY-MM-DD), 12.0 as "12". Empty rows are ignored, and so is
+    anything in a column without a header. The sheet is read once, here.
+    """
+    file = Path(path)
+    origin = _one_line(str(path))
+    kind = _file_kind(file, origin)
+    if kind != "xlsx":
+        what = kind or "a text file (a CSV? use --csv PATH)"
+        raise InputError(f"{origin}: not an Excel workbook (.xlsx) but {what}")
+    # openpyxl goes by the file name's extension: give it the open file, whatever its name
+    with _open_binary(file, origin) as stream:
+        names, sheet, records = _read_sheet(stream, origin, sheet)
     origin = f"{origin} (sheet {_quote(sheet)})" if len(names) > 1 else origin
     if not records:
         raise InputError(f"{origin}: empty sheet, expected a header row")
