@@ -161,7 +161,9 @@ def _walk_uses(node: jinja2.nodes.Node, guarded: frozenset[str], found: _Found) 
     nodes = jinja2.nodes
     if isinstance(node, nodes.If):
         quiet(node.test)
-        tested = frozenset(n.name for n in node.test.find_all(nodes.Name))
+        inner: _Found = {}
+        _walk_uses(node.test, frozenset(), inner)
+        tested = frozenset(name if column is None else f"[{column}]" for name, column in inner)
         for child in (*node.body, *node.elif_, *node.else_):
             _walk_uses(child, guarded | tested, found)
         return
@@ -185,7 +187,7 @@ def _walk_uses(node: jinja2.nodes.Node, guarded: frozenset[str], found: _Found) 
         and isinstance(node.arg, nodes.Const)
         and isinstance(node.arg.value, str)
     ):
-        printed = not guarded & {"*", COLUMNS_VARIABLE}
+        printed = not guarded & {"*", COLUMNS_VARIABLE, f"[{node.arg.value}]"}
         note(COLUMNS_VARIABLE, node.arg.value, node.lineno, printed)
         return
     if isinstance(node, nodes.Name) and node.ctx == "load":
@@ -520,12 +522,8 @@ class Composer:
         if problems:
             message = f"{origin}: " + "; ".join(problems)
             if no_match:
-                listed = [
-                    c
-                    if c.isidentifier() or c not in names.aliases.values()
-                    else f"{c} ({next(a for a, k in names.aliases.items() if k == c)})"
-                    for c in columns
-                ]
+                alias_of = {column: alias for alias, column in names.aliases.items()}
+                listed = [f"{c} ({alias_of[c]})" if c in alias_of else c for c in columns]
                 message += f" (the source has no such column; columns: {', '.join(listed)})"
             raise InputError(message)
         return list(dict.fromkeys(warnings))
