@@ -15,6 +15,8 @@ The message built here becomes bytes in ``bulkmail.mime``.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import mimetypes
 import os
 import re
@@ -37,17 +39,162 @@ from bulkmail.models import Attachment, Message, Recipient
 
 __all__ = [
     "BUILTIN_VARIABLES",
+    "COLUMNS_VARIABLE",
     "MAX_ATTACHMENT_BYTES",
     "Composer",
+    "Rendered",
+    "TemplateNames",
     "Templates",
+    "VariableUse",
     "header_safe_problem",
+    "identifier",
+    "template_names",
 ]
 
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 """Limit for one attachment file and for all attachments of one message together."""
 
 BUILTIN_VARIABLES = frozenset({"name", "email", "row"})
-"""Variables every recipient provides whatever the source's columns."""
+"""Variables every recipient provides whatever the source's columns (``row``: its number)."""
+
+COLUMNS_VARIABLE = "columns"
+"""The mapping of every column by its name as written in the source: ``columns["Due Date"]``
+(``columns["email"]`` and ``columns["name"]`` for the address and name columns). A real
+column of that name wins over it."""
+
+
+# --------------------------------------------------------------------------- column names
+
+
+def identifier(column: str) -> str:
+    """The snake_case template name offered for a column: ``Due Date`` -> ``due_date``.
+
+    Lower-case; every run of characters other than letters and digits becomes one '_';
+    no '_' at either end; a leading digit gets a '_' prefix (``2nd Reader`` ->
+    ``_2nd_reader``). Empty when the name has no letter or digit at all.
+    """
+    name = re.sub(r"[\W_]+", "_", column.casefold()).strip("_")
+    if name and not name.isidentifier():
+        name = "_" + name
+    return name if name.isidentifier() else ""
+
+
+@dataclass(frozen=True)
+class TemplateNames:
+    """The names templates may use for a source's columns, beyond the columns' own."""
+
+    aliases: dict[str, str]  # snake_case name -> the column it stands for
+    # a snake_case name several columns (or a built-in variable) wanted -> those columns,
+    # in order; the first (or the built-in) kept it
+    clashes: dict[str, tuple[str, ...]]
+
+    def column(self, name: str, columns: Sequence[str]) -> str | None:
+        """The column a template name stands for, or None (a built-in, or nothing)."""
+        if name in columns:
+            return name
+        return self.aliases.get(name)
+
+
+@functools.lru_cache(maxsize=64)
+def template_names(columns: tuple[str, ...]) -> TemplateNames:
+    """The snake_case names offered for ``columns`` (in the source's order: on a clash the
+    first column keeps the name; a real column or a built-in variable always does)."""
+    taken = set(columns) | BUILTIN_VARIABLES | {COLUMNS_VARIABLE}
+    aliases: dict[str, str] = {}
+    clashes: dict[str, list[str]] = {}
+    for column in columns:
+        name = identifier(column)
+        if not name or name == column:
+            continue
+        if name in aliases:
+            clashes.setdefault(name, [aliases[name]]).append(column)
+        elif name in taken:
+            clashes.setdefault(name, [name if name in columns else ""]).append(column)
+        else:
+            aliases[name] = column
+    return TemplateNames(aliases, {k: tuple(v) for k, v in clashes.items()})
+
+
+def _context(fields: Mapping[str, str]) -> dict[str, Any]:
+    """A row's template variables: its columns, their snake_case names, ``columns``."""
+    names = template_names(tuple(fields))
+    context: dict[str, Any] = {COLUMNS_VARIABLE: dict(fields)}
+    for name, column in names.aliases.items():
+        context[name] = fields[column]
+    context.update(fields)
+    return context
+
+
+@dataclass(frozen=True)
+class VariableUse:
+    """Where a template uses a variable the source must provide."""
+
+    name: str  # as written: 'due_date', or 'columns["Due Date"]'
+    column: str | None  # for columns["..."]: the column named; else None
+    part: str  # 'subject', 'text template', 'HTML template' or 'attachment path'
+    where: str  # for messages: 'subject', 'text template reminder.txt, line 3', ...
+    printed: bool  # the value reaches the output as is (not only tested, nor defaulted)
+
+
+_GUARDING_FILTERS = frozenset({"default", "d"})
+
+
+_Found = dict[tuple[str, str | None], tuple[int, bool]]
+
+
+def _walk_uses(node: jinja2.nodes.Node, guarded: frozenset[str], found: _Found) -> None:
+    """Every variable ``node`` reads: (name, None), or (``columns``, key) for
+    ``columns["key"]`` -> (first line, printed).
+
+    A value that is only tested (``{% if course %}``, ``x if course``, ``course is
+    defined``), looped over, given a ``default``, or printed inside an ``if`` that tests
+    it, is not 'printed': an empty value there is the template's own business.
+    """
+
+    def note(name: str, column: str | None, lineno: int, printed: bool) -> None:
+        line, before = found.get((name, column), (lineno, False))
+        found[name, column] = (min(line, lineno), before or printed)
+
+    def quiet(child: jinja2.nodes.Node) -> None:
+        _walk_uses(child, frozenset({"*"}), found)
+
+    nodes = jinja2.nodes
+    if isinstance(node, nodes.If):
+        quiet(node.test)
+        inner: _Found = {}
+        _walk_uses(node.test, frozenset(), inner)
+        tested = frozenset(name if column is None else f"[{column}]" for name, column in inner)
+        for child in (*node.body, *node.elif_, *node.else_):
+            _walk_uses(child, guarded | tested, found)
+        return
+    if isinstance(node, nodes.For):
+        quiet(node.iter)
+        if node.test is not None:
+            quiet(node.test)
+        for child in (*node.body, *node.else_):
+            _walk_uses(child, guarded, found)
+        return
+    if isinstance(node, nodes.CondExpr | nodes.Test) or (
+        isinstance(node, nodes.Filter) and node.name in _GUARDING_FILTERS
+    ):
+        for child in node.iter_child_nodes():
+            quiet(child)
+        return
+    if (
+        isinstance(node, nodes.Getitem)
+        and isinstance(node.node, nodes.Name)
+        and node.node.name == COLUMNS_VARIABLE
+        and isinstance(node.arg, nodes.Const)
+        and isinstance(node.arg.value, str)
+    ):
+        printed = not guarded & {"*", COLUMNS_VARIABLE, f"[{node.arg.value}]"}
+        note(COLUMNS_VARIABLE, node.arg.value, node.lineno, printed)
+        return
+    if isinstance(node, nodes.Name) and node.ctx == "load":
+        note(node.name, None, node.lineno, "*" not in guarded and node.name not in guarded)
+        return
+    for child in node.iter_child_nodes():
+        _walk_uses(child, guarded, found)
 
 
 # --------------------------------------------------------------------------- templates
@@ -239,11 +386,25 @@ class _Attachment:
 
 
 @dataclass(frozen=True)
-class _Rendered:
+class Rendered:
+    """One recipient's message as rendered (attachments checked, not yet read)."""
+
     subject: str
     text: str
     html: str | None
     attachments: tuple[_Attachment, ...]
+
+    @property
+    def blank(self) -> str | None:
+        """'subject', 'text body' or 'HTML body' when that renders empty (or only
+        whitespace): such a message is never sent."""
+        if not self.subject.strip():
+            return "subject"
+        if not self.text.strip():
+            return "text body"
+        if self.html is not None and not self.html.strip():
+            return "HTML body"
+        return None
 
 
 class Composer:
@@ -302,13 +463,123 @@ class Composer:
             found |= meta.find_undeclared_variables(env.parse(source))
         return found - self._globals
 
-    def check(self, recipient: Recipient, origin: str) -> None:
-        """Render everything ``build`` will for this recipient; raise ``InputError`` on the
-        first problem. ``origin`` names the source (e.g. the CSV path). Skipped recipients are
-        never rendered, so they are not checked."""
+    def check(self, recipient: Recipient, origin: str) -> Rendered | None:
+        """Render everything ``build`` will for this recipient and return it; raise
+        ``InputError`` on the first problem. ``origin`` names the source (e.g. the CSV path).
+        Skipped recipients are never rendered, so they are not checked (None)."""
         if recipient.skip_reason is not None:
-            return
-        self._render(recipient, origin)
+            return None
+        return self._render(recipient, origin)
+
+    # -- the variables the templates use, against a source's columns
+
+    def uses(self) -> list[VariableUse]:
+        """Every variable the templates read that they do not define, once per template
+        part, in order (subject, text, HTML, attachment paths; by line)."""
+        t = self.templates
+        env = _environment(html=False)
+        sources: list[tuple[str, str, str, bool]] = [("subject", "subject", t.subject, False)]
+        sources.append(("text template", f"text template {t.text_name}", t.text, True))
+        if t.html is not None:
+            html_name = t.html_name or "HTML"
+            sources.append(("HTML template", f"HTML template {html_name}", t.html, True))
+        for pattern in t.attachments:
+            shown = _shown_path(pattern)
+            sources.append(("attachment path", f"attachment path {shown!r}", pattern, False))
+        found: list[VariableUse] = []
+        for part, label, source, lines in sources:
+            ast = env.parse(source)
+            undeclared = meta.find_undeclared_variables(ast) - self._globals
+            names: _Found = {}
+            _walk_uses(ast, frozenset(), names)
+            for (name, column), (line, printed) in sorted(
+                names.items(), key=lambda item: item[1][0]
+            ):
+                if name not in undeclared:
+                    continue  # a loop variable, a {% set %}
+                if column is not None:
+                    name = f"{COLUMNS_VARIABLE}[{column!r}]"
+                where = f"{label}, line {line}" if lines else label
+                found.append(VariableUse(name, column, part, where, printed))
+        return found
+
+    def check_columns(self, columns: Sequence[str], origin: str) -> list[str]:
+        """Check that every variable the templates use is one the source provides (a
+        column, its snake_case name, a built-in, ``columns["..."]`` of a column); raise
+        ``InputError`` naming the first unknown ones, where they are used and the closest
+        name offered. Returns warnings: a snake_case name the templates use that several
+        columns wanted (the first column has it)."""
+        names = template_names(tuple(columns))
+        offered = [c for c in columns if c.isidentifier()] + list(names.aliases)
+        offered += [*sorted(BUILTIN_VARIABLES - set(offered)), COLUMNS_VARIABLE]
+        problems: list[str] = []
+        no_match = False
+        warnings: list[str] = []
+        for use in self.uses():
+            if use.column is not None:
+                if use.column in columns:
+                    continue
+                guess = difflib.get_close_matches(use.column, columns, n=1)
+                shown = [f"{COLUMNS_VARIABLE}[{g!r}]" for g in guess]
+            elif use.name in offered:
+                clash = names.clashes.get(use.name)
+                if clash is not None:
+                    warnings.append(_clash_warning(origin, use, clash))
+                continue
+            else:
+                shown = difflib.get_close_matches(use.name, offered, n=1)
+            problem = f"template uses {use.name!r} ({use.where})"
+            if shown:
+                problem += f": did you mean {shown[0]!r}?"
+            else:
+                no_match = True
+            problems.append(problem)
+        if problems:
+            message = f"{origin}: " + "; ".join(problems)
+            if no_match:
+                alias_of = {column: alias for alias, column in names.aliases.items()}
+                listed = [f"{c} ({alias_of[c]})" if c in alias_of else c for c in columns]
+                message += f" (the source has no such column; columns: {', '.join(listed)})"
+            raise InputError(message)
+        return list(dict.fromkeys(warnings))
+
+    def _columns_of(self, use: VariableUse, columns: Sequence[str]) -> list[str]:
+        """The columns a use reads: one, all of them (``columns`` itself) or none."""
+        if use.column is not None:
+            return [use.column] if use.column in columns else []
+        if use.name == COLUMNS_VARIABLE and COLUMNS_VARIABLE not in columns:
+            return list(columns)
+        if use.name == "row":
+            return []  # the row number, whatever the columns
+        column = template_names(tuple(columns)).column(use.name, columns)
+        return [] if column is None else [column]
+
+    def header_columns(self, columns: Sequence[str]) -> set[str]:
+        """The columns whose values reach a header: those the subject and the attachment
+        paths read (by any name)."""
+        found: set[str] = set()
+        for use in self.uses():
+            if use.part in ("subject", "attachment path"):
+                found.update(self._columns_of(use, columns))
+        return found
+
+    def printed_columns(self, columns: Sequence[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """column -> (the name a template prints it by, the parts that print it): the
+        columns whose empty value would show as a gap in the message. ``columns`` itself
+        (all of them, e.g. in a loop) and the built-ins apart from a 'name' column count
+        for nothing."""
+        found: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for use in self.uses():
+            if not use.printed or (use.column is None and use.name == COLUMNS_VARIABLE):
+                continue
+            for column in self._columns_of(use, columns):
+                if column == "email":
+                    continue
+                name, parts = found.get(column, (use.name, ()))
+                if use.part not in parts:
+                    parts = (*parts, use.part)
+                found[column] = (name, parts)
+        return found
 
     def build(self, recipient: Recipient, message_id: str, *, origin: str | None = None) -> Message:
         """The message for this recipient, attachments read from disk."""
@@ -335,13 +606,13 @@ class Composer:
 
     # -- rendering
 
-    def _render(self, recipient: Recipient, origin: str | None) -> _Rendered:
+    def _render(self, recipient: Recipient, origin: str | None) -> Rendered:
         where = _where(origin, recipient)
         for what, value in (("name", recipient.name), ("email", recipient.email)):
             problem = header_safe_problem(value)
             if problem is not None:
                 raise InputError(f"{where}: {what} {problem}")
-        context: dict[str, Any] = dict(recipient.fields)
+        context = _context(recipient.fields)
         context["name"] = recipient.name
         context["email"] = recipient.email
         context["row"] = recipient.row
@@ -383,7 +654,22 @@ class Composer:
                 f"{where}: attachments total {_megabytes(total)}, over the "
                 f"{_megabytes(MAX_ATTACHMENT_BYTES)} limit per message"
             )
-        return _Rendered(subject, text, html, tuple(paths))
+        return Rendered(subject, text, html, tuple(paths))
+
+
+def _clash_warning(origin: str, use: VariableUse, clash: tuple[str, ...]) -> str:
+    kept, others = clash[0], clash[1:]
+    other = ", ".join(repr(c) for c in others)
+    if kept:
+        meaning = f"the column {kept!r}"
+    elif use.name == COLUMNS_VARIABLE:
+        meaning = "the mapping of all columns"
+    else:
+        meaning = "the row number" if use.name == "row" else f"the recipient's {use.name}"
+    return (
+        f"{origin}: template uses {use.name!r} ({use.where}), which is {meaning}, not"
+        f" {other}; write {COLUMNS_VARIABLE}[{others[0]!r}] for that column"
+    )
 
 
 def _where(origin: str | None, recipient: Recipient) -> str:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import parseaddr
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from bulkmail.providers import (
     make_provider,
     with_defaults,
 )
-from bulkmail.sources import Source, open_csv, open_db, select
+from bulkmail.sources import Source, is_xlsx, open_csv, open_db, open_xlsx, select
 from bulkmail.store import (
     JobRecord,
     JobState,
@@ -48,11 +48,20 @@ def data_dir() -> Path:
 # --------------------------------------------------------------------------- planning
 
 
+ON_EMPTY = ("skip", "fail", "send")
+"""What ``--on-empty`` may say; None (the default) is 'fail' when the subject prints the
+empty value, 'skip' otherwise."""
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     csv: str | None = None
     db: str | None = None
     query: str | None = None
+    xlsx: str | None = None
+    sheet: str | None = None
+    encoding: str | None = None
+    on_empty: str | None = None  # one of ON_EMPTY, or None for the default
     template: str = ""
     html_template: str | None = None
     subject: str = ""
@@ -89,22 +98,98 @@ class Plan:
     burst: int
     send: SendOptions
     chosen: set[int] | None = None  # rows picked with --select
+    on_empty: str | None = None  # --on-empty: one of ON_EMPTY, None for the default
+    # column -> (the name a template prints it by, the template parts printing it)
+    printed: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
-    def recipients(self) -> Iterator[Recipient]:
+    def _rows(self) -> Iterator[Recipient]:
         rows = select(self.source, self.only, self.exclude)
         if self.chosen is None:
             return rows
         chosen = self.chosen
         return (r for r in rows if r.row in chosen)
 
+    def screened(self) -> Iterator[Screened]:
+        """Each recipient with the template variables it leaves empty and what --on-empty
+        makes of them: the recipient skipped with the reason, or a ``fatal`` message."""
+        for r in self._rows():
+            if r.skip_reason is not None or not self.printed:
+                yield Screened(r)
+                continue
+            empty = [
+                EmptyValue(name, parts)
+                for column, (name, parts) in self.printed.items()
+                if not r.fields.get(column, "").strip()
+            ]
+            if not empty:
+                yield Screened(r)
+                continue
+            yield self._decide(r, empty)
+
+    def _decide(self, r: Recipient, empty: list[EmptyValue]) -> Screened:
+        where = f"{self.source.description}: row {r.row}"
+        if self.on_empty == "send":
+            return Screened(r, empty)
+        if self.on_empty == "fail":
+            first = empty[0]
+            fatal = f"{where}: {first.reason}; fill it in, or pass --on-empty skip (or send)"
+            return Screened(r, empty, fatal)
+        in_subject = [e for e in empty if "subject" in e.parts]
+        if in_subject and self.on_empty is None:
+            fatal = (
+                f"{where}: {in_subject[0].reason}; fill it in, or pass --on-empty skip (or send)"
+            )
+            return Screened(r, empty, fatal)
+        reason = "; ".join(e.reason for e in empty)
+        return Screened(replace(r, skip_reason=reason), empty)
+
+    def recipients(self) -> Iterator[Recipient]:
+        """The recipients to send to (or skip, with the reason); InputError for a row that
+        --on-empty (or its default) makes a mistake."""
+        for s in self.screened():
+            if s.fatal is not None:
+                raise InputError(s.fatal)
+            yield s.recipient
+
+
+@dataclass(frozen=True)
+class EmptyValue:
+    """A template variable a row leaves empty, and which template parts print it."""
+
+    name: str
+    parts: tuple[str, ...]  # 'subject', 'text template', 'HTML template', 'attachment path'
+
+    @property
+    def reason(self) -> str:
+        return f"empty {self.name!r} (used by the {' and the '.join(self.parts)})"
+
+
+@dataclass(frozen=True)
+class Screened:
+    recipient: Recipient
+    empty: Sequence[EmptyValue] = ()
+    fatal: str | None = None  # the error this row is under --on-empty (exit 2)
+
 
 def open_source(opts: SourceOptions) -> Source:
-    if bool(opts.csv) == bool(opts.db):
-        raise InputError("give exactly one recipient source: --csv PATH or --db URL")
+    """The source the options name: a CSV (an Excel workbook given to --csv is read as
+    one: its content says what it is, and refusing would only make the user retype the
+    command), an Excel sheet or a database query."""
+    if [bool(opts.csv), bool(opts.xlsx), bool(opts.db)].count(True) != 1:
+        raise InputError("give exactly one recipient source: --csv PATH, --xlsx PATH or --db URL")
     if opts.query and not opts.db:
         raise InputError("--query needs --db URL")
+    excel = opts.xlsx or (opts.csv if opts.csv and is_xlsx(opts.csv) else None)
+    if opts.sheet is not None and not excel:
+        raise InputError("--sheet needs --xlsx PATH (an Excel workbook)")
+    if opts.encoding is not None and not opts.csv:
+        raise InputError("--encoding is for a CSV file (--csv PATH)")
+    if excel:
+        if opts.encoding is not None:
+            raise InputError(f"--encoding: {excel} is an Excel workbook, which needs none")
+        return open_xlsx(excel, opts.sheet)
     if opts.csv:
-        return open_csv(opts.csv)
+        return open_csv(opts.csv, encoding=opts.encoding)
     assert opts.db is not None
     return open_db(opts.db, opts.query)
 
@@ -135,6 +220,8 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         raise InputError("--max-retries: must not be negative")
     if not math.isfinite(send.backoff) or send.backoff < 0:
         raise InputError(f"--backoff: must be a number of seconds, 0 or more, got {send.backoff}")
+    if opts.on_empty is not None and opts.on_empty not in ON_EMPTY:
+        raise InputError(f"--on-empty: must be skip, fail or send, got {opts.on_empty!r}")
     settings = with_defaults(provider, settings, data_dir=data_dir())
     check_provider(provider, settings)
     sender = opts.sender or settings.sender_for(provider)
@@ -146,14 +233,11 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
     )
     composer = Composer(templates, sender=sender)
     source = open_source(opts)
-    source.header_columns = frozenset(composer.header_variables)  # CR/LF fine in the others
-    available = {*source.columns, "name", "email", "row"}
-    missing = sorted(composer.variables - available)
-    if missing:
-        raise InputError(
-            f"{source.description}: template uses {', '.join(repr(m) for m in missing)} "
-            f"but the source has no such column (columns: {', '.join(source.columns)})"
-        )
+    # every variable a column (by its name, its snake_case name or columns["..."]), the
+    # closest named when not; a clash of snake_case names the templates use is a warning
+    source.warnings.extend(composer.check_columns(source.columns, source.description))
+    # CR/LF are fine in the columns that only reach the body
+    source.header_columns = frozenset(composer.header_columns(source.columns))
     return Plan(
         settings=settings,
         provider=provider,
@@ -166,20 +250,46 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         rate=rate,
         burst=burst,
         send=send,
+        on_empty=opts.on_empty,
+        printed=composer.printed_columns(source.columns),
     )
+
+
+def _vetted(plan: Plan) -> Iterator[Screened]:
+    """The plan's recipients screened for empty values, each sendable one rendered once as
+    it will be sent (exit 2 on a template problem): a message whose subject or body renders
+    empty is never sent, skipped with the reason (or fatal, as an empty value would be)."""
+    origin = plan.source.description
+    for s in plan.screened():
+        r = s.recipient
+        if r.skip_reason is None and s.fatal is None:
+            rendered = plan.composer.check(r, origin)
+            blank = rendered.blank if rendered is not None else None
+            if blank is not None:
+                reason = f"the {blank} renders empty"
+                fatal = plan.on_empty == "fail" or (plan.on_empty is None and blank == "subject")
+                if fatal:
+                    hint = "" if plan.on_empty == "fail" else " (or pass --on-empty skip)"
+                    s = replace(s, fatal=f"{origin}: row {r.row}: {reason}; nothing sent{hint}")
+                else:
+                    s = replace(s, recipient=replace(r, skip_reason=reason))
+        yield s
 
 
 def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient]:
     """The plan's recipients, each rendered once as it will be sent (exit 2 on the first
-    template problem). Raises at the end when there is nobody to send to: no rows at all,
-    or only rows that are skipped (invalid addresses, duplicates...): a job of nothing but
-    skips is a mistake in the list, not a job. (Skips by --dedupe-key come later, in the
-    store: a cron re-run that finds everyone already reminded is fine.)"""
+    template problem or row --on-empty makes fatal). Raises at the end when there is nobody
+    to send to: no rows at all, or only rows that are skipped (invalid addresses,
+    duplicates...): a job of nothing but skips is a mistake in the list, not a job. (Skips
+    by --dedupe-key come later, in the store: a cron re-run that finds everyone already
+    reminded is fine.)"""
     count = sendable = 0
     first_skip: Recipient | None = None
-    for r in plan.recipients():
+    for s in _vetted(plan):
+        if s.fatal is not None:
+            raise InputError(s.fatal)
+        r = s.recipient
         if r.skip_reason is None:
-            plan.composer.check(r, plan.source.description)
             sendable += 1
         elif first_skip is None:
             first_skip = r
@@ -228,11 +338,15 @@ class DryRun:
     to_send: int = 0
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # row, email, reason
     deduped: int = 0  # of the skipped: already sent under the --dedupe-key
+    # template variable -> rows (not skipped for another reason) that leave it empty
+    empty_values: dict[str, int] = field(default_factory=dict)
+    # rows --on-empty (or its default) refuses: row, email, the one-line error
+    refused: list[tuple[int, str, str]] = field(default_factory=list)
 
     @property
     def nothing_valid(self) -> bool:
         """Nobody to send to, and not because everyone was already reminded (exit 2)."""
-        return self.to_send == 0 and self.deduped == 0
+        return self.to_send == 0 and self.deduped == 0 and not self.refused
 
     @property
     def estimated_seconds(self) -> float:
@@ -245,29 +359,42 @@ def dry_run(plan: Plan, *, taken: Mapping[str, tuple[int, str]] | None = None) -
     """Validate and render everything as ``create_job`` would, and create nothing.
 
     ``taken``: the addresses other jobs under the plan's ``--dedupe-key`` have sent or hold
-    (``Store.taken_under``), shown as the skips the real run will make."""
+    (``Store.taken_under``), shown as the skips the real run will make. Rows --on-empty
+    refuses are listed in ``refused`` rather than raised, so that the whole list is seen;
+    the caller fails (exit 2) when there is one."""
     result = DryRun(plan.source.description, plan.provider, plan.rate, plan.burst)
     key = plan.send.dedupe_key
-    for r in _checked(plan, require_sendable=False):
+    count = 0
+    for s in _vetted(plan):
+        r = s.recipient
+        count += 1
+        for empty in s.empty:
+            result.empty_values[empty.name] = result.empty_values.get(empty.name, 0) + 1
         held = taken.get(r.email.lower()) if taken and key else None
-        if r.skip_reason:
+        if s.fatal is not None:
+            result.refused.append((r.row, r.email, s.fatal))
+        elif r.skip_reason:
             result.skipped.append((r.row, r.email, r.skip_reason))
         elif key and held is not None:
             result.skipped.append((r.row, r.email, dedupe_reason(key, *held)))
             result.deduped += 1
         else:
             result.to_send += 1
+    if count == 0:
+        raise InputError(f"{plan.source.description}: no recipients")
     return result
 
 
 def preview(plan: Plan, count: int) -> list[Message]:
     """The first ``count`` sendable messages, rendered exactly as they will be sent."""
     messages: list[Message] = []
-    for r in plan.recipients():
+    for s in _vetted(plan):
         if len(messages) >= count:
             break
+        if s.fatal is not None:
+            raise InputError(s.fatal)
+        r = s.recipient
         if r.skip_reason is None:
-            plan.composer.check(r, plan.source.description)
             messages.append(plan.composer.build(r, f"<preview.{r.row}@bulkmail.local>"))
     if not messages:
         raise InputError(f"{plan.source.description}: no recipients to preview")

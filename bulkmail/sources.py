@@ -15,13 +15,16 @@ fault.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import datetime
 import functools
 import itertools
 import json
 import re
 import sqlite3
 import time
+import zipfile
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
@@ -40,12 +43,16 @@ from bulkmail.models import Recipient
 
 __all__ = [
     "DEFAULT_QUERY",
+    "DELIMITERS",
     "EMAIL_ALIASES",
     "NAME_ALIASES",
     "QUERY_TIMEOUT",
     "Source",
+    "check_encoding",
+    "is_xlsx",
     "open_csv",
     "open_db",
+    "open_xlsx",
     "select",
 ]
 
@@ -288,7 +295,7 @@ class _Builder:
 # --------------------------------------------------------------------------- CSV
 
 
-class _NotUtf8(Exception):
+class _NotDecodable(Exception):
     """Raised by _Lines so the reader can name the row being read."""
 
     def __init__(self, line: int) -> None:
@@ -297,24 +304,46 @@ class _NotUtf8(Exception):
 
 
 _BARE_CR = re.compile(rb"(?<=\r)(?!\n)")
+_TEXT_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 
 class _Lines:
-    """The file's physical lines, decoded as UTF-8 one at a time (a BOM is dropped).
+    """The file's physical lines, decoded one at a time (a UTF-8 BOM is dropped).
 
     Lines end with LF, CRLF or a bare CR (old Mac exports), as in an editor; the csv module
-    joins the lines of a quoted multi-line value itself.
+    joins the lines of a quoted multi-line value itself. An encoding in which CR and LF are
+    not single ASCII bytes (UTF-16, UTF-32: Excel's "Unicode text") is decoded whole first.
     """
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], encoding: str = "utf-8") -> None:
         self._stream = stream
+        self._encoding = encoding
+        self._utf8 = codecs.lookup(encoding).name == "utf-8"
+        self._whole: Iterator[str] | None = None
+        self._decode_first = not _ascii_lines(encoding)
         self._pending: list[bytes] = []
         self.count = 0  # physical lines read so far
 
     def __iter__(self) -> Iterator[str]:
         return self
 
+    def _decode_whole(self) -> Iterator[str]:
+        data = self._stream.read()
+        try:
+            text = data.decode(self._encoding)
+        except UnicodeDecodeError as exc:
+            before = data[: exc.start].decode(self._encoding, "replace")
+            raise _NotDecodable(len(_LINE_END.findall(before)) + 1) from None
+        return iter(_TEXT_LINE.findall(text.removeprefix("\ufeff")))
+
     def __next__(self) -> str:
+        if self._decode_first:
+            self._decode_first = False
+            self._whole = self._decode_whole()
+        if self._whole is not None:
+            line = next(self._whole)
+            self.count += 1
+            return line
         if not self._pending:
             data = self._stream.readline()
             if not data:
@@ -323,10 +352,36 @@ class _Lines:
             self._pending.reverse()
         data = self._pending.pop()
         self.count += 1
+        encoding = "utf-8-sig" if self._utf8 and self.count == 1 else self._encoding
         try:
-            return data.decode("utf-8-sig" if self.count == 1 else "utf-8")
+            return data.decode(encoding)
         except UnicodeDecodeError:
-            raise _NotUtf8(self.count) from None
+            raise _NotDecodable(self.count) from None
+
+
+@functools.lru_cache(maxsize=32)
+def _ascii_lines(encoding: str) -> bool:
+    """Whether CR, LF, the delimiters and the quote are their ASCII bytes in ``encoding``
+    (UTF-8, cp1252, latin-1...), so that the file can be split into lines undecoded."""
+    sample = '\r\n,;\t|"ab'
+    try:
+        return sample.encode(encoding) == sample.encode("ascii")
+    except UnicodeError:
+        return False
+
+
+def check_encoding(encoding: str) -> str:
+    """``encoding`` if Python knows it as a text encoding, else InputError naming --encoding."""
+    try:
+        "a".encode(encoding)
+        b"a".decode(encoding)
+    except LookupError:
+        raise InputError(
+            f"--encoding: unknown encoding {_quote(encoding)} (e.g. utf-8, cp1252, latin-1, utf-16)"
+        ) from None
+    except UnicodeError:
+        pass  # a real text encoding that cannot encode 'a' on its own (rare): let it be
+    return encoding
 
 
 def _open_binary(path: Path, origin: str) -> IO[bytes]:
@@ -336,38 +391,57 @@ def _open_binary(path: Path, origin: str) -> IO[bytes]:
         raise file_error(origin, exc, "a CSV file") from None
 
 
+DELIMITERS = (",", ";", "\t", "|")
+"""The delimiters a CSV may use, preferred in this order when the header has as many of each."""
+
+
 def _sniff_delimiter(line: str) -> str:
-    """';' when the header line has more semicolons than commas outside quotes, else ','."""
-    counts = {",": 0, ";": 0}
+    """The delimiter the header line uses most outside quotes (',' when it has none).
+
+    In place of ``csv.Sniffer``: on one header line it prefers ',' to a more frequent ';'
+    and its quote guessing misreads a quoted header; counting is predictable and needs no
+    second line.
+    """
+    counts = dict.fromkeys(DELIMITERS, 0)
     quoted = False
     for ch in line:
         if ch == '"':
             quoted = not quoted
         elif not quoted and ch in counts:
             counts[ch] += 1
-    return ";" if counts[";"] > counts[","] else ","
+    best = max(DELIMITERS, key=lambda d: counts[d])  # max keeps the first of equals
+    return best if counts[best] else ","
 
 
 def _is_blank(record: Sequence[str]) -> bool:
     return all(not value.strip() for value in record)
 
 
-def _records(path: Path, origin: str) -> Generator[tuple[int, list[str]], None, None]:
+def _not_decodable(origin: str, where: str, encoding: str | None) -> InputError:
+    if encoding is None:
+        return InputError(
+            f"{origin}: {where}: not valid UTF-8 (save the file as UTF-8, or name its"
+            " encoding: --encoding cp1252 is what Excel on Windows writes)"
+        )
+    return InputError(f"{origin}: {where}: not valid {_one_line(encoding)} (check --encoding)")
+
+
+def _records(
+    path: Path, origin: str, encoding: str | None = None
+) -> Generator[tuple[int, list[str]], None, None]:
     """(line where the record starts, fields) for every non-blank record, header included."""
     with _open_binary(path, origin) as stream:
-        lines = _Lines(stream)
+        lines = _Lines(stream, encoding or "utf-8")
         delimiter = ","
         try:
             for line in lines:
                 if line.strip():
                     delimiter = _sniff_delimiter(line)
                     break
-        except _NotUtf8 as exc:
-            raise InputError(
-                f"{origin}: row {exc.line}: not valid UTF-8 (save the file as UTF-8)"
-            ) from None
+        except _NotDecodable as exc:
+            raise _not_decodable(origin, f"row {exc.line}", encoding) from None
         stream.seek(0)
-        lines = _Lines(stream)
+        lines = _Lines(stream, encoding or "utf-8")
         reader = csv.reader(lines, delimiter=delimiter, skipinitialspace=True, strict=True)
         while True:
             start = lines.count + 1
@@ -375,11 +449,9 @@ def _records(path: Path, origin: str) -> Generator[tuple[int, list[str]], None, 
                 record = next(reader)
             except StopIteration:
                 return
-            except _NotUtf8 as exc:
+            except _NotDecodable as exc:
                 where = f"row {start}" + (f" (line {exc.line})" if exc.line != start else "")
-                raise InputError(
-                    f"{origin}: {where}: not valid UTF-8 (save the file as UTF-8)"
-                ) from None
+                raise _not_decodable(origin, where, encoding) from None
             except csv.Error as exc:
                 problem = _one_line(str(exc))
                 if problem == "unexpected end of data":
@@ -389,9 +461,9 @@ def _records(path: Path, origin: str) -> Generator[tuple[int, list[str]], None, 
                 yield start, record
 
 
-def _csv_header(path: Path, origin: str) -> tuple[_Layout, bool]:
+def _csv_header(path: Path, origin: str, encoding: str | None) -> tuple[_Layout, bool]:
     """The layout from the header row, and whether at least one data row follows."""
-    records = _records(path, origin)
+    records = _records(path, origin, encoding)
     try:
         first = next(records, None)
         if first is None:
@@ -402,8 +474,10 @@ def _csv_header(path: Path, origin: str) -> tuple[_Layout, bool]:
         records.close()
 
 
-def _csv_rows(path: Path, origin: str, header_columns: Iterable[str] | None) -> Iterator[Recipient]:
-    records = _records(path, origin)
+def _csv_rows(
+    path: Path, origin: str, encoding: str | None, header_columns: Iterable[str] | None
+) -> Iterator[Recipient]:
+    records = _records(path, origin, encoding)
     try:
         header = next(records, None)
         if header is None:
@@ -421,18 +495,167 @@ def _csv_rows(path: Path, origin: str, header_columns: Iterable[str] | None) -> 
         records.close()
 
 
-def open_csv(path: str | Path) -> Source:
-    """Open a CSV of recipients: UTF-8, ',' or ';', a header row with an email column.
+def open_csv(path: str | Path, *, encoding: str | None = None) -> Source:
+    """Open a CSV of recipients: a header row with an email column, delimited by ',', ';',
+    tab or '|' (whichever the header uses most), UTF-8 (a BOM is fine) unless ``encoding``
+    names another (``--encoding``).
 
-    Raises InputError now for an unreadable or empty file, a bad header or no data row;
-    iterating may raise it for a row that is not UTF-8 or has too many fields.
+    An Excel workbook (.xlsx, recognised by its content whatever its name) is read as
+    ``open_xlsx`` reads it, from its first sheet: a user who exported nothing should not
+    have to. Raises InputError now for an unreadable or empty file, a bad header or no data
+    row; iterating may raise it for a row that cannot be decoded or has too many fields.
     """
     file = Path(path)
     origin = _one_line(str(path))
-    layout, has_rows = _csv_header(file, origin)
+    if encoding is not None:
+        check_encoding(encoding)
+    kind = _file_kind(file, origin)
+    if kind == "xlsx":
+        if encoding is not None:
+            raise InputError(f"{origin}: an Excel file needs no --encoding")
+        return open_xlsx(file)
+    if kind is not None:
+        raise InputError(f"{origin}: {kind}, not a CSV file; {_SAVE_AS}")
+    layout, has_rows = _csv_header(file, origin, encoding)
     if not has_rows:
         raise InputError(f"{origin}: no data rows below the header")
-    return Source(origin, layout.keys, lambda header: _csv_rows(file, origin, header))
+    return Source(origin, layout.keys, lambda header: _csv_rows(file, origin, encoding, header))
+
+
+# --------------------------------------------------------------------------- Excel
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # .xls and other old Office files
+_SAVE_AS = "save it as an Excel workbook (.xlsx) or as CSV UTF-8"
+
+
+def _file_kind(path: Path, origin: str) -> str | None:
+    """'xlsx' for an Excel workbook, a description for another binary office file, None
+    for anything else (text, presumably)."""
+    with _open_binary(path, origin) as stream:
+        magic = stream.read(8)
+    if magic.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "a damaged ZIP archive"
+        if "xl/workbook.xml" in names:
+            return "xlsx"
+        if "mimetype" in names or "content.xml" in names:
+            return "an OpenDocument file"
+        return "a ZIP archive"
+    if magic == _OLE_MAGIC:
+        return "an old-style Office file (.xls?)"
+    return None
+
+
+def is_xlsx(path: str | Path) -> bool:
+    """Whether ``path`` holds an Excel workbook (by content, not by name); False when it
+    cannot be read (opening it then says why)."""
+    try:
+        return _file_kind(Path(path), str(path)) == "xlsx"
+    except InputError:
+        return False
+
+
+def _cell_text(value: object) -> str:
+    """A cell as the text a template gets: dates as ISO dates (a time only when it has one),
+    whole numbers without '.0', other numbers as Excel shows them (15 digits)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, datetime.datetime):
+        if value.time() == datetime.time(0):
+            return value.date().isoformat()
+        return value.isoformat(sep=" ", timespec="minutes" if not value.second else "seconds")
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, datetime.time):
+        return value.isoformat(timespec="minutes" if not value.second else "seconds")
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        return format(value, ".15g")
+    return str(value)
+
+
+def _read_sheet(
+    stream: IO[bytes], origin: str, sheet: str | None
+) -> tuple[list[str], str, list[tuple[int, list[str]]]]:
+    """(the workbook's sheet names, the sheet read, its non-blank rows with their numbers)."""
+    import openpyxl  # a second or so to import: only when a workbook is read
+
+    try:
+        book = openpyxl.load_workbook(stream, read_only=True, data_only=True)
+    except Exception as exc:  # a damaged workbook fails in many ways, all the same to us
+        raise InputError(f"{origin}: cannot read the workbook ({_problem(exc)})") from None
+    try:
+        names = [ws.title for ws in book.worksheets]
+        if not names:
+            raise InputError(f"{origin}: the workbook has no worksheet")
+        if sheet is None:
+            sheet = names[0]
+        elif sheet not in names:
+            raise InputError(
+                f"--sheet: {origin} has no sheet {_quote(sheet)}"
+                f" (sheets: {', '.join(_quote(n) for n in names)})"
+            )
+        ws = book[sheet]
+        ws.reset_dimensions()  # some writers record a wrong used range: read every row
+        records: list[tuple[int, list[str]]] = []
+        try:
+            for number, values in enumerate(ws.iter_rows(values_only=True), 1):
+                record = [_cell_text(v) for v in values]
+                if not _is_blank(record):
+                    records.append((number, record))
+        except Exception as exc:
+            raise InputError(
+                f"{origin}: cannot read the sheet {_quote(sheet)} ({_problem(exc)})"
+            ) from None
+        return names, sheet, records
+    finally:
+        book.close()
+
+
+def _problem(exc: Exception) -> str:
+    text = str(exc).strip()
+    return _one_line(text.splitlines()[0]) if text else type(exc).__name__
+
+
+def open_xlsx(path: str | Path, sheet: str | None = None) -> Source:
+    """Open the recipients in an Excel workbook's sheet (``sheet``, else the first one):
+    a header row with an email column, then a row per recipient, numbered as the sheet
+    numbers them. Values are what Excel last computed (formulas are not evaluated), as
+    text: dates as ISO dates (YYYY-MM-DD), 12.0 as "12". Empty rows are ignored, and so is
+    anything in a column without a header. The sheet is read once, here.
+    """
+    file = Path(path)
+    origin = _one_line(str(path))
+    kind = _file_kind(file, origin)
+    if kind != "xlsx":
+        what = kind or "a text file (a CSV? use --csv PATH)"
+        raise InputError(f"{origin}: not an Excel workbook (.xlsx) but {what}")
+    # openpyxl goes by the file name's extension: give it the open file, whatever its name
+    with _open_binary(file, origin) as stream:
+        names, sheet, records = _read_sheet(stream, origin, sheet)
+    origin = f"{origin} (sheet {_quote(sheet)})" if len(names) > 1 else origin
+    if not records:
+        raise InputError(f"{origin}: empty sheet, expected a header row")
+    layout = _layout(origin, [label.strip() for label in records[0][1]], "header")
+    if len(records) == 1:
+        raise InputError(f"{origin}: no data rows below the header")
+    data = records[1:]
+
+    def recipients(header_columns: Iterable[str] | None) -> Iterator[Recipient]:
+        builder = _Builder(layout, header_columns)
+        for row, values in data:
+            yield builder.build(row, values)
+
+    return Source(origin, layout.keys, recipients)
 
 
 # --------------------------------------------------------------------------- database

@@ -459,10 +459,20 @@ def dry_run_document(summary: DryRun) -> dict[str, object]:
         "provider": summary.provider,
         "to_send": summary.to_send,
         "skipped": [{"row": r, "email": e, "reason": why} for r, e, why in summary.skipped],
+        "empty_values": dict(summary.empty_values),
+        "refused": [{"row": r, "email": e, "error": why} for r, e, why in summary.refused],
         "rate": summary.rate,
         "burst": summary.burst,
         "estimated_seconds": round(summary.estimated_seconds, 1),
     }
+
+
+def empty_values_note(summary: DryRun) -> str:
+    """'; 2 rows leave 'course' empty' for the confirmation line ('' when none do)."""
+    return "".join(
+        f"; {rows} row{'s' if rows != 1 else ''} leave{'s' if rows == 1 else ''} {name!r} empty"
+        for name, rows in summary.empty_values.items()
+    )
 
 
 def dry_run_view(summary: DryRun) -> Group:
@@ -480,6 +490,20 @@ def dry_run_view(summary: DryRun) -> Group:
     else:
         head.append(f", via {summary.provider} with no rate limit")
     parts: list[RenderableType] = [head]
+    if summary.empty_values:
+        counts = ", ".join(
+            f"{name!r} in {rows} row{'s' if rows != 1 else ''}"
+            for name, rows in summary.empty_values.items()
+        )
+        parts.append(Text(f"empty values: {counts} (see --on-empty)", style="yellow"))
+    if summary.refused:
+        table = Table(title="refused (the command fails: fill the values in, or --on-empty)")
+        table.add_column("row", justify="right")
+        table.add_column("email")
+        table.add_column("error")
+        for row, email, why in summary.refused:
+            table.add_row(str(row), shown(email), shown(why))
+        parts.append(table)
     if summary.skipped:
         table = Table(title="skipped (not sent, recorded with the reason)")
         table.add_column("row", justify="right")

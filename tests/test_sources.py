@@ -200,12 +200,18 @@ def test_not_utf8_names_the_row() -> None:
     path = write("latin.csv", text.encode("latin-1"))
     source = open_csv(path)  # the header and first row are fine
     message = error(lambda: list(source))
-    assert message == "latin.csv: row 3: not valid UTF-8 (save the file as UTF-8)"
+    assert message == (
+        "latin.csv: row 3: not valid UTF-8 (save the file as UTF-8, or name its encoding:"
+        " --encoding cp1252 is what Excel on Windows writes)"
+    )
 
 
 def test_not_utf8_header() -> None:
     message = error(open_csv, write("latin.csv", "Name,E-Mail,Straße\n".encode("cp1252")))
-    assert message == "latin.csv: row 1: not valid UTF-8 (save the file as UTF-8)"
+    assert message == (
+        "latin.csv: row 1: not valid UTF-8 (save the file as UTF-8, or name its encoding:"
+        " --encoding cp1252 is what Excel on Windows writes)"
+    )
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n", "\ufeff"])

@@ -66,7 +66,11 @@ WorkersOpt = Annotated[
 
 CsvOpt = Annotated[
     Path | None,
-    typer.Option("--csv", metavar="PATH", help="CSV file of recipients (email, name, ...)."),
+    typer.Option(
+        "--csv",
+        metavar="PATH",
+        help="CSV file of recipients (email, name, ...), delimited by , ; tab or |.",
+    ),
 ]
 DbOpt = Annotated[
     str | None,
@@ -80,6 +84,45 @@ QueryOpt = Annotated[
         "--query",
         metavar="SQL",
         help="SELECT for --db (default: SELECT name, email FROM instructors).",
+    ),
+]
+XlsxOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--xlsx",
+        metavar="PATH",
+        help="Excel workbook (.xlsx) of recipients: a header row, then one row each.",
+        show_default=False,
+    ),
+]
+SheetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sheet",
+        metavar="NAME",
+        help="The workbook's sheet to read (default: the first).",
+        show_default=False,
+    ),
+]
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--encoding",
+        metavar="NAME",
+        help="The CSV's encoding, e.g. cp1252 (what Excel on Windows writes) "
+        "(default: UTF-8, with or without a BOM).",
+        show_default=False,
+    ),
+]
+OnEmptyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--on-empty",
+        metavar="skip|fail|send",
+        help="A row whose value a template prints is empty: skip the row (recorded with "
+        "the reason), fail (exit 2, nothing sent) or send anyway. Default: fail when the "
+        "subject prints it, else skip. An empty subject or body is never sent.",
+        show_default=False,
     ),
 ]
 TemplateOpt = Annotated[
@@ -128,6 +171,10 @@ def source_options(
     sender: FromOpt = None,
     only: OnlyOpt = None,
     exclude: ExcludeOpt = None,
+    xlsx: XlsxOpt = None,
+    sheet: SheetOpt = None,
+    encoding: EncodingOpt = None,
+    on_empty: OnEmptyOpt = None,
 ) -> SourceOptions:
     """The source and template options of send-reminders and preview, defined once: this
     signature is spliced into each command's by ``with_source_options``."""
@@ -144,6 +191,10 @@ def source_options(
         sender=sender,
         only=only or (),
         exclude=exclude or (),
+        xlsx=str(xlsx) if xlsx else None,
+        sheet=sheet,
+        encoding=encoding,
+        on_empty=on_empty,
     )
 
 

@@ -126,7 +126,7 @@ def _confirm(env: Environment, plan: Plan, summary: DryRun) -> bool:
 
     line = (
         f"Send {summary.to_send} reminders via {plan.provider} from {plan.sender} "
-        f"({len(summary.skipped)} skipped)"
+        f"({len(summary.skipped)} skipped{ui.empty_values_note(summary)})"
     )
     if plan.rate > 0 and summary.to_send > plan.burst:
         line += f", taking about {ui.duration(summary.estimated_seconds)} at {ui.rate(plan.rate)}"
@@ -228,6 +228,9 @@ def send_reminders(
                 print_json(ui.dry_run_document(summary))
             else:
                 env.stdout.print(ui.dry_run_view(summary))
+        if summary.refused:
+            more = len(summary.refused) - 1
+            fail(summary.refused[0][2] + (f" (and {more} more rows)" if more else ""))
         if summary.nothing_valid:
             fail(f"{summary.source}: no valid recipient; every row is skipped")
         if dry_run:
