@@ -26,6 +26,7 @@ from bulkmail.providers import (
     make_provider,
     with_defaults,
 )
+from bulkmail.schedule import Calendar, Timing, plan_calendar, timing
 from bulkmail.sources import Source, open_csv, open_db, select
 from bulkmail.store import (
     JobRecord,
@@ -70,6 +71,13 @@ class SendOptions:
     max_retries: int = 3
     backoff: float = 5.0
     dedupe_key: str | None = None
+    # the calendar (bulkmail.schedule), as given on the command line; checked by ``plan``
+    windows: Sequence[str] = ()  # --window, repeatable
+    tz: str | None = None  # None: the local zone
+    not_before: str | None = None  # ISO 8601; naive: in tz
+    not_after: str | None = None
+    per_hour: int | None = None  # None: the provider section's per_hour (0 there: none)
+    per_day: int | None = None
 
 
 @dataclass
@@ -88,6 +96,8 @@ class Plan:
     burst: int
     send: SendOptions
     chosen: set[int] | None = None  # rows picked with --select
+    # windows, zone, --not-before/--not-after (POSIX seconds) and the caps, checked
+    timing: Timing = field(default_factory=Timing)
 
     def recipients(self) -> Iterator[Recipient]:
         rows = select(self.source, self.only, self.exclude)
@@ -108,9 +118,37 @@ def open_source(opts: SourceOptions) -> Source:
     return open_db(opts.db, opts.query)
 
 
-def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
+def plan_timing(send: SendOptions, settings: Settings, provider: str, *, now: float) -> Timing:
+    """The time options checked (bulkmail.schedule.timing); a cap not given as a flag (or
+    BULKMAIL_PER_HOUR/BULKMAIL_PER_DAY) comes from the provider's config section."""
+    section = settings.section(provider)
+    caps: dict[str, tuple[int | None, str]] = {}
+    for key, flag in (("per_hour", send.per_hour), ("per_day", send.per_day)):
+        if flag is not None:
+            caps[key] = (flag, f"--{key.replace('_', '-')} (or BULKMAIL_{key.upper()})")
+        else:
+            configured: int = getattr(section, key)
+            source = f"{key} ([{provider}] in the config file or BULKMAIL_{provider.upper()}_"
+            caps[key] = (configured or None, f"{source}{key.upper()})")
+    return timing(
+        windows=send.windows,
+        tz=send.tz,
+        not_before=send.not_before,
+        not_after=send.not_after,
+        per_hour=caps["per_hour"][0],
+        per_day=caps["per_day"][0],
+        per_hour_from=caps["per_hour"][1],
+        per_day_from=caps["per_day"][1],
+        now=now,
+    )
+
+
+def plan(
+    opts: SourceOptions, send: SendOptions, settings: Settings, *, now: float | None = None
+) -> Plan:
     """Check options, read the templates, open the source and check that every variable the
-    templates use exists in the source. Raises InputError/ConfigError (exit 2)."""
+    templates use exists in the source. Raises InputError/ConfigError (exit 2). ``now``:
+    the time --not-after must be after (default: the clock)."""
     provider = send.provider or settings.provider_name
     if provider not in PROVIDERS:
         raise InputError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
@@ -134,6 +172,7 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         raise InputError("--max-retries: must not be negative")
     if not math.isfinite(send.backoff) or send.backoff < 0:
         raise InputError(f"--backoff: must be a number of seconds, 0 or more, got {send.backoff}")
+    when = plan_timing(send, settings, provider, now=time.time() if now is None else now)
     settings = with_defaults(provider, settings, data_dir=data_dir())
     check_provider(provider, settings)
     sender = opts.sender or settings.sender_for(provider)
@@ -165,6 +204,7 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         rate=rate,
         burst=burst,
         send=send,
+        timing=when,
     )
 
 
@@ -227,6 +267,7 @@ class DryRun:
     to_send: int = 0
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # row, email, reason
     deduped: int = 0  # of the skipped: already sent under the --dedupe-key
+    calendar: Calendar | None = None  # when any cap, window or --not-before/after is given
 
     @property
     def nothing_valid(self) -> bool:
@@ -240,11 +281,18 @@ class DryRun:
         return max(0.0, (self.to_send - self.burst) / self.rate)
 
 
-def dry_run(plan: Plan, *, taken: Mapping[str, tuple[int, str]] | None = None) -> DryRun:
+def dry_run(
+    plan: Plan,
+    *,
+    taken: Mapping[str, tuple[int, str]] | None = None,
+    now: float | None = None,
+) -> DryRun:
     """Validate and render everything as ``create_job`` would, and create nothing.
 
     ``taken``: the addresses other jobs under the plan's ``--dedupe-key`` have sent or hold
-    (``Store.taken_under``), shown as the skips the real run will make."""
+    (``Store.taken_under``), shown as the skips the real run will make. With any of the
+    caps, windows, --not-before or --not-after, the result has the job's calendar from
+    ``now`` (default: the clock), assuming the account sent nothing in the last day."""
     result = DryRun(plan.source.description, plan.provider, plan.rate, plan.burst)
     key = plan.send.dedupe_key
     for r in _checked(plan, require_sendable=False):
@@ -256,7 +304,28 @@ def dry_run(plan: Plan, *, taken: Mapping[str, tuple[int, str]] | None = None) -
             result.deduped += 1
         else:
             result.to_send += 1
+    if plan.timing.active:
+        result.calendar = calendar(plan, result.to_send, now=time.time() if now is None else now)
     return result
+
+
+def calendar(plan: Plan, count: int, *, now: float, history: Sequence[float] = ()) -> Calendar:
+    """When ``count`` messages of the plan go out, starting at ``now`` or --not-before,
+    under its rate, caps, windows and --not-after; ``history``: the account's recent sends
+    (the store's, once it records them per account)."""
+    t = plan.timing
+    return plan_calendar(
+        count,
+        start=max(now, t.not_before or now),
+        rate=plan.rate,
+        burst=plan.burst,
+        per_hour=t.per_hour,
+        per_day=t.per_day,
+        schedule=t.schedule,
+        not_after=t.not_after,
+        history=history,
+        now=now,
+    )
 
 
 def preview(plan: Plan, count: int) -> list[Message]:

@@ -29,9 +29,25 @@ def secret_keys(cls: type[Any]) -> frozenset[str]:
     return frozenset(f.name for f in fields(cls) if is_secret(f))
 
 
+def account_cap() -> int:
+    """A cap of the provider account (``per_hour``, ``per_day``; 0: none). Not secret, but
+    not part of the transport a job records either: caps belong to the account, so every
+    run reads them from today's config and environment."""
+    return field(default=0, metadata={"account": True})
+
+
+def is_account_cap(f: Field[Any]) -> bool:
+    return bool(f.metadata.get("account"))
+
+
 def public_settings(section: ProviderSettings) -> dict[str, Any]:
-    """The non-secret fields of a provider's settings, in field order: what a job records."""
-    return {f.name: getattr(section, f.name) for f in fields(section) if not is_secret(f)}
+    """The non-secret transport fields of a provider's settings, in field order: what a job
+    records (secrets and the account's caps are read again at run time)."""
+    return {
+        f.name: getattr(section, f.name)
+        for f in fields(section)
+        if not is_secret(f) and not is_account_cap(f)
+    }
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,8 @@ class SmtpSettings:
     password: str = secret()
     max_per_connection: int = 100
     timeout: float = 30.0
+    per_hour: int = account_cap()
+    per_day: int = account_cap()
 
 
 @dataclass(frozen=True)
@@ -52,11 +70,15 @@ class MailtrapSettings:
     inbox_id: str = ""  # set: sandbox path /api/send/{inbox_id}
     category: str = ""
     timeout: float = 30.0
+    per_hour: int = account_cap()
+    per_day: int = account_cap()
 
 
 @dataclass(frozen=True)
 class OutboxSettings:
     dir: str = ""  # empty: outbox/ in the user data directory
+    per_hour: int = account_cap()
+    per_day: int = account_cap()
 
 
 ProviderSettings = SmtpSettings | MailtrapSettings | OutboxSettings
