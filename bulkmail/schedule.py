@@ -393,6 +393,7 @@ class Calendar:
     finishes_at: float | None  # the last send
     expiring: int  # left over at not_after
     not_after: float | None = None
+    times: tuple[float, ...] = ()  # every send, with keep_times (tests, the send loop's checks)
 
     @property
     def sent(self) -> int:
@@ -421,6 +422,7 @@ def plan_calendar(
     not_after: float | None = None,
     history: Iterable[float] = (),
     now: float | None = None,
+    keep_times: bool = False,
 ) -> Calendar:
     """When ``count`` messages go out from ``start`` on: per local day how many, when the
     last goes, how many are left at ``not_after``. ``history``: the account's sends before
@@ -438,6 +440,7 @@ def plan_calendar(
     hour_cap = per_hour or 0
     day_cap = per_day or 0
     times = sorted(min(h, start) for h in history if h > start - DAY)
+    past = len(times)
     spans = schedule.intervals(start)
     open_at, close_at = next(spans)
     tat: float | None = None  # the GCRA's theoretical arrival time (bulkmail.ratelimit)
@@ -511,7 +514,8 @@ def plan_calendar(
         left -= len(block)
     first = days[0].first if days else None
     finish = days[-1].last if days else None
-    return Calendar(now, tz, tuple(days), first, finish, expiring, not_after)
+    sends = tuple(times[past:]) if keep_times else ()
+    return Calendar(now, tz, tuple(days), first, finish, expiring, not_after, sends)
 
 
 # --------------------------------------------------------------------------- text
