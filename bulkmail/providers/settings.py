@@ -4,6 +4,8 @@ provider's config file table (``[smtp]``) and environment variables (``BULKMAIL_
 A secret field is marked once, with ``secret()``: it is never shown (``repr``) and never
 recorded on a job; ``public_settings`` is everything else, what a job records so that
 ``resume`` and ``retry`` use the same transport with the secrets read again at that time.
+The account's caps (``per_hour``, ``per_day``: ``account_cap()``) are not secret but are
+not recorded with the transport either: they belong to the account, not to one job.
 """
 
 from __future__ import annotations
