@@ -26,6 +26,7 @@ from bulkmail.providers import (
     make_provider,
     with_defaults,
 )
+from bulkmail.schedule import Calendar, Timing, plan_calendar, timing
 from bulkmail.sources import Source, is_xlsx, open_csv, open_db, open_xlsx, select
 from bulkmail.store import (
     JobRecord,
@@ -80,6 +81,13 @@ class SendOptions:
     max_retries: int = 3
     backoff: float = 5.0
     dedupe_key: str | None = None
+    # the calendar (bulkmail.schedule), as given on the command line; checked by ``plan``
+    windows: Sequence[str] = ()  # --window, repeatable
+    tz: str | None = None  # None: the local zone
+    not_before: str | None = None  # ISO 8601; naive: in tz
+    not_after: str | None = None
+    per_hour: int | None = None  # None: the provider section's per_hour (0 there: none)
+    per_day: int | None = None
 
 
 @dataclass
@@ -101,6 +109,8 @@ class Plan:
     on_empty: str | None = None  # --on-empty: one of ON_EMPTY, None for the default
     # column -> (the name a template prints it by, the template parts printing it)
     printed: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    # windows, zone, --not-before/--not-after (POSIX seconds) and the caps, checked
+    timing: Timing = field(default_factory=Timing)
 
     def _rows(self) -> Iterator[Recipient]:
         rows = select(self.source, self.only, self.exclude)
@@ -194,9 +204,37 @@ def open_source(opts: SourceOptions) -> Source:
     return open_db(opts.db, opts.query)
 
 
-def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
+def plan_timing(send: SendOptions, settings: Settings, provider: str, *, now: float) -> Timing:
+    """The time options checked (bulkmail.schedule.timing); a cap not given as a flag (or
+    BULKMAIL_PER_HOUR/BULKMAIL_PER_DAY) comes from the provider's config section."""
+    section = settings.section(provider)
+    caps: dict[str, tuple[int | None, str]] = {}
+    for key, flag in (("per_hour", send.per_hour), ("per_day", send.per_day)):
+        if flag is not None:
+            caps[key] = (flag, f"--{key.replace('_', '-')} (or BULKMAIL_{key.upper()})")
+        else:
+            configured: int = getattr(section, key)
+            source = f"{key} ([{provider}] in the config file or BULKMAIL_{provider.upper()}_"
+            caps[key] = (configured or None, f"{source}{key.upper()})")
+    return timing(
+        windows=send.windows,
+        tz=send.tz,
+        not_before=send.not_before,
+        not_after=send.not_after,
+        per_hour=caps["per_hour"][0],
+        per_day=caps["per_day"][0],
+        per_hour_from=caps["per_hour"][1],
+        per_day_from=caps["per_day"][1],
+        now=now,
+    )
+
+
+def plan(
+    opts: SourceOptions, send: SendOptions, settings: Settings, *, now: float | None = None
+) -> Plan:
     """Check options, read the templates, open the source and check that every variable the
-    templates use exists in the source. Raises InputError/ConfigError (exit 2)."""
+    templates use exists in the source. Raises InputError/ConfigError (exit 2). ``now``:
+    the time --not-after must be after (default: the clock)."""
     provider = send.provider or settings.provider_name
     if provider not in PROVIDERS:
         raise InputError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
@@ -222,6 +260,7 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         raise InputError(f"--backoff: must be a number of seconds, 0 or more, got {send.backoff}")
     if opts.on_empty is not None and opts.on_empty not in ON_EMPTY:
         raise InputError(f"--on-empty: must be skip, fail or send, got {opts.on_empty!r}")
+    when = plan_timing(send, settings, provider, now=time.time() if now is None else now)
     settings = with_defaults(provider, settings, data_dir=data_dir())
     check_provider(provider, settings)
     sender = opts.sender or settings.sender_for(provider)
@@ -252,6 +291,7 @@ def plan(opts: SourceOptions, send: SendOptions, settings: Settings) -> Plan:
         send=send,
         on_empty=opts.on_empty,
         printed=composer.printed_columns(source.columns),
+        timing=when,
     )
 
 
@@ -342,6 +382,7 @@ class DryRun:
     empty_values: dict[str, int] = field(default_factory=dict)
     # rows --on-empty (or its default) refuses: row, email, the one-line error
     refused: list[tuple[int, str, str]] = field(default_factory=list)
+    calendar: Calendar | None = None  # when any cap, window or --not-before/after is given
 
     @property
     def nothing_valid(self) -> bool:
@@ -355,13 +396,21 @@ class DryRun:
         return max(0.0, (self.to_send - self.burst) / self.rate)
 
 
-def dry_run(plan: Plan, *, taken: Mapping[str, tuple[int, str]] | None = None) -> DryRun:
+def dry_run(
+    plan: Plan,
+    *,
+    taken: Mapping[str, tuple[int, str]] | None = None,
+    now: float | None = None,
+) -> DryRun:
     """Validate and render everything as ``create_job`` would, and create nothing.
 
     ``taken``: the addresses other jobs under the plan's ``--dedupe-key`` have sent or hold
     (``Store.taken_under``), shown as the skips the real run will make. Rows --on-empty
     refuses are listed in ``refused`` rather than raised, so that the whole list is seen;
-    the caller fails (exit 2) when there is one."""
+    the caller fails (exit 2) when there is one.
+    With any of the caps, windows, --not-before or --not-after, the result has the job's
+    calendar from ``now`` (default: the clock), assuming the account sent nothing in the last
+    day."""
     result = DryRun(plan.source.description, plan.provider, plan.rate, plan.burst)
     key = plan.send.dedupe_key
     count = 0
@@ -382,7 +431,28 @@ def dry_run(plan: Plan, *, taken: Mapping[str, tuple[int, str]] | None = None) -
             result.to_send += 1
     if count == 0:
         raise InputError(f"{plan.source.description}: no recipients")
+    if plan.timing.active:
+        result.calendar = calendar(plan, result.to_send, now=time.time() if now is None else now)
     return result
+
+
+def calendar(plan: Plan, count: int, *, now: float, history: Sequence[float] = ()) -> Calendar:
+    """When ``count`` messages of the plan go out, starting at ``now`` or --not-before,
+    under its rate, caps, windows and --not-after; ``history``: the account's recent sends
+    (the store's, once it records them per account)."""
+    t = plan.timing
+    return plan_calendar(
+        count,
+        start=max(now, t.not_before or now),
+        rate=plan.rate,
+        burst=plan.burst,
+        per_hour=t.per_hour,
+        per_day=t.per_day,
+        schedule=t.schedule,
+        not_after=t.not_after,
+        history=history,
+        now=now,
+    )
 
 
 def preview(plan: Plan, count: int) -> list[Message]:

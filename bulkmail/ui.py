@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the send machinery is not loaded by status/recent
     from bulkmail.jobs import DryRun
     from bulkmail.manager import Event
     from bulkmail.models import Message, Recipient
+    from bulkmail.schedule import Calendar
     from bulkmail.store.records import Counts, JobView
 
 STATE_STYLE = {
@@ -464,6 +465,7 @@ def dry_run_document(summary: DryRun) -> dict[str, object]:
         "rate": summary.rate,
         "burst": summary.burst,
         "estimated_seconds": round(summary.estimated_seconds, 1),
+        "calendar": None if summary.calendar is None else calendar_document(summary.calendar),
     }
 
 
@@ -473,6 +475,37 @@ def empty_values_note(summary: DryRun) -> str:
         f"; {rows} row{'s' if rows != 1 else ''} leave{'s' if rows == 1 else ''} {name!r} empty"
         for name, rows in summary.empty_values.items()
     )
+
+
+def calendar_document(cal: Calendar) -> dict[str, object]:
+    """The calendar in JSON: per local day how many go out, when the first and the last
+    go (ISO UTC) and how many would expire at --not-after."""
+    from bulkmail.schedule import zone_name
+    from bulkmail.views import iso
+
+    return {
+        "tz": zone_name(cal.tz),
+        "days": [{"date": d.date.isoformat(), "count": d.count} for d in cal.days],
+        "starts_at": iso(cal.starts_at),
+        "finishes_at": iso(cal.finishes_at),
+        "expiring": cal.expiring,
+        "not_after": iso(cal.not_after),
+        "text": calendar_line(cal),
+    }
+
+
+def calendar_line(cal: Calendar) -> str:
+    """ "150 today until 18:00, 150 Tue, 42 Wed; done about Wed 09:12 CET"."""
+    from bulkmail.schedule import describe
+
+    return describe(cal)
+
+
+def calendar_warning(cal: Calendar) -> str | None:
+    """ "cannot finish before --not-after 2026-12-04 17:00 CET: 310 would expire", or None."""
+    from bulkmail.schedule import warning
+
+    return warning(cal)
 
 
 def dry_run_view(summary: DryRun) -> Group:
@@ -486,7 +519,8 @@ def dry_run_view(summary: DryRun) -> Group:
     head.append(f", {len(summary.skipped)} skipped", style="yellow" if summary.skipped else "")
     if summary.rate > 0:
         head.append(f", via {summary.provider} at {rate(summary.rate)}, burst {summary.burst}")
-        head.append(f": about {duration(summary.estimated_seconds)}")
+        if summary.calendar is None:  # else the calendar says when it ends
+            head.append(f": about {duration(summary.estimated_seconds)}")
     else:
         head.append(f", via {summary.provider} with no rate limit")
     parts: list[RenderableType] = [head]
@@ -504,6 +538,13 @@ def dry_run_view(summary: DryRun) -> Group:
         for row, email, why in summary.refused:
             table.add_row(str(row), shown(email), shown(why))
         parts.append(table)
+    if summary.calendar is not None:
+        line = Text("calendar: ", style="bold")
+        line.append(calendar_line(summary.calendar))
+        parts.append(line)
+        warning = calendar_warning(summary.calendar)
+        if warning:
+            parts.append(Text(f"warning: {warning}", style="yellow"))
     if summary.skipped:
         table = Table(title="skipped (not sent, recorded with the reason)")
         table.add_column("row", justify="right")

@@ -130,9 +130,19 @@ def _confirm(env: Environment, plan: Plan, summary: DryRun) -> bool:
     )
     if plan.rate > 0 and summary.to_send > plan.burst:
         line += f", taking about {ui.duration(summary.estimated_seconds)} at {ui.rate(plan.rate)}"
-        if summary.estimated_seconds > 600:
+        if summary.estimated_seconds > 600 and summary.calendar is None:
             line += "; --detach runs it in the background"
     env.note(line)
+    if summary.calendar is not None:
+        # the calendar decides when the job ends, not the rate alone
+        env.note(f"calendar: {ui.calendar_line(summary.calendar)}")
+        warning = ui.calendar_warning(summary.calendar)
+        if warning:
+            env.note(f"bulkmail: warning: {warning}")
+        if summary.calendar.finishes_at is not None and (
+            summary.calendar.finishes_at - summary.calendar.now > 600
+        ):
+            env.note("--detach runs it in the background")
     return env.confirm("Continue?")
 
 
@@ -180,6 +190,62 @@ def send_reminders(
             "--dedupe-key", metavar="KEY", help="Skip addresses already sent under this key (cron)."
         ),
     ] = None,
+    per_hour: Annotated[
+        int | None,
+        typer.Option(
+            "--per-hour",
+            metavar="N",
+            envvar="BULKMAIL_PER_HOUR",
+            help="At most N emails in any hour on the account (default: per_hour in the "
+            "provider's config section).",
+            show_default=False,
+        ),
+    ] = None,
+    per_day: Annotated[
+        int | None,
+        typer.Option(
+            "--per-day",
+            metavar="N",
+            envvar="BULKMAIL_PER_DAY",
+            help="At most N emails in any 24 hours on the account (default: per_day in the "
+            "provider's config section).",
+            show_default=False,
+        ),
+    ] = None,
+    window: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--window",
+            metavar="DAYS HH:MM-HH:MM",
+            help='Send only in these hours, e.g. "Mon-Fri 08:00-18:00" (repeatable).',
+        ),
+    ] = None,
+    tz: Annotated[
+        str | None,
+        typer.Option(
+            "--tz",
+            metavar="ZONE",
+            help="Time zone of --window and --not-before/--not-after, "
+            "e.g. Europe/Berlin (default: the local zone).",
+            show_default=False,
+        ),
+    ] = None,
+    not_before: Annotated[
+        str | None,
+        typer.Option(
+            "--not-before",
+            metavar="DATETIME",
+            help="Send nothing before this ISO 8601 time, e.g. 2026-12-01T08:00 (in --tz).",
+        ),
+    ] = None,
+    not_after: Annotated[
+        str | None,
+        typer.Option(
+            "--not-after",
+            metavar="DATETIME",
+            help="Send nothing after this time; what is left then expires (a date: its end).",
+        ),
+    ] = None,
     detach: DetachOpt = False,
     workers: WorkersOpt = 1,
     dry_run: Annotated[
@@ -209,6 +275,12 @@ def send_reminders(
             max_retries=max_retries,
             backoff=backoff,
             dedupe_key=dedupe_key,
+            windows=window or (),
+            tz=tz,
+            not_before=not_before,
+            not_after=not_after,
+            per_hour=per_hour,
+            per_day=per_day,
         ),
         settings,
     )

@@ -3,8 +3,11 @@ provider's config file table (``[smtp]``) and environment variables (``BULKMAIL_
 
 A secret field is marked once, with ``secret()``: it is never shown (``repr``) and never
 recorded on a job; ``public_settings`` is everything else but the host's own files
-(``local_path()``: a CA file), what a job records so that ``resume`` and ``retry`` use the
-same transport with the secrets and those files read again at that time.
+(``local_path()``: a CA file) and the account's caps, what a job records so that
+``resume`` and ``retry`` use the same transport with the secrets and those files read again
+at that time. The account's caps (``per_hour``, ``per_day``: ``account_cap()``) are not
+secret but are not recorded with the transport either: they belong to the account, not to
+one job.
 """
 
 from __future__ import annotations
@@ -47,10 +50,25 @@ def secret_keys(cls: type[Any]) -> frozenset[str]:
     return frozenset(f.name for f in fields(cls) if is_secret(f))
 
 
+def account_cap() -> int:
+    """A cap of the provider account (``per_hour``, ``per_day``; 0: none). Not secret, but
+    not part of the transport a job records either: caps belong to the account, so every
+    run reads them from today's config and environment."""
+    return field(default=0, metadata={"account": True})
+
+
+def is_account_cap(f: Field[Any]) -> bool:
+    return bool(f.metadata.get("account"))
+
+
 def public_settings(section: ProviderSettings) -> dict[str, Any]:
-    """The non-secret fields of a provider's settings (a host's own files apart), in field
-    order: what a job records."""
-    return {f.name: getattr(section, f.name) for f in fields(section) if is_recorded(f)}
+    """The non-secret transport fields of a provider's settings (a host's own files and the
+    account's caps apart), in field order: what a job records."""
+    return {
+        f.name: getattr(section, f.name)
+        for f in fields(section)
+        if is_recorded(f) and not is_account_cap(f)
+    }
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,8 @@ class SmtpSettings:
     max_per_connection: int = 100
     timeout: float = 30.0
     ca_file: str = local_path()  # PEM certificates added to the system trust store (a private CA)
+    per_hour: int = account_cap()
+    per_day: int = account_cap()
 
 
 @dataclass(frozen=True)
@@ -73,11 +93,15 @@ class MailtrapSettings:
     category: str = ""
     timeout: float = 30.0
     ca_file: str = local_path()  # PEM certificates added to the system trust store (a private CA)
+    per_hour: int = account_cap()
+    per_day: int = account_cap()
 
 
 @dataclass(frozen=True)
 class OutboxSettings:
     dir: str = ""  # empty: outbox/ in the user data directory
+    per_hour: int = account_cap()
+    per_day: int = account_cap()
 
 
 ProviderSettings = SmtpSettings | MailtrapSettings | OutboxSettings
