@@ -5,6 +5,13 @@ that a dead worker left in ``sending``: they are in doubt and are sent again wit
 Message-ID), heart-beats, and runs ``concurrency`` sending threads, each with its own
 provider connection, all drawing from the one shared rate limit. Every delivery is claimed
 (``sending`` committed) before the provider is called and its outcome committed right after.
+
+Fencing: a worker hands a message to the provider only while it still owns the delivery.
+It notes, on its monotonic clock, when it started its last heartbeat that the store
+renewed; others take it for gone only once that heartbeat is ``stale_after`` old by the
+store's clock. Right before each send it checks that its lease is younger than that by a
+margin (one heartbeat interval); if not (it was stopped with SIGSTOP, the machine froze) it
+renews its heartbeat first, and sends only if nobody took it over meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Literal
 from bulkmail.compose import Composer, Templates
 from bulkmail.errors import BulkmailError, ExitCode, StoreError, exit_code_for
 from bulkmail.models import Message, Recipient
-from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, worker_alive
+from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, this_host_id, worker_alive
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
 from bulkmail.ratelimit import RateLimiter
 from bulkmail.store import (
@@ -38,6 +45,7 @@ from bulkmail.store import (
     Stop,
     Wait,
 )
+from bulkmail.store.records import WORKER_STOPPED
 
 log = logging.getLogger("bulkmail")
 
@@ -105,8 +113,10 @@ class EmailManager:
     """Runs one worker of one job until the job is done, stopped or interrupted.
 
     ``clock`` gives POSIX seconds; ``sleep(seconds)`` waits and returns True when a stop
-    was requested meanwhile (default: the manager's stop event). Both are injected so the
-    loop's timing can be tested without real waiting.
+    was requested meanwhile (default: the manager's stop event); ``monotonic`` measures the
+    age of the worker's lease (its last renewed heartbeat). All are injected so the loop's
+    timing can be tested without real waiting. On a server store the leases use the store's
+    (database's) clock, not ``clock``.
     """
 
     def __init__(
@@ -122,6 +132,7 @@ class EmailManager:
         stale_after: float = STALE_AFTER,
         max_consecutive_transient: int = MAX_CONSECUTIVE_TRANSIENT,
         exclusive: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.job_id = job_id
@@ -141,6 +152,9 @@ class EmailManager:
         self._error: str | None = None
         self._crash: BaseException | None = None
         self._failpoint = _Failpoint.from_env()
+        self.monotonic = monotonic
+        # when (monotonic) the last heartbeat the store renewed was started: the lease
+        self._lease_at: float | None = None
 
     # -- control
 
@@ -166,8 +180,9 @@ class EmailManager:
             self.job_id,
             worker_id=self.worker_id,
             host=host,
+            host_id=this_host_id(),
             pid=os.getpid(),
-            now=now,
+            now=self._store_now(),
             alive=lambda w: worker_alive(w, now=now, host=host, stale_after=self.stale_after),
             exclusive=self.exclusive,
         )
@@ -238,10 +253,44 @@ class EmailManager:
             while t.is_alive():
                 t.join(0.2)
 
+    def _store_now(self) -> float | None:
+        """The ``now`` for the store's lease operations: None on a server store (it uses the
+        database's clock, shared by every host), this worker's clock on SQLite (one host)."""
+        return None if self.store.server else self.clock()
+
+    def _beat(self) -> str:
+        """One heartbeat; when the store renewed it, the lease runs from its start."""
+        started = self.monotonic()
+        state = self.store.heartbeat(self.worker_id, now=self._store_now())
+        if state != WORKER_STOPPED and state != "None":
+            with self._lock:
+                if self._lease_at is None or started > self._lease_at:
+                    self._lease_at = started
+        return state
+
+    @property
+    def lease_window(self) -> float:
+        """How long after the start of its last renewed heartbeat this worker still sends
+        without renewing first: the stale window less a margin of one heartbeat interval."""
+        return max(self.stale_after - self.heartbeat_interval, self.stale_after / 2)
+
+    def _still_owner(self) -> bool:
+        """The fence before the point of no return (``provider.send``): does this worker
+        still own its deliveries? Yes while its lease is fresh; otherwise it renews its
+        heartbeat now and owns them unless the answer is that others took it for gone
+        (then its delivery is theirs: nothing is sent, nothing recorded). A store error
+        propagates: without an answer nothing is sent."""
+        with self._lock:
+            lease = self._lease_at
+        if lease is not None and self.monotonic() - lease < self.lease_window:
+            return True
+        state = self._beat()
+        return state != WORKER_STOPPED and state != "None"
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
             try:
-                state = self.store.heartbeat(self.worker_id, now=self.clock())
+                state = self._beat()
             except BulkmailError as exc:  # a busy store must not kill the worker
                 log.warning("heartbeat failed: %s", exc)
                 continue
@@ -270,7 +319,7 @@ class EmailManager:
         held = self.store.reclaim(
             self.job_id,
             worker_id=self.worker_id,
-            now=now,
+            now=self._store_now(),
             alive=lambda w: worker_alive(w, now=now, host=host, stale_after=self.stale_after),
         )
         if held.reclaimed:
@@ -408,6 +457,15 @@ class EmailManager:
             self.store.release(d.id, self.worker_id)
             return None
         self._failpoint.reached("after_claim")
+        if not self._still_owner():
+            log.warning(
+                "job %s: this worker was stopped past its lease and others took over its "
+                "deliveries: not sending to %s, stopping",
+                self.job_id,
+                d.email,
+            )
+            self._stop.set()
+            return None  # no longer ours: the worker that took it over sends it
         try:
             provider_id = provider.send(message)
         except TransientError as exc:
