@@ -518,28 +518,38 @@ class EmailManager:
 
 class _Failpoint:
     """Crash-test hook: ``BULKMAIL_FAILPOINT=after_claim:3`` kills this process with SIGKILL
-    the third time the send loop reaches that point, exactly as ``kill -9`` would there.
+    the third time the send loop reaches that point, exactly as ``kill -9`` would there;
+    ``after_claim:3:STOP`` stops it there with SIGSTOP instead (a frozen worker, which the
+    test continues with SIGCONT).
 
     Points: ``before_claim`` (slot taken, nothing claimed), ``after_claim`` (``sending``
     committed, provider not called), ``after_send`` (the server accepted the message,
     ``sent`` not yet committed). Unset (always, outside crash tests): a no-op.
     """
 
-    def __init__(self, point: str | None, count: int) -> None:
+    def __init__(self, point: str | None, count: int, sig: signal.Signals = signal.SIGKILL) -> None:
         self.point = point
         self.count = count
+        self.signal = sig
         self._lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> _Failpoint:
         spec = os.environ.get("BULKMAIL_FAILPOINT", "")
-        point, _, count = spec.partition(":")
-        return cls(point or None, int(count or 1))
+        point, _, rest = spec.partition(":")
+        count, _, name = rest.partition(":")
+        sig = signal.SIGSTOP if name.upper() == "STOP" else signal.SIGKILL
+        return cls(point or None, int(count or 1), sig)
 
     def reached(self, point: str) -> None:
         if point != self.point:
             return
         with self._lock:
             self.count -= 1
-            if self.count <= 0:
+            if self.count <= 0 and self.signal == signal.SIGKILL:
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif self.count == 0:
+                # to this very thread: it stops on its way out of the call, before it runs
+                # one more line (sent to the process, another thread may take the signal
+                # and this one runs on a moment)
+                signal.pthread_kill(threading.get_ident(), self.signal)
