@@ -5,6 +5,13 @@ that a dead worker left in ``sending``: they are in doubt and are sent again wit
 Message-ID), heart-beats, and runs ``concurrency`` sending threads, each with its own
 provider connection, all drawing from the one shared rate limit. Every delivery is claimed
 (``sending`` committed) before the provider is called and its outcome committed right after.
+
+Fencing: a worker hands a message to the provider only while it still owns the delivery.
+It notes, on its monotonic clock, when it started its last heartbeat that the store
+renewed; others take it for gone only once that heartbeat is ``stale_after`` old by the
+store's clock. Right before each send it checks that its lease is younger than that by a
+margin (one heartbeat interval); if not (it was stopped with SIGSTOP, the machine froze) it
+renews its heartbeat first, and sends only if nobody took it over meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Literal
 from bulkmail.compose import Composer, Templates
 from bulkmail.errors import BulkmailError, ExitCode, StoreError, Terminated, exit_code_for
 from bulkmail.models import Message, Recipient
-from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, worker_alive
+from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, this_host_id, worker_alive
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
 from bulkmail.ratelimit import RateLimiter
 from bulkmail.store import (
@@ -38,6 +45,7 @@ from bulkmail.store import (
     Stop,
     Wait,
 )
+from bulkmail.store.records import WORKER_STOPPED
 from bulkmail.storeretry import retrying
 
 log = logging.getLogger("bulkmail")
@@ -120,8 +128,10 @@ class EmailManager:
     """Runs one worker of one job until the job is done, stopped or interrupted.
 
     ``clock`` gives POSIX seconds; ``sleep(seconds)`` waits and returns True when a stop
-    was requested meanwhile (default: the manager's stop event). Both are injected so the
-    loop's timing can be tested without real waiting.
+    was requested meanwhile (default: the manager's stop event); ``monotonic`` measures the
+    age of the worker's lease (its last renewed heartbeat). All are injected so the loop's
+    timing can be tested without real waiting. On a server store the leases use the store's
+    (database's) clock, not ``clock``.
     """
 
     def __init__(
@@ -137,6 +147,7 @@ class EmailManager:
         stale_after: float = STALE_AFTER,
         max_consecutive_transient: int = MAX_CONSECUTIVE_TRANSIENT,
         exclusive: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         # a store error (a restarted server, a lock held too long) is retried for up to the
         # stale window before this worker gives up on the job
@@ -159,6 +170,9 @@ class EmailManager:
         self._error: str | None = None
         self._crash: BaseException | None = None
         self._failpoint = _Failpoint.from_env()
+        self.monotonic = monotonic
+        # when (monotonic) the last heartbeat the store renewed was started: the lease
+        self._lease_at: float | None = None
 
     # -- control
 
@@ -193,8 +207,9 @@ class EmailManager:
             self.job_id,
             worker_id=self.worker_id,
             host=host,
+            host_id=this_host_id(),
             pid=os.getpid(),
-            now=now,
+            now=self._store_now(),
             alive=lambda w: worker_alive(w, now=now, host=host, stale_after=self.stale_after),
             exclusive=self.exclusive,
         )
@@ -284,10 +299,44 @@ class EmailManager:
             while not event.wait(0.2):
                 pass
 
+    def _store_now(self) -> float | None:
+        """The ``now`` for the store's lease operations: None on a server store (it uses the
+        database's clock, shared by every host), this worker's clock on SQLite (one host)."""
+        return None if self.store.server else self.clock()
+
+    def _beat(self) -> str:
+        """One heartbeat; when the store renewed it, the lease runs from its start."""
+        started = self.monotonic()
+        state = self.store.heartbeat(self.worker_id, now=self._store_now())
+        if state != WORKER_STOPPED and state != "None":
+            with self._lock:
+                if self._lease_at is None or started > self._lease_at:
+                    self._lease_at = started
+        return state
+
+    @property
+    def lease_window(self) -> float:
+        """How long after the start of its last renewed heartbeat this worker still sends
+        without renewing first: the stale window less a margin of one heartbeat interval."""
+        return max(self.stale_after - self.heartbeat_interval, self.stale_after / 2)
+
+    def _still_owner(self) -> bool:
+        """The fence before the point of no return (``provider.send``): does this worker
+        still own its deliveries? Yes while its lease is fresh; otherwise it renews its
+        heartbeat now and owns them unless the answer is that others took it for gone
+        (then its delivery is theirs: nothing is sent, nothing recorded). A store error
+        propagates: without an answer nothing is sent."""
+        with self._lock:
+            lease = self._lease_at
+        if lease is not None and self.monotonic() - lease < self.lease_window:
+            return True
+        state = self._beat()
+        return state != WORKER_STOPPED and state != "None"
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
             try:
-                state = self.store.heartbeat(self.worker_id, now=self.clock())
+                state = self._beat()
             except BulkmailError as exc:  # a busy store must not kill the worker
                 log.warning("heartbeat failed: %s", exc)
                 continue
@@ -316,7 +365,7 @@ class EmailManager:
         held = self.store.reclaim(
             self.job_id,
             worker_id=self.worker_id,
-            now=now,
+            now=self._store_now(),
             alive=lambda w: worker_alive(w, now=now, host=host, stale_after=self.stale_after),
         )
         if held.reclaimed:
@@ -461,6 +510,15 @@ class EmailManager:
             self.store.release(d.id, self.worker_id)
             return None
         self._failpoint.reached("after_claim")
+        if not self._still_owner():
+            log.warning(
+                "job %s: this worker was stopped past its lease and others took over its "
+                "deliveries: not sending to %s, stopping",
+                self.job_id,
+                d.email,
+            )
+            self._stop.set()
+            return None  # no longer ours: the worker that took it over sends it
         try:
             provider_id = provider.send(message)
         except TransientError as exc:
@@ -513,28 +571,38 @@ class EmailManager:
 
 class _Failpoint:
     """Crash-test hook: ``BULKMAIL_FAILPOINT=after_claim:3`` kills this process with SIGKILL
-    the third time the send loop reaches that point, exactly as ``kill -9`` would there.
+    the third time the send loop reaches that point, exactly as ``kill -9`` would there;
+    ``after_claim:3:STOP`` stops it there with SIGSTOP instead (a frozen worker, which the
+    test continues with SIGCONT).
 
     Points: ``before_claim`` (slot taken, nothing claimed), ``after_claim`` (``sending``
     committed, provider not called), ``after_send`` (the server accepted the message,
     ``sent`` not yet committed). Unset (always, outside crash tests): a no-op.
     """
 
-    def __init__(self, point: str | None, count: int) -> None:
+    def __init__(self, point: str | None, count: int, sig: signal.Signals = signal.SIGKILL) -> None:
         self.point = point
         self.count = count
+        self.signal = sig
         self._lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> _Failpoint:
         spec = os.environ.get("BULKMAIL_FAILPOINT", "")
-        point, _, count = spec.partition(":")
-        return cls(point or None, int(count or 1))
+        point, _, rest = spec.partition(":")
+        count, _, name = rest.partition(":")
+        sig = signal.SIGSTOP if name.upper() == "STOP" else signal.SIGKILL
+        return cls(point or None, int(count or 1), sig)
 
     def reached(self, point: str) -> None:
         if point != self.point:
             return
         with self._lock:
             self.count -= 1
-            if self.count <= 0:
+            if self.count <= 0 and self.signal == signal.SIGKILL:
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif self.count == 0:
+                # to this very thread: it stops on its way out of the call, before it runs
+                # one more line (sent to the process, another thread may take the signal
+                # and this one runs on a moment)
+                signal.pthread_kill(threading.get_ident(), self.signal)

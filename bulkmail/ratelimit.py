@@ -6,10 +6,15 @@ and moves the TAT on by one emission interval, so in any window of ``t`` seconds
 ``rate * t + burst`` slots are handed out. The computation is pure (``gcra_reserve``); the
 TAT lives in the store, one row per provider account, so every process sending through the
 same account shares one limit. Sleeping happens outside the store's transaction.
+
+The slot is computed at the store's time, inside the transaction holding the row: on
+PostgreSQL the database's clock, so workers on hosts whose clocks disagree share the rate
+fairly; the worker gets a RELATIVE delay back and waits it on its own clock.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,8 +37,8 @@ def gcra_reserve(tat: float | None, now: float, rate: float, burst: int) -> tupl
 
 
 class SlotStore(Protocol):
-    def reserve_slot(
-        self, key: str, reserve: Callable[[float | None], tuple[float, float]]
+    def reserve_delay(
+        self, key: str, rate: float, burst: int, *, clock: Callable[[], float] | None = None
     ) -> float: ...
 
 
@@ -52,6 +57,13 @@ class MemorySlots:
     ) -> float:
         slot, self.tats[key] = reserve(self.tats.get(key))
         return slot
+
+    def reserve_delay(
+        self, key: str, rate: float, burst: int, *, clock: Callable[[], float] | None = None
+    ) -> float:
+        now = (clock or time.time)()
+        slot = self.reserve_slot(key, lambda tat: gcra_reserve(tat, now, rate, burst))
+        return max(0.0, slot - now)
 
 
 class RateLimiter:
@@ -78,12 +90,12 @@ class RateLimiter:
         return self.rate <= 0
 
     def reserve(self) -> float:
-        """Reserve the next slot and return its time (now, when unlimited); the caller
-        waits until then."""
+        """Reserve the next slot and return its time on ``clock`` (now, when unlimited);
+        the caller waits until then."""
         if self.unlimited:
             return self.clock()
-        # the clock is read inside the store's transaction: time spent waiting for its lock
-        # must not yield a slot already in the past
-        return self.slots.reserve_slot(
-            self.key, lambda tat: gcra_reserve(tat, self.clock(), self.rate, self.burst)
-        )
+        # the store reads its time inside its transaction (time spent waiting for the row's
+        # lock must not yield a slot already in the past) and answers how long to wait from
+        # then; counted from after the answer, the wait can only be longer, never shorter
+        delay = self.slots.reserve_delay(self.key, self.rate, self.burst, clock=self.clock)
+        return self.clock() + delay

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bulkmail.store import Claimed, Outcome, open_reader, open_store
 from bulkmail.store.lite import LiteReader, NoStore
+from bulkmail.store.records import SCHEMA_VERSION
 from tests.test_store import new_job, people, start
 
 
@@ -68,6 +69,7 @@ def test_an_older_store_is_upgraded_before_it_is_read(tmp_path: Path) -> None:
     store.close()
     with sqlite3.connect(path) as conn:  # what schema 1 looked like
         conn.execute("DROP INDEX ix_deliveries_in_doubt")
+        conn.execute("ALTER TABLE workers DROP COLUMN host_id")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     reader = open_reader(path)
     assert not isinstance(reader, LiteReader)  # the full store, which migrated it
@@ -75,7 +77,9 @@ def test_an_older_store_is_upgraded_before_it_is_read(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert "ix_deliveries_in_doubt" in names and version == ("2",)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(workers)")}
+    assert "ix_deliveries_in_doubt" in names and version == (str(SCHEMA_VERSION),)
+    assert "host_id" in columns
     assert isinstance(open_reader(path), LiteReader)
 
 

@@ -8,8 +8,11 @@ one test suite every backend passes.
 
 Every write runs in ONE short transaction (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL the
 job row is locked ``FOR UPDATE`` whenever who runs the job changes), and a read runs in one
-read transaction: one consistent snapshot. Times are POSIX seconds passed in by the caller
-(``now``), never read from a clock here. Nothing here imports SQLAlchemy.
+read transaction: one consistent snapshot. Times are POSIX seconds. Worker leases and rate
+slots use the STORE's time, read in the transaction that needs it (the database's clock on
+a server store, so hosts whose clocks disagree still agree on who is alive and on the rate);
+a ``now`` the caller passes overrides it (fixed times in tests; on SQLite, one host, the
+caller's clock is the store's time). Nothing here imports SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -128,22 +131,30 @@ class JobStore(StoreReader, Protocol):
         worker_id: str,
         host: str,
         pid: int,
-        now: float,
+        now: float | None = None,
         alive: WorkerAlive,
         exclusive: bool = True,
+        host_id: str | None = None,
     ) -> Registration:
         """Register a worker and make the job ``running``, in one transaction holding the
-        job row. Refuses (``JobStateError``) a completed or cancelled job and, when
+        job row. ``host_id`` says which host (machine, boot, pid namespace) its pid belongs
+        to; ``alive`` judges the job's workers as read with the store's time (``read_at``).
+        Refuses (``JobStateError``) a completed or cancelled job and, when
         ``exclusive``, one a live worker holds. Gone workers are marked stopped and their
         ``sending`` deliveries go back to ``pending`` in doubt (resent, same Message-ID)."""
         ...
 
-    def heartbeat(self, worker_id: str, *, now: float) -> str:
-        """Renew the worker's heartbeat; return its job's state, or ``WORKER_STOPPED`` when
-        other workers took it for gone (it must stop before its next message)."""
+    def heartbeat(self, worker_id: str, *, now: float | None = None) -> str:
+        """Renew the worker's heartbeat (at the store's time); return its job's state, or
+        ``WORKER_STOPPED`` when other workers took it for gone (it must stop before its next
+        message; a stopped worker's heartbeat is not renewed). A renewal never crosses a
+        take-over: once it answers the job's state, the worker is not taken for gone before
+        its heartbeat is ``stale_after`` old by the store's clock."""
         ...
 
-    def reclaim(self, job_id: int, *, worker_id: str, now: float, alive: WorkerAlive) -> Reclaimed:
+    def reclaim(
+        self, job_id: int, *, worker_id: str, now: float | None = None, alive: WorkerAlive
+    ) -> Reclaimed:
         """Take over the deliveries of the job's gone workers (``alive`` says which; the
         caller always counts as alive): their ``sending`` deliveries go back to ``pending``
         in doubt and they are marked stopped. A plain read when nobody is gone; only a
@@ -205,4 +216,13 @@ class JobStore(StoreReader, Protocol):
         """One GCRA step on the shared bucket ``key`` in one write transaction holding its
         row: ``reserve(tat) -> (slot, new_tat)`` computes, the new TAT is stored (the row
         created on first use, once however many workers race), the slot is returned."""
+        ...
+
+    def reserve_delay(
+        self, key: str, rate: float, burst: int, *, clock: Callable[[], float] | None = None
+    ) -> float:
+        """One GCRA step at ``rate`` and ``burst`` on the shared bucket ``key``, computed at
+        the store's time inside the transaction holding the bucket's row (``clock``, the
+        caller's, where the store's time is the local one); returns the seconds the caller
+        waits, on its own clock, before it sends."""
         ...

@@ -46,7 +46,7 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 2  # 2: the partial index on deliveries.in_doubt
+SCHEMA_VERSION = 3  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id
 
 
 class JobState(StrEnum):
@@ -131,6 +131,11 @@ class WorkerRecord:
     heartbeat_at: float
     stopped_at: float | None
     sent: int
+    # who "this host" is for pid checks (``procs.this_host_id``); None: an older bulkmail's
+    host_id: str | None = None
+    # the store's time when it read this record to judge it (the database's clock on
+    # PostgreSQL); None from plain reads. Liveness measures the heartbeat's age against it.
+    read_at: float | None = None
 
 
 @dataclass(frozen=True)

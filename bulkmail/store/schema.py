@@ -87,6 +87,8 @@ workers = sa.Table(
     sa.Column("heartbeat_at", sa.Float, nullable=False),
     sa.Column("stopped_at", sa.Float, nullable=True),
     sa.Column("sent", sa.Integer, nullable=False, default=0),
+    # machine + boot + pid namespace (procs.this_host_id): a pid is judged only on its host
+    sa.Column("host_id", sa.String(64), nullable=True),
 )
 
 deliveries = sa.Table(
@@ -157,7 +159,19 @@ def _index_in_doubt(conn: Connection) -> None:
     ix.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _record_version, 1: _index_in_doubt}
+def _worker_host_id(conn: Connection) -> None:
+    """Schema 3: ``workers.host_id``; workers registered before it have none (and are
+    judged by hostname, as before)."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("workers")}
+    if "host_id" not in columns:
+        conn.execute(sa.text("ALTER TABLE workers ADD COLUMN host_id VARCHAR(64)"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    0: _record_version,
+    1: _index_in_doubt,
+    2: _worker_host_id,
+}
 
 
 def create_schema(conn: Connection, *, server: bool, location: str) -> None:

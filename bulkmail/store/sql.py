@@ -18,17 +18,23 @@ The reads, and the SQL of the store's shared knowledge (the job and worker reads
 predicate), are those of :mod:`bulkmail.store.reads`, run here on the transaction's
 connection.
 
-Times are stored as POSIX seconds (floats) and passed in by the caller (``now``), so the
-logic that depends on them can be tested with a fixed clock.
+Times are stored as POSIX seconds (floats). The worker leases (registration, heartbeats,
+staleness, take-overs) and the rate slots use the store's time, read inside the transaction
+that needs it: on PostgreSQL the database's clock (``clock_timestamp()``), one clock for
+every host however wrong their own clocks are; on SQLite (one host) the local clock. A
+``now`` passed in by the caller, or a ``clock`` given to the store, overrides it, so the
+logic that depends on time can be tested with fixed times.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import secrets
 import signal
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -38,6 +44,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from bulkmail.errors import JobStateError, StoreError
+from bulkmail.ratelimit import gcra_reserve
 from bulkmail.store.engine import open_engine
 from bulkmail.store.reads import (
     SQL_TAKEN_AMONG,
@@ -170,6 +177,10 @@ def _stmt_worker_sent() -> sa.Update:
     )
 
 
+# the database's clock, as POSIX seconds: the time source of a server store
+_SQL_DB_NOW = sa.text("SELECT extract(epoch from clock_timestamp())")
+
+
 def open_store(location: str | os.PathLike[str] | None = None) -> Store:
     """Open (creating on first use, upgrading when older) the job store at ``location``."""
     opened = open_engine(location)
@@ -212,11 +223,34 @@ class Store(StoreReads):
     """Every read and write of the job store. Thread-safe: each call takes its own
     connection from the pool and holds a transaction only for its own duration."""
 
-    def __init__(self, engine: Engine, location: str, *, url: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        location: str,
+        *,
+        url: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.engine = engine
         self.location = location  # for messages: never shows a password
         self.url = url or location  # to hand to a worker process: may hold a password
         self.server = engine.dialect.name == "postgresql"  # several hosts may share it
+        # the leases' and rate slots' time source when a test injects one (see _time)
+        self.clock = clock
+
+    def _time(
+        self, conn: Connection, now: float | None, caller: Callable[[], float] | None = None
+    ) -> float:
+        """The store's time, read in the transaction of ``conn``: ``now`` when the caller
+        gives one, else the injected clock, else the database's clock on a server store
+        (shared by every host), else (SQLite: one host) the caller's clock or this host's."""
+        if now is not None:
+            return now
+        if self.clock is not None:
+            return self.clock()
+        if self.server:
+            return float(conn.execute(_SQL_DB_NOW).scalar_one())
+        return (caller or time.time)()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -419,9 +453,19 @@ class Store(StoreReads):
     # -- workers
 
     def _workers(
-        self, conn: Connection, job_id: int, *, live_only: bool = False
+        self,
+        conn: Connection,
+        job_id: int,
+        *,
+        live_only: bool = False,
+        read_at: float | None = None,
     ) -> list[WorkerRecord]:
-        return read_workers(_query(conn), job_id, live_only=live_only)
+        """The job's workers; ``read_at``: the store's time of this read, which liveness
+        then measures their heartbeats against (``procs.worker_alive``)."""
+        found = read_workers(_query(conn), job_id, live_only=live_only)
+        if read_at is None:
+            return found
+        return [dataclasses.replace(w, read_at=read_at) for w in found]
 
     def register_worker(
         self,
@@ -430,9 +474,10 @@ class Store(StoreReads):
         worker_id: str,
         host: str,
         pid: int,
-        now: float,
+        now: float | None = None,
         alive: WorkerAlive,
         exclusive: bool = True,
+        host_id: str | None = None,
     ) -> Registration:
         """Register a worker on a job and make the job ``running``.
 
@@ -447,7 +492,8 @@ class Store(StoreReads):
                 raise JobStateError(f"job {job_id} is {job.state}; there is nothing to run")
             if job.state == JobState.CREATING:
                 raise JobStateError(creating_refusal(job_id))
-            current = self._workers(conn, job_id, live_only=True)
+            now = self._time(conn, now)
+            current = self._workers(conn, job_id, live_only=True, read_at=now)
             live = [w for w in current if alive(w)]
             if live and exclusive:
                 w = live[0]
@@ -462,6 +508,7 @@ class Store(StoreReads):
                     id=worker_id,
                     job_id=job_id,
                     host=host,
+                    host_id=host_id,
                     pid=pid,
                     started_at=now,
                     heartbeat_at=now,
@@ -500,12 +547,33 @@ class Store(StoreReads):
             conn.execute(workers.update().where(workers.c.id.in_(dead)).values(stopped_at=now))
         return int(reclaimed)
 
-    def heartbeat(self, worker_id: str, *, now: float) -> str:
+    def heartbeat(self, worker_id: str, *, now: float | None = None) -> str:
         """Renew a worker's heartbeat; return its job's state (so a cancel is noticed), or
         ``WORKER_STOPPED`` when other workers took this one for gone (its heartbeat had gone
-        stale) and took over its deliveries: it must stop before its next message."""
+        stale) and took over its deliveries: it must stop before its next message.
+
+        A renewal and a take-over never cross: on PostgreSQL the heartbeat holds the job
+        row (``FOR KEY SHARE``) that a take-over holds ``FOR UPDATE`` while it judges and
+        acts (on SQLite every write is serialised already), and a stopped worker's
+        heartbeat is not renewed. So once a heartbeat answers ``running``, nobody takes the
+        worker for gone before its heartbeat has aged ``stale_after`` by the store's clock,
+        which is what the worker's fencing counts on (``EmailManager._still_owner``)."""
         with self._write() as conn:
-            conn.execute(workers.update().where(workers.c.id == worker_id).values(heartbeat_at=now))
+            job_id = conn.execute(
+                sa.select(workers.c.job_id).where(workers.c.id == worker_id)
+            ).scalar()
+            if job_id is None:
+                return "None"  # no such worker
+            if self.server:
+                conn.execute(
+                    sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update(key_share=True)
+                )
+            now = self._time(conn, now)
+            conn.execute(
+                workers.update()
+                .where(workers.c.id == worker_id, workers.c.stopped_at.is_(None))
+                .values(heartbeat_at=now)
+            )
             row = conn.execute(
                 sa.select(jobs.c.state, workers.c.stopped_at)
                 .join(workers, workers.c.job_id == jobs.c.id)
@@ -515,7 +583,9 @@ class Store(StoreReads):
             return "None"  # no such worker
         return WORKER_STOPPED if row.stopped_at is not None else str(row.state)
 
-    def reclaim(self, job_id: int, *, worker_id: str, now: float, alive: WorkerAlive) -> Reclaimed:
+    def reclaim(
+        self, job_id: int, *, worker_id: str, now: float | None = None, alive: WorkerAlive
+    ) -> Reclaimed:
         """Take over the deliveries of the job's gone workers (what a live worker does at
         each heartbeat, and while it waits for the last messages of others).
 
@@ -534,7 +604,7 @@ class Store(StoreReads):
             state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
             if state != JobState.RUNNING:
                 return Reclaimed(0, 0)
-            current = self._workers(conn, job_id, live_only=True)
+            current = self._workers(conn, job_id, live_only=True, read_at=self._time(conn, now))
             if worker_id not in {w.id for w in current}:
                 return Reclaimed(0, 0)  # the caller was itself taken for gone: not its call
             live = {w.id for w in current if is_alive(w)}
@@ -546,9 +616,10 @@ class Store(StoreReads):
             job = self._job(conn, job_id, lock=True)
             if job.state != JobState.RUNNING:
                 return Reclaimed(0, 0)
-            current = self._workers(conn, job_id, live_only=True)
+            at = self._time(conn, now)
+            current = self._workers(conn, job_id, live_only=True, read_at=at)
             live_workers = [w for w in current if is_alive(w)]
-            reclaimed = self._take_over(conn, job_id, current, live_workers, now=now)
+            reclaimed = self._take_over(conn, job_id, current, live_workers, now=at)
             held = self._sending_by_worker(conn, job_id)
         return Reclaimed(reclaimed, sum(n for w, n in held.items() if w != worker_id))
 
@@ -808,10 +879,33 @@ class Store(StoreReads):
         ``reserve(tat) -> (slot, new_tat)`` is the pure computation (see ratelimit.py); the
         caller sleeps until ``slot`` outside the transaction.
         """
+        return self._gcra(key, lambda conn, tat: reserve(tat))
+
+    def reserve_delay(
+        self, key: str, rate: float, burst: int, *, clock: Callable[[], float] | None = None
+    ) -> float:
+        """One GCRA step (``ratelimit.gcra_reserve``) on the bucket ``key`` at the store's
+        time, read inside the transaction that holds the bucket's row: the database's clock
+        on PostgreSQL (every host computes its slot on one clock), ``clock`` (the caller's)
+        on SQLite. Returns the seconds to wait from now, for the caller to wait on its own
+        clock (a relative delay means the same on every host)."""
+        at: list[float] = []
+
+        def step(conn: Connection, tat: float | None) -> tuple[float, float]:
+            if not at:
+                at.append(self._time(conn, None, clock))
+            return gcra_reserve(tat, at[0], rate, burst)
+
+        slot = self._gcra(key, step)
+        return max(0.0, slot - at[0])
+
+    def _gcra(
+        self, key: str, reserve: Callable[[Connection, float | None], tuple[float, float]]
+    ) -> float:
         bucket = sa.select(rate_buckets.c.tat).where(rate_buckets.c.key == key).with_for_update()
         with self._write() as conn:
             tat = conn.execute(bucket).scalar()
-            slot, new_tat = reserve(None if tat is None else float(tat))
+            slot, new_tat = reserve(conn, None if tat is None else float(tat))
             if tat is None and self.server:
                 # first use: another worker may be creating the row right now; whoever
                 # loses reads the winner's row (locked) and computes again
@@ -824,7 +918,7 @@ class Store(StoreReads):
                 if created is not None:
                     return slot
                 tat = conn.execute(bucket).scalar_one()
-                slot, new_tat = reserve(float(tat))
+                slot, new_tat = reserve(conn, float(tat))
             elif tat is None:
                 conn.execute(rate_buckets.insert().values(key=key, tat=new_tat))
                 return slot
