@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, T
 import typer
 
 from bulkmail.cli.env import environment
-from bulkmail.errors import BulkmailError, ExitCode, exit_code_of
+from bulkmail.errors import BulkmailError, ExitCode, StoreError, exit_code_of
 
 if TYPE_CHECKING:  # the commands import these on first use: `--help` stays light
     from bulkmail.config import Settings
@@ -212,22 +212,58 @@ def load_config(config: str | None) -> Settings:
     return settings
 
 
-def open_store_for(store: str | None, settings: Settings | None = None) -> JobStore:
-    from bulkmail.store import open_store
+def open_store_for(
+    store: str | None,
+    settings: Settings | None = None,
+    *,
+    create: bool = False,
+    dedupe_key: str | None = None,
+    new_store: bool = False,
+) -> JobStore:
+    """The store at ``--store`` (else the config's, else the default file). Only
+    send-reminders may create one (``create``), and says so on stderr; a new store has no
+    dedupe history, so with ``dedupe_key`` it is made only when ``new_store`` (the user's
+    `--new-store`). Anywhere else a missing store is exit 2 naming the path, and nothing
+    is created."""
+    from bulkmail.store.files import NoJobStore
+    from bulkmail.store.sql import open_store
 
-    return open_store(store or (settings.store if settings is not None else None) or None)
+    location = store or (settings.store if settings is not None else None) or None
+    try:
+        db = open_store(location, create=create and (new_store or not dedupe_key))
+    except NoJobStore as exc:
+        if create and dedupe_key:
+            raise no_dedupe_history(exc.location, dedupe_key) from None
+        raise
+    if db.created:
+        environment().note(f"bulkmail: new job store at {db.location}")
+    return db
 
 
-def open_reader_for(store: str | None, config: str | None) -> StoreReader:
+def no_dedupe_history(location: str, dedupe_key: str) -> StoreError:
+    """The refusal of `--dedupe-key` on a store that does not exist yet: in a new store the
+    key has no history, so everyone would be reminded again (a mistyped --store in cron)."""
+    return StoreError(
+        f"no job store at {location}, so --dedupe-key {dedupe_key!r} has no history there "
+        "and everyone would be reminded again; pass --new-store to start a new store "
+        "(or fix --store / BULKMAIL_STORE)"
+    )
+
+
+def open_reader_for(
+    store: str | None, config: str | None, *, missing_ok: bool = False
+) -> StoreReader:
     """The store to read from for status/recent/report: on the embedded SQLite store a
-    light read-only reader that never imports SQLAlchemy, and that creates nothing."""
+    light read-only reader that never imports SQLAlchemy. It creates nothing: a missing
+    store is exit 2 naming the path (``NoJobStore``), or an empty ``NoStore`` when
+    ``missing_ok`` (send-reminders reading the history of a store it may create)."""
     from bulkmail.store.lite import open_reader
 
     if not store:
         from bulkmail.config import load_settings
 
         store = load_settings(config=config).store or None
-    return open_reader(store)
+    return open_reader(store, missing_ok=missing_ok)
 
 
 def print_json(doc: object) -> None:

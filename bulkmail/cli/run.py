@@ -22,6 +22,7 @@ from bulkmail.cli.common import (
     fail,
     handles_errors,
     load_config,
+    no_dedupe_history,
     open_reader_for,
     open_store_for,
     print_json,
@@ -179,6 +180,14 @@ def send_reminders(
             "--dedupe-key", metavar="KEY", help="Skip addresses already sent under this key (cron)."
         ),
     ] = None,
+    new_store: Annotated[
+        bool,
+        typer.Option(
+            "--new-store",
+            help="Start a new job store if there is none at --store: needed with "
+            "--dedupe-key, whose history a new store does not have.",
+        ),
+    ] = False,
     detach: DetachOpt = False,
     workers: WorkersOpt = 1,
     dry_run: Annotated[
@@ -195,6 +204,7 @@ def send_reminders(
     --template examples/reminder.txt --subject "Reminder: {{ course }}" --yes
     """
     from bulkmail import jobs, ui
+    from bulkmail.store.lite import NoStore
 
     env = environment()
     settings = load_config(config)
@@ -220,7 +230,10 @@ def send_reminders(
     if dry_run or (interactive and not yes):
         taken = None
         if plan.send.dedupe_key:
-            taken = open_reader_for(store, config).taken_under(plan.send.dedupe_key)
+            reader = open_reader_for(store, config, missing_ok=True)
+            if isinstance(reader, NoStore) and not new_store:
+                raise no_dedupe_history(reader.location, plan.send.dedupe_key)
+            taken = reader.taken_under(plan.send.dedupe_key)
         summary = jobs.dry_run(plan, taken=taken)
         if dry_run:
             if as_json:
@@ -233,7 +246,9 @@ def send_reminders(
             raise typer.Exit(0)
         if not _confirm(env, plan, summary):
             fail("nothing sent and no job created", ExitCode.OK)
-    db_store = open_store_for(store, settings)
+    db_store = open_store_for(
+        store, settings, create=True, dedupe_key=plan.send.dedupe_key, new_store=new_store
+    )
     job_id = jobs.create_job(db_store, plan)
     _run_job(
         env,
