@@ -236,7 +236,12 @@ def open_store_for(
             raise no_dedupe_history(exc.location, dedupe_key) from None
         raise
     if db.created:
-        environment().note(f"bulkmail: new job store at {db.location}")
+        environment().stderr.print(
+            f"bulkmail: new job store at {db.location}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     return db
 
 
