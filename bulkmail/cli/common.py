@@ -212,37 +212,41 @@ def load_config(config: str | None) -> Settings:
     return settings
 
 
-def open_store_for(
-    store: str | None,
-    settings: Settings | None = None,
-    *,
-    create: bool = False,
-    dedupe_key: str | None = None,
-    new_store: bool = False,
-) -> JobStore:
-    """The store at ``--store`` (else the config's, else the default file). Only
-    send-reminders may create one (``create``), and says so on stderr; a new store has no
-    dedupe history, so with ``dedupe_key`` it is made only when ``new_store`` (the user's
-    `--new-store`). Anywhere else a missing store is exit 2 naming the path, and nothing
-    is created."""
+def open_store_for(store: str | None, settings: Settings | None = None) -> JobStore:
+    """The store at ``--store`` (else the config's, else the default file). It must exist:
+    a missing store is exit 2 naming the path (``NoJobStore``), and nothing is created."""
+    from bulkmail.store.sql import open_store
+
+    return open_store(_location(store, settings), create=False)
+
+
+def create_store_for(
+    store: str | None, settings: Settings, *, dedupe_key: str | None, new_store: bool
+) -> tuple[JobStore, bool]:
+    """send-reminders' store, created when there is none (the only command that creates
+    one), and whether it was created just now: the command says so (``say_new_store``)
+    once its job is in it. A new store has no dedupe history, so with ``dedupe_key`` one
+    is created only when ``new_store`` (the user's `--new-store`)."""
     from bulkmail.store.files import NoJobStore
     from bulkmail.store.sql import open_store
 
-    location = store or (settings.store if settings is not None else None) or None
     try:
-        db = open_store(location, create=create and (new_store or not dedupe_key))
+        db = open_store(_location(store, settings), create=new_store or not dedupe_key)
     except NoJobStore as exc:
-        if create and dedupe_key:
+        if dedupe_key:
             raise no_dedupe_history(exc.location, dedupe_key) from None
         raise
-    if db.created:
-        environment().stderr.print(
-            f"bulkmail: new job store at {db.location}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
-    return db
+    return db, db.created
+
+
+def say_new_store(location: str) -> None:
+    environment().stderr.print(
+        f"bulkmail: new job store at {location}", markup=False, highlight=False, soft_wrap=True
+    )
+
+
+def _location(store: str | None, settings: Settings | None) -> str | None:
+    return store or (settings.store if settings is not None else None) or None
 
 
 def no_dedupe_history(location: str, dedupe_key: str) -> StoreError:

@@ -19,6 +19,7 @@ from bulkmail.cli.common import (
     JsonOpt,
     StoreOpt,
     WorkersOpt,
+    create_store_for,
     fail,
     handles_errors,
     load_config,
@@ -26,6 +27,7 @@ from bulkmail.cli.common import (
     open_reader_for,
     open_store_for,
     print_json,
+    say_new_store,
     setup_logging,
     with_source_options,
 )
@@ -246,10 +248,12 @@ def send_reminders(
             raise typer.Exit(0)
         if not _confirm(env, plan, summary):
             fail("nothing sent and no job created", ExitCode.OK)
-    db_store = open_store_for(
-        store, settings, create=True, dedupe_key=plan.send.dedupe_key, new_store=new_store
+    db_store, created = create_store_for(
+        store, settings, dedupe_key=plan.send.dedupe_key, new_store=new_store
     )
     job_id = jobs.create_job(db_store, plan)
+    if created:
+        say_new_store(db_store.location)
     _run_job(
         env,
         db_store,
