@@ -56,6 +56,8 @@ def outbox() -> list[Path]:
 
 
 def recent_jobs() -> list[dict[str, Any]]:
+    if not default_store().exists():
+        return []  # no store at all (`recent` on a missing store is exit 2: nothing created)
     result = bulkmail("recent", "--json")
     assert result.exit_code == 0, result.output
     docs: list[dict[str, Any]] = json.loads(result.stdout)

@@ -273,6 +273,9 @@ def test_missing_template(tmp_path: Path) -> None:
 
 
 def test_status_of_unknown_job(tmp_path: Path) -> None:
+    from bulkmail.store import open_store
+
+    open_store(tmp_path / "s.db").close()  # a store with no job 7 (a missing store: exit 2 too)
     result = bulkmail("status", "7", "--store", str(tmp_path / "s.db"))
     assert result.exit_code == 2
     assert result.stderr.strip() == "bulkmail: no job 7 in the store (see `bulkmail recent`)"
@@ -482,7 +485,7 @@ def test_dry_run_shows_the_skips_of_the_dedupe_key(tmp_path: Path) -> None:
     args = ["send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
             "--template", str(EXAMPLES / "reminder.txt"), "--subject", SUBJECT,
             "--store", store, "--dedupe-key", "autumn"]  # fmt: skip
-    assert bulkmail(*args, "--only", "chen.wei@example.edu").exit_code == 0
+    assert bulkmail(*args, "--only", "chen.wei@example.edu", "--new-store").exit_code == 0
     dry = bulkmail(*args, "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
     doc = json.loads(dry.stdout)

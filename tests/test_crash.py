@@ -249,7 +249,7 @@ def test_cron_rerun_with_the_same_dedupe_key_sends_nothing(tmp_path: Path, sink:
     csv, emails = write_recipients(tmp_path, 5)
     env = env_for(tmp_path, sink)
     args = send_args(csv, tmp_path, "--rate", "0", "--dedupe-key", "grades-2026", "--json")
-    first = bulkmail(env, *args)
+    first = bulkmail(env, *args, "--new-store")  # the first run starts the store
     assert first.returncode == 0, first.stderr
     second = bulkmail(env, *args)
     assert second.returncode == 0, second.stderr

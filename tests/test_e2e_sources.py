@@ -323,6 +323,9 @@ def test_report_has_one_row_per_delivery(smtp_sink: SmtpSink) -> None:
 
 
 def test_report_errors_are_one_line() -> None:
+    from bulkmail.store import open_store
+
+    open_store(default_store()).close()  # a store without job 7 (no store at all: exit 2 too)
     unknown = bulkmail("report", "7", "--output", "out.csv")
     assert unknown.exit_code == 2
     assert unknown.stderr.strip() == "bulkmail: no job 7 in the store (see `bulkmail recent`)"

@@ -154,7 +154,7 @@ def test_the_bar_ends_at_the_total_when_the_store_skips_at_claim_time(
     plain = terminal(stdin=False, stderr=False)
     smtp_sink.replies["chen.wei@example.edu"] = "550 5.1.1 mailbox unavailable"
     with use(plain):
-        first = CliRunner().invoke(app, send, env=env)
+        first = CliRunner().invoke(app, [*send, "--new-store"], env=env)
     assert first.exit_code == 1, first.output
     del smtp_sink.replies["chen.wei@example.edu"]
     with use(plain):

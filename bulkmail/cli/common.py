@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, T
 import typer
 
 from bulkmail.cli.env import environment
-from bulkmail.errors import BulkmailError, ExitCode, exit_code_of
+from bulkmail.errors import BulkmailError, ExitCode, StoreError, exit_code_of
 
 if TYPE_CHECKING:  # the commands import these on first use: `--help` stays light
     from bulkmail.config import Settings
@@ -267,21 +267,66 @@ def load_config(config: str | None) -> Settings:
 
 
 def open_store_for(store: str | None, settings: Settings | None = None) -> JobStore:
-    from bulkmail.store import open_store
+    """The store at ``--store`` (else the config's, else the default file). It must exist:
+    a missing store is exit 2 naming the path (``NoJobStore``), and nothing is created."""
+    from bulkmail.store.sql import open_store
 
-    return open_store(store or (settings.store if settings is not None else None) or None)
+    return open_store(_location(store, settings), create=False)
 
 
-def open_reader_for(store: str | None, config: str | None) -> StoreReader:
+def create_store_for(
+    store: str | None, settings: Settings, *, dedupe_key: str | None, new_store: bool
+) -> tuple[JobStore, bool]:
+    """send-reminders' store, created when there is none (the only command that creates
+    one), and whether it was created just now: the command says so (``say_new_store``)
+    once its job is in it. A new store has no dedupe history, so with ``dedupe_key`` one
+    is created only when ``new_store`` (the user's `--new-store`)."""
+    from bulkmail.store.files import NoJobStore
+    from bulkmail.store.sql import open_store
+
+    try:
+        db = open_store(_location(store, settings), create=new_store or not dedupe_key)
+    except NoJobStore as exc:
+        if dedupe_key:
+            raise no_dedupe_history(exc.location, dedupe_key) from None
+        raise
+    return db, db.created
+
+
+def say_new_store(location: str) -> None:
+    environment().stderr.print(
+        f"bulkmail: new job store at {location}", markup=False, highlight=False, soft_wrap=True
+    )
+
+
+def _location(store: str | None, settings: Settings | None) -> str | None:
+    return store or (settings.store if settings is not None else None) or None
+
+
+def no_dedupe_history(location: str, dedupe_key: str) -> StoreError:
+    """The refusal of `--dedupe-key` on a store that does not exist yet: in a new store the
+    key has no history, so everyone would be reminded again (a mistyped --store in cron)."""
+    return StoreError(
+        f"no job store at {location}, so --dedupe-key {dedupe_key!r} has no history there "
+        "and everyone would be reminded again; pass --new-store to start a new store "
+        "(or fix --store / BULKMAIL_STORE)"
+    )
+
+
+def open_reader_for(
+    store: str | None, config: str | None, *, missing_ok: bool = False
+) -> StoreReader:
     """The store to read from for status/recent/report: on the embedded SQLite store a
-    light read-only reader that never imports SQLAlchemy, and that creates nothing."""
+    light read-only reader that never imports SQLAlchemy. It creates nothing: a missing
+    store is exit 2 naming the path (``NoJobStore``), or an empty ``NoStore`` when
+    ``missing_ok`` (send-reminders reading the history of a store it may create)."""
     from bulkmail.store.lite import open_reader
 
     if not store:
         from bulkmail.config import load_settings
 
         store = load_settings(config=config).store or None
-    return open_reader(store)
+    return open_reader(store, missing_ok=missing_ok)
 
 
 def print_json(doc: object) -> None:

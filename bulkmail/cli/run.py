@@ -17,12 +17,15 @@ from bulkmail.cli.common import (
     JsonOpt,
     StoreOpt,
     WorkersOpt,
+    create_store_for,
     fail,
     handles_errors,
     load_config,
+    no_dedupe_history,
     open_reader_for,
     open_store_for,
     print_json,
+    say_new_store,
     setup_logging,
     with_source_options,
 )
@@ -246,6 +249,14 @@ def send_reminders(
             help="Send nothing after this time; what is left then expires (a date: its end).",
         ),
     ] = None,
+    new_store: Annotated[
+        bool,
+        typer.Option(
+            "--new-store",
+            help="Start a new job store if there is none at --store: needed with "
+            "--dedupe-key, whose history a new store does not have.",
+        ),
+    ] = False,
     detach: DetachOpt = False,
     workers: WorkersOpt = 1,
     dry_run: Annotated[
@@ -262,6 +273,7 @@ def send_reminders(
     --template examples/reminder.txt --subject "Reminder: {{ course }}" --yes
     """
     from bulkmail import jobs, ui
+    from bulkmail.store.lite import NoStore
 
     env = environment()
     settings = load_config(config)
@@ -293,7 +305,10 @@ def send_reminders(
     if dry_run or (interactive and not yes):
         taken = None
         if plan.send.dedupe_key:
-            taken = open_reader_for(store, config).taken_under(plan.send.dedupe_key)
+            reader = open_reader_for(store, config, missing_ok=True)
+            if isinstance(reader, NoStore) and not new_store:
+                raise no_dedupe_history(reader.location, plan.send.dedupe_key)
+            taken = reader.taken_under(plan.send.dedupe_key)
         summary = jobs.dry_run(plan, taken=taken)
         if dry_run:
             if as_json:
@@ -315,8 +330,12 @@ def send_reminders(
             fail("interrupted: nothing sent and no job created", code)
         if not confirmed:
             fail("nothing sent and no job created", ExitCode.OK)
-    db_store = open_store_for(store, settings)
+    db_store, created = create_store_for(
+        store, settings, dedupe_key=plan.send.dedupe_key, new_store=new_store
+    )
     job_id = jobs.create_job(db_store, plan)
+    if created:
+        say_new_store(db_store.location)
     _run_job(
         env,
         db_store,

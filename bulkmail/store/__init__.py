@@ -6,6 +6,8 @@
 - :mod:`bulkmail.store.reads`: the read queries and the SQL of the store's shared knowledge
   (job and worker reads, the dedupe predicate), written once for every backend.
 - :mod:`bulkmail.store.schema`: the tables, the schema version and its migrations.
+- :mod:`bulkmail.store.files`: what is at a SQLite store's path, told read-only (no store,
+  a 0-byte file, someone else's database...): a store is never created by accident.
 - :mod:`bulkmail.store.engine`: opening a SQLite file (checks, WAL) or a PostgreSQL server.
 - :mod:`bulkmail.store.sql`: the store itself on SQLAlchemy 2 Core (SQLite or PostgreSQL):
   all writes, the send loop's claims and outcomes, workers, the rate-limit rows.

@@ -1,16 +1,21 @@
-"""Opening a job store's engine: a SQLite file (checked, created private, WAL) or a
-PostgreSQL server (psycopg 3).
+"""Opening a job store's engine: a SQLite file (checked, created private and whole, WAL)
+or a PostgreSQL server (psycopg 3).
 
-On SQLite the file is created with mode 0600 before SQLite opens it, an existing file is
-checked read-only to be a bulkmail store (or empty) before it is switched to WAL mode, and
-each connection runs with ``synchronous=FULL`` (a recorded ``sent`` survives a power loss),
-a busy timeout and foreign keys. A write transaction (execution option ``bulkmail_write``)
-begins with ``BEGIN IMMEDIATE``, so several processes can share one file.
+On SQLite an existing file is checked read-only to be a bulkmail store
+(:func:`bulkmail.store.files.inspect_sqlite`) before it is switched to WAL mode; a new store
+is made only when asked (``create``), whole: its schema is written into a private temporary
+file (mode 0600) beside it, which is then linked into place. So a store's path never holds a
+half-made store, and a 0-byte file there is always a truncated store, refused rather than
+made a new one. Each connection runs with ``synchronous=FULL`` (a recorded ``sent`` survives
+a power loss), a busy timeout and foreign keys. A write transaction (execution option
+``bulkmail_write``) begins with ``BEGIN IMMEDIATE``, so several processes can share one file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from bulkmail.errors import StoreError
+from bulkmail.store.files import inspect_sqlite
 from bulkmail.store.records import store_url
 
 __all__ = ["POSTGRES_CONNECT_ARGS", "Opened", "open_engine"]
@@ -34,19 +40,26 @@ class Opened:
     engine: Engine
     location: str  # for messages: never shows a password
     url: str  # to hand to a worker process: may hold a password
+    created: bool = False  # a new SQLite store was made at its path just now
 
 
-def open_engine(location: str | os.PathLike[str] | None) -> Opened:
+def open_engine(location: str | os.PathLike[str] | None, *, create: bool = True) -> Opened:
     """The engine for the store at ``location`` (a path or a URL; None: the default file).
-    A SQLite file is checked, or created private, first; nothing is connected yet."""
+    A SQLite file is checked first; when there is none, a new store is made (``create``)
+    or ``NoJobStore`` raised (nothing is created, not even the folder). Nothing is
+    connected yet on an existing store."""
     try:
         url = sa.make_url(store_url(location))
     except sa.exc.ArgumentError as exc:
         raise StoreError(f"--store: not a path or database URL: {exc}") from None
     path = _sqlite_path(url)
     if path is not None:
-        _prepare_sqlite_file(path)
-        return Opened(_sqlite_engine(url), str(path), str(path))
+        created = False
+        if inspect_sqlite(path, create=create) is None:
+            created = _create_sqlite_store(path)
+            if not created:  # another process made it meanwhile: check theirs
+                inspect_sqlite(path, create=False)
+        return Opened(_sqlite_engine(url), str(path), str(path), created)
     shown = url.render_as_string(hide_password=True)
     return Opened(_postgres_engine(url), shown, url.render_as_string(hide_password=False))
 
@@ -57,44 +70,54 @@ def _sqlite_path(url: sa.URL) -> Path | None:
     return Path(url.database)
 
 
-def _prepare_sqlite_file(path: Path) -> None:
-    """Create the store file (and its folder) with owner-only permissions before SQLite
-    does, so the deliveries (names, addresses) are never readable by other users. An
-    existing file is checked, read-only, to be a bulkmail store (or empty) before the
-    engine opens it: opening switches the file to WAL mode, which must never happen to
-    someone else's database (``--store course.db`` typed for ``--db``)."""
-    if path.exists():
-        if path.is_dir():
-            raise StoreError(f"{path}: is a directory, not a job store")
-        _check_sqlite_store(path)
-        return
+def _create_sqlite_store(path: Path) -> bool:
+    """Make a new store at ``path`` whole, with owner-only permissions (the deliveries hold
+    names and addresses): the folder (0700) when missing, the schema in a temporary file
+    (0600) beside it, then a hard link to ``path``, which never replaces a file another
+    process put there first (False then). WAL mode is switched on when the store is opened."""
+    from bulkmail.store.schema import create_schema
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.new")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-    except FileExistsError:
-        pass
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as exc:
         raise StoreError(f"{path}: cannot create the job store: {exc.strerror}") from None
-
-
-def _check_sqlite_store(path: Path) -> None:
-    """Refuse an existing file that is not SQLite, or an SQLite database with tables that
-    are not bulkmail's."""
     try:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30.0)
+        engine = _sqlite_engine(sa.make_url(f"sqlite:///{tmp}"), wal=False)
         try:
-            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
+            with engine.connect() as conn:
+                conn.execution_options(bulkmail_write=True)
+                with conn.begin():
+                    create_schema(conn, server=False, location=str(path))
         finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: not a bulkmail job store ({exc})") from None
-    tables = [t for t in tables if not t.startswith("sqlite_")]
-    if tables and "jobs" not in tables:
-        raise StoreError(
-            f"{path}: an SQLite database with other tables ({', '.join(tables[:4])}), not a "
-            "bulkmail job store; give --store a new file (was it meant for --db sqlite:///...?)"
-        )
+            engine.dispose()
+        _fsync(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: a rename, never over a file
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # not every file system syncs a folder
+            _fsync(path.parent)
+        return True
+    except (OSError, sa.exc.DBAPIError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else exc.orig
+        raise StoreError(f"{path}: cannot create the job store: {reason}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _set_wal(cursor: Any) -> None:
@@ -112,7 +135,7 @@ def _set_wal(cursor: Any) -> None:
             time.sleep(0.02)
 
 
-def _sqlite_engine(url: sa.URL) -> Engine:
+def _sqlite_engine(url: sa.URL, *, wal: bool = True) -> Engine:
     engine = sa.create_engine(
         url, connect_args={"check_same_thread": False, "timeout": 30.0}, pool_size=8
     )
@@ -124,7 +147,8 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA busy_timeout = 30000")
-        _set_wal(cursor)
+        if wal:
+            _set_wal(cursor)
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()

@@ -3,7 +3,8 @@
 ``status``, ``recent`` and ``report`` only read; on the embedded SQLite store they use this
 reader and never import SQLAlchemy, which is most of their start-up time. The queries are
 the shared ones of :mod:`bulkmail.store.reads`. Anything this reader cannot serve (a
-PostgreSQL URL, a store that needs a migration) is opened as a full store instead.
+PostgreSQL URL, a store that needs a migration) is opened as a full store instead; neither
+ever creates a store.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bulkmail.errors import StoreError
+from bulkmail.store.files import NoJobStore, connect_ro, inspect_sqlite
 from bulkmail.store.reads import Query, StoreReads
 from bulkmail.store.records import SCHEMA_VERSION, store_url
 
@@ -26,7 +28,8 @@ SQLITE_PREFIX = "sqlite:///"
 
 
 class LiteReader(StoreReads):
-    """Reads of one SQLite store file, opened read-only for each transaction."""
+    """Reads of one SQLite store file, opened read-only for each transaction (a store in a
+    read-only folder too: ``files.connect_ro``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -35,7 +38,7 @@ class LiteReader(StoreReads):
     @contextmanager
     def _reading(self) -> Iterator[Query]:
         try:
-            conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=30.0)
+            conn = connect_ro(self.path)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the job store: {exc}") from None
         conn.row_factory = sqlite3.Row
@@ -53,10 +56,12 @@ class LiteReader(StoreReads):
 
 
 class NoStore(StoreReads):
-    """The store file does not exist yet: no jobs at all (and nothing is created)."""
+    """There is no store yet (and nothing is created): no jobs at all. What a command
+    about to create the store reads, e.g. the dedupe history of `send-reminders --dry-run
+    --new-store`."""
 
-    def __init__(self, path: Path) -> None:
-        self.location = str(path)
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        self.location = str(location)
 
     @contextmanager
     def _reading(self) -> Iterator[Query]:
@@ -66,31 +71,27 @@ class NoStore(StoreReads):
         yield query
 
 
-def _schema_version(path: Path) -> int | None:
-    try:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30.0)
-    except sqlite3.Error:
-        return None
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except sqlite3.DatabaseError:
-        return None
-    finally:
-        conn.close()
-    return int(row[0]) if row else None
-
-
-def open_reader(location: str | os.PathLike[str] | None = None) -> StoreReader:
+def open_reader(
+    location: str | os.PathLike[str] | None = None, *, missing_ok: bool = True
+) -> StoreReader:
     """What ``status``/``recent``/``report`` read from: the light reader for an existing
-    SQLite store at the current schema, no store at all for a missing file, else the full
-    store (PostgreSQL, or a store to be migrated or diagnosed)."""
+    SQLite store at the current schema, else the full store (PostgreSQL, or a store to be
+    migrated). Where there is no store, ``NoStore`` when ``missing_ok``, else ``NoJobStore``;
+    nothing is created either way. A 0-byte file, or one that is not a bulkmail store, is
+    refused (``files.inspect_sqlite``)."""
     url = store_url(location)
     if url.startswith(SQLITE_PREFIX) and "?" not in url:
         path = Path(url[len(SQLITE_PREFIX) :])
-        if not path.exists():
+        version = inspect_sqlite(path, create=missing_ok)
+        if version is None:
             return NoStore(path)
-        if path.is_file() and _schema_version(path) == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION:
             return LiteReader(path)
     from bulkmail.store.sql import open_store
 
-    return open_store(location)
+    try:
+        return open_store(location, create=False)
+    except NoJobStore as exc:
+        if missing_ok:
+            return NoStore(exc.location)
+        raise

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from bulkmail.errors import StoreError
+from bulkmail.store.files import NoJobStore
 from bulkmail.store.records import SCHEMA_VERSION
 
 __all__ = [
@@ -174,26 +175,30 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
 }
 
 
-def create_schema(conn: Connection, *, server: bool, location: str) -> None:
-    """Create the schema in a new store, or bring an older one up to ``SCHEMA_VERSION``:
-    every step of ``MIGRATIONS`` from the recorded version on, then the new version number.
-    Runs in the caller's write transaction, so a failed step leaves the store as it was."""
+def create_schema(conn: Connection, *, server: bool, location: str, create: bool = True) -> bool:
+    """Create the schema in a new store (only when ``create``: else ``NoJobStore``), or
+    bring an older one up to ``SCHEMA_VERSION``: every step of ``MIGRATIONS`` from the
+    recorded version on, then the new version number. Runs in the caller's write
+    transaction, so a failed step leaves the store as it was. True when it created one."""
     if server:
         # several workers may open a new store at once: one creates it
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
     version = schema_version(conn)
+    if version is None and not create:
+        raise NoJobStore(location, ": no bulkmail tables there")
     if version is None:  # a new store
         metadata.create_all(conn)
         conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-        return
+        return True
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{location}: made by a newer bulkmail (schema {version}); upgrade bulkmail to use it"
         )
     if version == SCHEMA_VERSION:
-        return
+        return False
     for step in range(version, SCHEMA_VERSION):
         MIGRATIONS[step](conn)
     metadata.create_all(conn)  # tables new since then
     conn.execute(meta.delete().where(meta.c.key == "schema_version"))
     conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+    return False

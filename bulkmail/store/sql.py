@@ -181,11 +181,17 @@ def _stmt_worker_sent() -> sa.Update:
 _SQL_DB_NOW = sa.text("SELECT extract(epoch from clock_timestamp())")
 
 
-def open_store(location: str | os.PathLike[str] | None = None) -> Store:
-    """Open (creating on first use, upgrading when older) the job store at ``location``."""
-    opened = open_engine(location)
+def open_store(location: str | os.PathLike[str] | None = None, *, create: bool = True) -> Store:
+    """Open (upgrading when older) the job store at ``location``. When there is none yet
+    it is created if ``create`` (``Store.created`` says so), else ``NoJobStore`` is raised
+    and nothing is created: not the file, not its folder, not the tables."""
+    opened = open_engine(location, create=create)
     store = Store(opened.engine, opened.location, url=opened.url)
-    store.create_schema()
+    try:
+        store.created = store.create_schema(create=create) or opened.created
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
@@ -235,6 +241,7 @@ class Store(StoreReads):
         self.location = location  # for messages: never shows a password
         self.url = url or location  # to hand to a worker process: may hold a password
         self.server = engine.dialect.name == "postgresql"  # several hosts may share it
+        self.created = False  # open_store made this store just now
         # the leases' and rate slots' time source when a test injects one (see _time)
         self.clock = clock
 
@@ -281,12 +288,14 @@ class Store(StoreReads):
         with self._read() as conn:
             yield _query(conn)
 
-    def create_schema(self) -> None:
-        """Create the schema on first use, or migrate an older one (``schema.create_schema``),
-        in ONE write transaction."""
+    def create_schema(self, *, create: bool = True) -> bool:
+        """Create the schema on first use (when ``create``; True then), or migrate an older
+        one (``schema.create_schema``), in ONE write transaction."""
         try:
             with self._write() as conn:
-                create_schema(conn, server=self.server, location=self.location)
+                return create_schema(
+                    conn, server=self.server, location=self.location, create=create
+                )
         except sa.exc.DatabaseError as exc:
             raise StoreError(f"{self.location}: not a bulkmail job store ({exc.orig})") from None
 
