@@ -378,7 +378,7 @@ def test_sources_and_compose_share_one_definition() -> None:
     from bulkmail import headersafe, sources
 
     assert header_safe_problem is headersafe.header_safe_problem
-    assert sources.header_safe_problem is headersafe.header_safe_problem
+    assert sources.header_safe_problem is headersafe.header_safe_problem  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

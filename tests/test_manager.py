@@ -39,8 +39,10 @@ class FakeClock:
 def settings_for(sink: SmtpSink, **smtp: object) -> Settings:
     base = SmtpSettings(host=sink.host, port=sink.port, security="none", timeout=5.0)
     return Settings(
-        provider="smtp", sender="Office <office@example.edu>", smtp=replace(base, **smtp)
-    )  # type: ignore[arg-type]
+        provider="smtp",
+        sender="Office <office@example.edu>",
+        smtp=replace(base, **smtp),  # type: ignore[arg-type]
+    )
 
 
 def make_job(

@@ -20,7 +20,7 @@ from bulkmail.errors import InputError
 from bulkmail.sources import is_xlsx, open_csv, open_xlsx
 
 
-def workbook(path: str, sheets: dict[str, Sequence[Sequence[object]]]) -> Path:
+def workbook(path: str, sheets: dict[str, Sequence[Sequence[Any]]]) -> Path:
     """A workbook with these sheets, each a list of rows starting at row 1 (an empty row:
     ``()``)."""
     book = openpyxl.Workbook()
