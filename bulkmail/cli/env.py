@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import click
 import typer
 from rich.console import Console
 
@@ -55,7 +54,7 @@ class Environment:
 
     def confirm(self, question: str) -> bool:
         """Ask a yes/no question on stderr (default: no); the answer is read from stdin.
-        Ctrl-C (or SIGTERM) while asking raises it (exit 130 or 143), not click's Abort."""
+        Ctrl-C (or SIGTERM) while asking raises it (exit 130 or 143), not typer's Abort."""
         with _interrupt_passes():
             return typer.confirm(question, default=False, err=True)
 
@@ -67,12 +66,13 @@ class Environment:
 
 @contextmanager
 def _interrupt_passes() -> Iterator[None]:
-    """Let a KeyboardInterrupt (Ctrl-C, or ``Terminated``) out of a prompt: click and
-    typer turn it into their ``Abort`` (printed "Aborted!", exit 1), keeping it as the
-    exception's context."""
+    """Let a KeyboardInterrupt (Ctrl-C, or ``Terminated``) out of a prompt: typer (its own
+    copy of click, or click itself in older releases, whose ``Abort`` typer re-exports) turns
+    it into ``Abort`` (printed "Aborted!", exit 1), keeping it as the exception's context.
+    No direct ``import click``: recent typer releases do not install click."""
     try:
         yield
-    except (click.exceptions.Abort, typer.Abort) as exc:
+    except typer.Abort as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):
             raise exc.__context__ from None
         raise
