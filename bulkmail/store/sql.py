@@ -851,7 +851,11 @@ class Store(StoreReads):
                 continue
             # the send whose leaving the window frees a slot: the (count - cap + 1)-th oldest
             oldest = conn.execute(
-                sa.select(sends.c.at).where(window).order_by(sends.c.at).offset(count - cap)
+                sa.select(sends.c.at)
+                .where(window)
+                .order_by(sends.c.at)
+                .offset(count - cap)
+                .limit(1)
             ).scalar_one()
             waits.append((float(oldest) + span - at, f"{name} cap {count}/{cap} on {account}"))
         if not waits:
