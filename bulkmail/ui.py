@@ -131,6 +131,7 @@ class RunDisplay:
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._suggested_detach = False
 
     @contextmanager
     def running(self) -> Iterator[RunDisplay]:
@@ -158,7 +159,29 @@ class RunDisplay:
         per_s = (self.sent_now - 1) / (now - self._first_sent)
         return f"{per_s:.2f}/s" if per_s < 10 else f"{per_s:.0f}/s"
 
+    def _waiting(self, event: Event) -> None:
+        """A worker holds the job back (a cap, a window, --not-before, throttling): the
+        bar shows the countdown, a plain line says it once; long waits suggest --detach."""
+        left = max(0.0, event.until - time.time())
+        line = f"waiting {duration(left)}: {event.error}"
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, current=line)
+        else:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if left > 600 and not self._suggested_detach:
+            self._suggested_detach = True
+            self.console.print(
+                f"a long wait: Ctrl-C, then `bulkmail resume {self.job_id} --detach` (or "
+                "`bulkmail run-due` from cron) goes on in the background",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
     def handle(self, event: Event) -> None:
+        if event.kind == "waiting":
+            self._waiting(event)
+            return
         with self._lock:
             if event.kind == "sent":
                 self.done += 1
