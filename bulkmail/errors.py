@@ -16,7 +16,7 @@ class ExitCode(IntEnum):
     """Process exit codes, as the design fixes them."""
 
     OK = 0  # done with no failed delivery; dry run ok; worker started; status printed
-    SOME_FAILED = 1  # job finished but some deliveries failed
+    SOME_FAILED = 1  # job finished but some deliveries failed (or expired: --not-after)
     BAD_INPUT = 2  # bad usage or input: nothing sent, no job created
     STOPPED = 3  # job stopped before finishing (fatal provider error, too many transient)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): message in flight finished, job paused, resumable
@@ -92,7 +92,8 @@ def exit_code_for(
     if interrupted:
         return ExitCode.INTERRUPTED
     if state == JobState.COMPLETED:
-        return ExitCode.SOME_FAILED if counts.failed else ExitCode.OK
+        # expired deliveries (--not-after passed) were not delivered either
+        return ExitCode.SOME_FAILED if counts.failed or counts.expired else ExitCode.OK
     return ExitCode.STOPPED
 
 

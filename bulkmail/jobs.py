@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from email.utils import parseaddr
 from pathlib import Path
+from typing import Any
 
 from bulkmail.compose import Composer, Templates
 from bulkmail.config import PROVIDERS, Settings
@@ -26,7 +27,7 @@ from bulkmail.providers import (
     make_provider,
     with_defaults,
 )
-from bulkmail.schedule import Calendar, Timing, plan_calendar, timing
+from bulkmail.schedule import Calendar, Timing, plan_calendar, timing, zone_name
 from bulkmail.sources import Source, is_xlsx, open_csv, open_db, open_xlsx, select
 from bulkmail.store import (
     JobRecord,
@@ -345,6 +346,21 @@ def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient
         )
 
 
+def job_timing(t: Timing) -> dict[str, Any]:
+    """What a job records of its calendar and caps. The caps are the account's, but they
+    are recorded as in force at creation (flag, environment or config): a worker started
+    later by `run-due` or `resume` has no flags, and each job counts every send on the
+    account, so the strictest job's caps are never exceeded."""
+    return {
+        "windows": tuple(t.window_texts),
+        "tz": zone_name(t.tz) if t.schedule.windows or t.not_before or t.not_after else None,
+        "not_before": t.not_before,
+        "not_after": t.not_after,
+        "per_hour": t.per_hour,
+        "per_day": t.per_day,
+    }
+
+
 def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
     """Create the job and its deliveries, in batches under the state ``creating``, then
     ``queued`` (nothing is left behind when a row or template fails)."""
@@ -363,6 +379,7 @@ def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
         max_retries=plan.send.max_retries,
         backoff=plan.send.backoff,
         dedupe_key=plan.send.dedupe_key,
+        **job_timing(plan.timing),
     )
     rows = (NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan))
     domain = parseaddr(plan.sender)[1].rpartition("@")[2] or "bulkmail.local"
@@ -626,3 +643,45 @@ def joined_too_late(store: JobStore, job_id: int, *, exclusive: bool) -> Nothing
     if exclusive or state not in FINISHED_STATES:
         return None
     return NothingToDo(view, f"job {job_id} is already {state}")
+
+
+# --------------------------------------------------------------------------- run-due
+
+
+@dataclass
+class DueRun:
+    """What ``run-due`` did: the workers it started, and the jobs it could not start."""
+
+    started: list[Detached] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+
+def run_due(
+    store: JobStore,
+    *,
+    config: str | None,
+    now: float | None = None,
+    start: Callable[[int], Detached] | None = None,
+) -> DueRun:
+    """Start a detached worker for every job whose time has come (``store.due_jobs``) that
+    no live worker holds. Safe to run every minute from several hosts: the worker
+    registers exclusively, so of two started at once on one job the second is refused,
+    and that job is skipped here, not reported."""
+    from bulkmail.views import effective_state
+
+    at = time.time() if now is None else now
+    launch = start or (lambda job_id: start_detached(store, job_id, config=config))
+    result = DueRun()
+    for job_id in store.due_jobs(now=now):
+        if effective_state(store.view(job_id), now=at) == JobState.RUNNING:
+            continue  # a live worker holds it (it may be waiting for a window or a cap)
+        try:
+            result.started.append(launch(job_id))
+        except BulkmailError as exc:
+            view = store.view(job_id)
+            if effective_state(view, now=time.time()) == JobState.RUNNING:
+                continue  # another host's run-due started it first
+            if view.job.state in FINISHED_STATES:
+                continue
+            result.errors.append((job_id, str(exc)))
+    return result

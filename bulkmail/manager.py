@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
 from typing import Literal
 
 from bulkmail.compose import Composer, Templates
@@ -33,6 +34,7 @@ from bulkmail.models import Message, Recipient
 from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, this_host_id, worker_alive
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
 from bulkmail.ratelimit import RateLimiter
+from bulkmail.schedule import Schedule, parse_windows, parse_zone
 from bulkmail.store import (
     Claimed,
     Counts,
@@ -55,7 +57,11 @@ CLAIM_LEAD = 0.05  # seconds before its rate slot that a delivery is claimed and
 TAIL_POLL = 0.5  # seconds between looks at other workers' last messages in flight
 MAX_BACKOFF = 24 * 3600.0  # the longest wait before a retry: one day
 
-EventKind = Literal["sending", "sent", "failed", "retry", "stopped"]
+THROTTLE_PAUSE_AFTER = 600.0  # seconds of nothing but throttling replies before the job pauses
+WINDOW_MARGIN = 30.0  # no delivery is started this close to the end of a send window
+LONG_WAIT = 600.0  # a foreground run suggests --detach for waits longer than this
+
+EventKind = Literal["sending", "sent", "failed", "retry", "stopped", "waiting"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class Event:
     name: str = ""
     error: str = ""
     attempts: int = 0
+    until: float = 0.0  # "waiting": until when (POSIX seconds); ``error`` says why
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,25 @@ def backoff_delay(attempts: int, backoff: float, retry_after: float | None = Non
     return float(max(0.0, min(backoff * 2.0**doublings, MAX_BACKOFF)))
 
 
+def job_schedule(job: JobRecord) -> Schedule:
+    """The job's send windows in its zone (always open without windows); a zone this
+    machine does not know is read as UTC rather than stopping the job."""
+    try:
+        zone = parse_zone(job.tz) if job.tz else parse_zone(None)
+    except BulkmailError:
+        zone = parse_zone("UTC")
+    return Schedule(parse_windows(job.windows), zone)
+
+
+def _stamp(t: float, tz: tzinfo) -> str:
+    local = datetime.fromtimestamp(t, tz)
+    return f"{local:%Y-%m-%d %H:%M} {local.tzname()}"
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def composer_for(job: JobRecord) -> Composer:
     return Composer(Templates.from_json(job.subject, job.templates), sender=job.sender)
 
@@ -148,6 +174,8 @@ class EmailManager:
         max_consecutive_transient: int = MAX_CONSECUTIVE_TRANSIENT,
         exclusive: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
+        throttle_pause: float = THROTTLE_PAUSE_AFTER,
+        window_margin: float = WINDOW_MARGIN,
     ) -> None:
         # a store error (a restarted server, a lock held too long) is retried for up to the
         # stale window before this worker gives up on the job
@@ -173,6 +201,11 @@ class EmailManager:
         self.monotonic = monotonic
         # when (monotonic) the last heartbeat the store renewed was started: the lease
         self._lease_at: float | None = None
+        self.throttle_pause = throttle_pause
+        self.window_margin = window_margin
+        self._throttled_since: float | None = None  # first throttling reply since a success
+        self._waiting: tuple[str, float] | None = None  # what the job row says we wait for
+        self._schedule: Schedule | None = None
 
     # -- control
 
@@ -221,6 +254,7 @@ class EmailManager:
                 registration.reclaimed,
             )
         job = self.store.get_job(self.job_id)
+        self._schedule = job_schedule(job)
         limiter = RateLimiter(self.store, job.account, job.rate, job.burst, clock=self.clock)
         composer = composer_for(job)
         heartbeat = threading.Thread(target=self._heartbeat, name="bulkmail-heartbeat", daemon=True)
@@ -260,6 +294,9 @@ class EmailManager:
         finally:
             self._stop.set()
         heartbeat.join(timeout=5)
+        if self._waiting is not None:
+            with contextlib.suppress(BulkmailError):
+                self.store.set_waiting(self.job_id, None, None)
         try:
             now = self.clock()
             state = self.store.finish_worker(
@@ -427,6 +464,11 @@ class EmailManager:
         try:
             while not self._stop.is_set():
                 slot: float | None = None
+                held = self._held_back(job)
+                if held is not None:
+                    if self._wait_visibly(*held):
+                        return
+                    continue
                 if not limiter.unlimited:
                     # take a rate slot only when a delivery is due, so backoff waits don't
                     # burn the account's quota
@@ -456,10 +498,15 @@ class EmailManager:
                         continue
                     return
                 if isinstance(claim, Wait):
-                    if self.sleep(min(claim.seconds, self.heartbeat_interval)):
+                    if claim.why is not None:  # a cap or a throttling server: visible
+                        if self._wait_visibly(self.clock() + claim.seconds, claim.why):
+                            return
+                    elif self.sleep(min(claim.seconds, self.heartbeat_interval)):
                         return
                     continue
                 assert isinstance(claim, Claimed)
+                with self._lock:
+                    self._waiting = None  # the claim cleared the job's waiting_for
                 outcome = self._deliver(job, provider, composer, claim.delivery, slot, limiter)
                 if outcome is None:
                     return  # stopped while waiting for the slot: given back untried
@@ -483,6 +530,49 @@ class EmailManager:
             if self.clock() <= slot + tolerance:
                 return True
             slot = limiter.reserve()
+
+    def _held_back(self, job: JobRecord) -> tuple[float, str] | None:
+        """Whether the job's calendar holds it back now: (until when, why), or None. Past
+        ``--not-after`` the job's pending deliveries expire (and the loop finds nothing
+        left); before ``--not-before`` or outside every ``--window`` (or too close to a
+        window's end to start a delivery) it waits."""
+        now = self.clock()
+        if job.not_after is not None and now >= job.not_after:
+            expired = self.store.expire(self.job_id)
+            if expired:
+                log.warning(
+                    "job %s: --not-after passed: %d deliveries expired", self.job_id, expired
+                )
+            return None
+        schedule = self._schedule or Schedule()
+        until: float | None = None
+        why = ""
+        if job.not_before is not None and now < job.not_before:
+            until, why = job.not_before, f"--not-before {_stamp(job.not_before, schedule.tz)}"
+        elif not schedule.always_open:
+            end = schedule.window_end(now)
+            if end <= now or end - now < self.window_margin:
+                until = schedule.next_open(max(end, now) + self.window_margin)
+                why = f"outside --window {' and '.join(job.windows)}"
+        if until is None:
+            return None
+        if job.not_after is not None and until > job.not_after:
+            until = job.not_after  # then what is left expires
+        return until, why
+
+    def _wait_visibly(self, until: float, why: str) -> bool:
+        """Wait (one heartbeat interval at most, then the loop looks again) while the job
+        row says why and until when; True when a stop was requested meanwhile."""
+        with self._lock:
+            last = self._waiting
+            changed = last is None or last[0] != why or abs(last[1] - until) > 1.0
+            if changed:
+                self._waiting = (why, until)
+        if changed:
+            self.store.set_waiting(self.job_id, why, until)
+            log.info("job %s waiting until %s: %s", self.job_id, _iso(until), why)
+            self.on_event(Event("waiting", error=why, until=until))
+        return self.sleep(max(0.0, min(until - self.clock(), self.heartbeat_interval)))
 
     def _wait_until(self, when: float) -> bool:
         """Sleep until ``when``; False when a stop interrupted the wait."""
@@ -538,8 +628,33 @@ class EmailManager:
     def _reset_transient(self) -> None:
         with self._lock:
             self._consecutive_transient = 0
+            self._throttled_since = None
+
+    def _throttled(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> Outcome:
+        """The server says the account sends too fast: the account's shared limiter
+        pauses (Retry-After, account-wide) and slows; the delivery goes back to pending
+        without using up a retry and without counting towards the consecutive transient
+        failures. The job pauses only when nothing got through for ``throttle_pause``."""
+        self.store.throttle(job.account, retry_after=exc.retry_after, clock=self.clock)
+        now = self.clock()
+        with self._lock:
+            if self._throttled_since is None:
+                self._throttled_since = now
+            stuck = now - self._throttled_since >= self.throttle_pause
+        self.on_event(Event("retry", d.email, d.name, str(exc), d.attempts))
+        if stuck:
+            self.request_stop(
+                "paused",
+                f"throttled by the server: nothing got through for "
+                f"{self.throttle_pause:.0f} s (last: {exc})",
+            )
+        return Outcome.retry(
+            d.id, str(exc), now, exc.outcome_unknown, attempts=max(0, d.attempts - 1)
+        )
 
     def _transient(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> Outcome:
+        if exc.throttled:
+            return self._throttled(job, d, exc)
         error = str(exc)
         with self._lock:
             self._consecutive_transient += 1

@@ -42,6 +42,7 @@ STATE_STYLE = {
     "completed": "green",
     "running": "cyan",
     "queued": "cyan",
+    "scheduled": "blue",
     "paused": "yellow",
     "stalled": "bold yellow",
     "aborted": "red",
@@ -130,6 +131,7 @@ class RunDisplay:
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._suggested_detach = False
 
     @contextmanager
     def running(self) -> Iterator[RunDisplay]:
@@ -157,7 +159,29 @@ class RunDisplay:
         per_s = (self.sent_now - 1) / (now - self._first_sent)
         return f"{per_s:.2f}/s" if per_s < 10 else f"{per_s:.0f}/s"
 
+    def _waiting(self, event: Event) -> None:
+        """A worker holds the job back (a cap, a window, --not-before, throttling): the
+        bar shows the countdown, a plain line says it once; long waits suggest --detach."""
+        left = max(0.0, event.until - time.time())
+        line = f"waiting {duration(left)}: {event.error}"
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, current=line)
+        else:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if left > 600 and not self._suggested_detach:
+            self._suggested_detach = True
+            self.console.print(
+                f"a long wait: Ctrl-C, then `bulkmail resume {self.job_id} --detach` (or "
+                "`bulkmail run-due` from cron) goes on in the background",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
     def handle(self, event: Event) -> None:
+        if event.kind == "waiting":
+            self._waiting(event)
+            return
         with self._lock:
             if event.kind == "sent":
                 self.done += 1
@@ -210,7 +234,10 @@ def status_panel(doc: JobDocument) -> Panel:
         ("pending", doc["pending"], "cyan"),
         ("skipped", doc["skipped"], "yellow"),
         ("cancelled", doc["cancelled"], "magenta"),
+        ("expired", doc.get("expired", 0), "magenta"),
     ):
+        if key == "expired" and not count:
+            continue
         counts.append(f"{count} {key}", style=style)
         counts.append("  ")
     counts.append(f"of {doc['total']}")
@@ -240,12 +267,36 @@ def status_panel(doc: JobDocument) -> Panel:
         )
     if doc.get("log_path"):
         table.add_row("log", doc["log_path"])
+    waiting = waiting_line(doc)
+    if waiting:
+        table.add_row("waiting", shown(waiting, style="yellow"))
     if doc.get("error"):
         table.add_row("stopped by", shown(doc["error"], style="red"))
     hint = next_step(doc)
     if hint:
         table.add_row("next", Text(hint, style="dim"))
     return Panel(table, title=f"job {doc['id']}", expand=False)
+
+
+def waiting_line(doc: JobDocument) -> str | None:
+    """ "daily cap 150/150 on smtp:office@smtp.example.edu; next send 2026-12-02 08:00 CET
+    (Europe/Berlin)", or None when no worker holds the job back."""
+    why, until = doc.get("waiting_for"), doc.get("waiting_until")
+    if not why:
+        return None
+    if not until:
+        return str(why)
+    from datetime import datetime
+
+    from bulkmail.errors import BulkmailError
+    from bulkmail.schedule import parse_zone, zone_name
+
+    try:
+        zone = parse_zone(doc.get("tz"))
+    except BulkmailError:  # a zone this machine does not know: the local one
+        zone = parse_zone(None)
+    local = datetime.fromisoformat(str(until).replace("Z", "+00:00")).astimezone(zone)
+    return f"waiting: {why}; next send {local:%Y-%m-%d %H:%M} {local.tzname()} ({zone_name(zone)})"
 
 
 def _transport(doc: JobDocument) -> str:
@@ -266,6 +317,8 @@ def next_step(doc: JobDocument) -> str:
         return f"bulkmail status {job} --skipped (why {doc['skipped']} were not sent)"
     if state in ("running", "queued"):
         return f"bulkmail status {job} --watch"
+    if state == "scheduled":
+        return "bulkmail run-due (from cron or a systemd timer) starts it when its time comes"
     return ""
 
 
@@ -329,7 +382,7 @@ def recent_table(docs: Sequence[JobDocument]) -> Table:
             _state(d["state"]),
             shown(d["subject"], no_wrap=True, overflow="ellipsis"),
             f"{d['sent']}/{d['total']}",
-            str(d["failed"]),
+            str(d["failed"]) + (f" +{d['expired']} expired" if d.get("expired") else ""),
             str(d["pending"]),
             created,
         )

@@ -57,6 +57,7 @@ class JobDocument(TypedDict):
     pending: int
     sending: int
     cancelled: int
+    expired: int
     in_doubt: int
     created_at: str | None
     started_at: str | None
@@ -70,6 +71,11 @@ class JobDocument(TypedDict):
     worker_host: str | None
     heartbeat_at: str | None
     log_path: str | None
+    waiting_for: str | None  # why a worker holds the job back (a cap, a window...)
+    waiting_until: str | None  # until when (ISO 8601, UTC)
+    not_before: str | None
+    not_after: str | None
+    tz: str | None
     workers: list[WorkerDocument]
     failures: NotRequired[list[FailureDocument]]
     skips: NotRequired[list[SkipDocument]]
@@ -114,6 +120,8 @@ def job_document(
         # (those already marked in doubt, resent and in flight again, count once)
         pending, in_doubt = c.pending, c.in_doubt + c.sending - c.sending_in_doubt
     live = [w for w in view.workers if w.stopped_at is None]
+    # a waiting note is the live worker's: a stalled job's is stale
+    waiting = state == JobState.RUNNING and job.waiting_for is not None
     latest = max(live or view.workers, key=lambda w: w.heartbeat_at, default=None)
     return {
         "id": job.id,
@@ -129,6 +137,7 @@ def job_document(
         "pending": pending,
         "sending": c.sending,
         "cancelled": c.cancelled,
+        "expired": c.expired,
         "in_doubt": in_doubt,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
@@ -142,6 +151,11 @@ def job_document(
         "worker_host": latest.host if latest and latest.stopped_at is None else None,
         "heartbeat_at": iso(latest.heartbeat_at) if latest else None,
         "log_path": job.log_path,
+        "waiting_for": job.waiting_for if waiting else None,
+        "waiting_until": iso(job.waiting_until) if waiting else None,
+        "not_before": iso(job.not_before),
+        "not_after": iso(job.not_after),
+        "tz": job.tz,
         "workers": [
             {
                 "id": w.id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -53,6 +54,24 @@ def _run_job(
     """Run (or detach) a job and report the outcome with its exit code."""
     from bulkmail import jobs, ui, views
 
+    job = store.get_job(job_id)
+    if job.state == "scheduled" and not detach:
+        # created for later: cron's `bulkmail run-due` starts it when its time comes
+        from bulkmail.schedule import parse_zone
+
+        when = job.not_before or time.time()
+        local = datetime.fromtimestamp(when, parse_zone(job.tz))
+        if as_json:
+            print_json(views.job_document(store.view(job_id)))
+        else:
+            env.stdout.print(
+                f"job {job_id} scheduled for {local:%Y-%m-%d %H:%M} {local.tzname()}; "
+                "run `bulkmail run-due` from cron (or a systemd timer) to start it then, "
+                f"or `bulkmail resume {job_id} --detach` to start a worker that waits",
+                markup=False,
+                highlight=False,
+            )
+        raise typer.Exit(0)
     if detach or workers > 1:
         # the first worker is exclusive (a job a live worker holds is refused, as for a
         # foreground resume); the others join it
@@ -483,3 +502,43 @@ def worker(
     error = f" ({result.error})" if result.error else ""
     env.write(f"{me} stopped: job {job_id} {result.state}{error}\n")
     raise typer.Exit(int(result.exit_code))
+
+
+@app.command("run-due")
+@handles_errors
+def run_due(
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Start a background worker for every job whose time has come and that no live worker
+    holds (scheduled with --not-before passed, queued, or stalled). For cron or a systemd
+    timer: quiet when nothing is due, safe every minute and from several hosts.
+    Example (crontab): * * * * * bulkmail run-due --store /srv/bulkmail/jobs.db"""
+    from bulkmail import jobs
+
+    env = environment()
+    settings = load_config(config)
+    db = open_store_for(store, settings)
+    result = jobs.run_due(db, config=config)
+    if as_json:
+        print_json(
+            {
+                "started": [
+                    {"id": s.job_id, "pid": s.pid, "log_path": s.log_path} for s in result.started
+                ],
+                "errors": [{"id": job_id, "error": error} for job_id, error in result.errors],
+            }
+        )
+    else:
+        for s in result.started:
+            env.stdout.print(
+                f"job {s.job_id} started: worker pid {s.pid}, log {s.log_path}",
+                markup=False,
+                highlight=False,
+            )
+        for job_id, error in result.errors:
+            env.stderr.print(
+                f"bulkmail: job {job_id} not started: {error}", markup=False, highlight=False
+            )
+    raise typer.Exit(int(ExitCode.SOME_FAILED if result.errors else ExitCode.OK))

@@ -25,6 +25,9 @@ class TransientError(ProviderError):
     ``unreachable`` is true when the server could not be reached at all (refused, timed out,
     DNS): nothing was tried for this recipient, so the attempt does not count against its
     retries; the job pauses after enough of these in a row.
+    ``throttled`` is true when the server refused because the account sends too fast (SMTP
+    421/450/451/452 with 4.7.x or rate wording, HTTP 429): the account's shared limiter
+    slows down, and the delivery is retried without using up its retries.
     """
 
     def __init__(
@@ -34,11 +37,28 @@ class TransientError(ProviderError):
         retry_after: float | None = None,
         outcome_unknown: bool = False,
         unreachable: bool = False,
+        throttled: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.outcome_unknown = outcome_unknown
         self.unreachable = unreachable
+        self.throttled = throttled
+
+
+_RATE_WORDS = ("rate", "too many", "throttl", "limit")
+
+
+def is_throttling(code: int, text: str) -> bool:
+    """Whether an SMTP reply says the account sends too fast: 421/450/451/452 with the
+    enhanced status 4.7.x or wording about rates and limits."""
+    if code not in (421, 450, 451, 452):
+        return False
+    words = text.lower().split()
+    if len(words) > 1 and words[1].startswith("4.7."):
+        return True
+    lowered = text.lower()
+    return any(w in lowered for w in _RATE_WORDS)
 
 
 class PermanentError(ProviderError):

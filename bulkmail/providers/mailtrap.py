@@ -322,6 +322,7 @@ def _classify(response: requests.Response) -> str | None:
         raise TransientError(
             f"Mailtrap rate limit exceeded (429): {detail}",
             retry_after=_retry_after(response),
+            throttled=True,
         )
     if status >= 500 or status == 408:
         raise TransientError(

@@ -17,7 +17,13 @@ from collections.abc import Callable
 
 from bulkmail.mime import to_bytes_fast
 from bulkmail.models import Message
-from bulkmail.providers.base import FatalError, PermanentError, ProviderError, TransientError
+from bulkmail.providers.base import (
+    FatalError,
+    PermanentError,
+    ProviderError,
+    TransientError,
+    is_throttling,
+)
 from bulkmail.providers.settings import SMTP_SECURITY, SmtpSettings
 from bulkmail.providers.tls import ca_file_problem, client_context, is_loopback, plaintext_problem
 
@@ -140,11 +146,12 @@ class SmtpProvider:
     def _rejected(self, conn: smtplib.SMTP, code: int, resp: bytes, step: str) -> Exception:
         """The error for a non-success reply; leaves the connection usable or dropped."""
         text = _reply_text(code, resp)
+        throttled = is_throttling(code, text)
         if code == 421:  # the server is closing the connection
             self._drop()
-            if step == "MAIL FROM":  # typically an idle timeout noticed on reuse
+            if step == "MAIL FROM" and not throttled:  # typically an idle timeout on reuse
                 return _LostAtMailFrom(text)
-            return TransientError(text)
+            return TransientError(text, throttled=throttled)
         if step != "content":  # after the final reply there is no transaction to reset
             self._reset(conn)
         if code == 530:  # RFC 4954 "authentication required": true of every message
@@ -157,7 +164,7 @@ class SmtpProvider:
         if not 400 <= code <= 499:  # not a valid reply here: protocol state is unknown
             self._drop()
             text = f"unexpected reply to {step} from {self._where}: {text}"
-        return TransientError(text)
+        return TransientError(text, throttled=throttled)
 
     def _reset(self, conn: smtplib.SMTP) -> None:
         try:

@@ -194,7 +194,13 @@ class JobStore(StoreReader, Protocol):
         ``record``), then claim the next due ``pending`` delivery: ``sending``, one attempt
         more, under ``worker_id`` (skipping, as ``skipped``, an address another job under the
         dedupe key has sent or is sending). ``Wait`` when nothing is due yet, ``Stop`` when
-        the job is not running, the worker was taken for gone, or nothing is left."""
+        the job is not running, the worker was taken for gone, or nothing is left.
+
+        The account's caps hold in the same transaction, holding the account's bucket row:
+        every claim on the account (any job, process or host) is logged with the store's
+        time, and with the job's ``per_hour``/``per_day`` reached in the rolling hour/day
+        (or the account paused by ``throttle``) the answer is ``Wait`` until the oldest
+        send leaves the window, with ``why``."""
         ...
 
     def record(self, outcome: Outcome, worker_id: str) -> bool:
@@ -206,6 +212,44 @@ class JobStore(StoreReader, Protocol):
     def release(self, delivery_id: int, worker_id: str) -> bool:
         """Give a claimed delivery back untried (``pending``, the attempt not counted; or
         ``cancelled`` in a cancelled job). False when it is no longer this worker's."""
+        ...
+
+    # -- the calendar, the caps and throttling (issue 12)
+
+    def set_waiting(self, job_id: int, why: str | None, until: float | None) -> None:
+        """Record why a worker holds the job back (a cap, a window, --not-before, a
+        throttling server) and until when (POSIX seconds, UTC); None clears it. A claim
+        that takes a delivery clears it too."""
+        ...
+
+    def expire(self, job_id: int) -> int:
+        """The job's ``--not-after`` has passed: its ``pending`` deliveries become
+        ``expired`` (terminal, never sent), in one transaction; returns how many."""
+        ...
+
+    def skip_pending(self, job_id: int, emails: Iterable[str], reason: str) -> int:
+        """The job's ``pending`` deliveries to ``emails`` (lower-cased addresses) become
+        ``skipped`` with ``reason`` (``--recheck``); returns how many."""
+        ...
+
+    def due_jobs(self, *, now: float | None = None) -> list[int]:
+        """The ids of the jobs ``bulkmail run-due`` starts a worker for (oldest first):
+        ``scheduled`` with ``not_before`` passed (store's time), ``queued``, and ``running``
+        (whose workers may be gone; a live worker refuses a second exclusive one)."""
+        ...
+
+    def throttle(
+        self,
+        key: str,
+        *,
+        retry_after: float | None,
+        now: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> float:
+        """A server refused the account ``key`` for sending too fast: no claim of any job
+        on the account succeeds before the pause ends (``retry_after`` seconds, else a
+        short default; claims answer ``Wait`` with the reason), and the account's rate
+        factor halves (GCRA slots come slower, recovering gradually). Returns the pause."""
         ...
 
     # -- rate slots

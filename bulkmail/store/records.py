@@ -46,21 +46,26 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 3  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id
+SCHEMA_VERSION = 4  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+# 4: the job's calendar, caps and waiting columns, the per-account ``sends`` log, throttling
+# columns on ``rate_buckets``
 
 
 class JobState(StrEnum):
     """A job's state as stored (the strings are the stored values: no migration).
 
-    ``creating -> queued -> running -> completed``; a job is ``creating`` while its
-    deliveries are written in batches (no worker runs it; one left ``creating`` was
-    interrupted: it is cancelled, never run); ``running -> paused`` (Ctrl-C, too many transient
-    failures), ``running -> aborted`` (fatal provider error), ``* -> cancelled``. ``paused``
+    ``creating -> queued -> running -> completed``; a job created with ``--not-before`` in
+    the future is ``creating -> scheduled -> running`` (``bulkmail run-due`` starts it).
+    A job is ``creating`` while its deliveries are written in batches (no worker runs it;
+    one left ``creating`` was interrupted: it is cancelled, never run);
+    ``running -> paused`` (Ctrl-C, too many transient failures), ``running -> aborted``
+    (fatal provider error), ``* -> cancelled``. ``paused``
     and ``aborted`` jobs resume. ``STALLED`` is never stored: it is how a ``running`` job
     whose workers are all gone is shown (``views.effective_state``).
     """
 
     CREATING = "creating"
+    SCHEDULED = "scheduled"  # created for later (--not-before): `bulkmail run-due` starts it
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"
@@ -72,7 +77,8 @@ class JobState(StrEnum):
 
 class DeliveryState(StrEnum):
     """A delivery's state as stored: ``pending -> sending -> sent | failed``, ``skipped``,
-    ``cancelled``. ``sending`` is committed before the provider is called."""
+    ``cancelled``, ``expired`` (still pending at the job's ``--not-after``: never sent).
+    ``sending`` is committed before the provider is called."""
 
     PENDING = "pending"
     SENDING = "sending"
@@ -80,6 +86,7 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
 
 # What a worker's heartbeat and claims answer, instead of the job's state, once other
@@ -104,6 +111,17 @@ class NewJob:
     max_retries: int
     backoff: float
     dedupe_key: str | None
+    # the calendar (bulkmail.schedule): windows as given, the zone's IANA name, the span
+    windows: tuple[str, ...] = ()
+    tz: str | None = None
+    not_before: float | None = None
+    not_after: float | None = None
+    # the account's caps in force when the job was created (flag, environment or config)
+    per_hour: int | None = None
+    per_day: int | None = None
+    # --recheck: the database URL without its password, and the query
+    recheck_url: str | None = None
+    recheck_query: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +137,9 @@ class JobRecord(NewJob):
     finished_at: float | None
     error: str | None  # why the job stopped (aborted, paused)
     log_path: str | None
+    # why a worker holds the job back and until when (POSIX seconds), while it waits
+    waiting_for: str | None = None
+    waiting_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -175,17 +196,19 @@ class Counts:
     failed: int = 0
     skipped: int = 0
     cancelled: int = 0
+    expired: int = 0  # still pending at --not-after: never sent
     in_doubt: int = 0  # deliveries marked in doubt (resent after a crash), in any state
     sending_in_doubt: int = 0  # of those, the ones in ``sending`` right now
 
     @property
     def total(self) -> int:
-        return self.pending + self.sending + self.sent + self.failed + self.skipped + self.cancelled
+        return self.pending + self.sending + self.done
 
     @property
     def done(self) -> int:
-        """Deliveries that reached a final state (sent, failed, skipped or cancelled)."""
-        return self.sent + self.failed + self.skipped + self.cancelled
+        """Deliveries that reached a final state (sent, failed, skipped, cancelled or
+        expired)."""
+        return self.sent + self.failed + self.skipped + self.cancelled + self.expired
 
 
 @dataclass(frozen=True)
@@ -195,9 +218,12 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Wait:
-    """Nothing ready now; the earliest pending delivery is due in ``seconds``."""
+    """Nothing ready now; the earliest pending delivery is due in ``seconds``, or a cap
+    holds the account back that long (``why`` says which, e.g. "hourly cap 30/30 on
+    smtp:me@example.org")."""
 
     seconds: float
+    why: str | None = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +387,8 @@ def job_from_row(row: Mapping[str, Any]) -> JobRecord:
     values = _known(JobRecord, row)
     values["provider_settings"] = json.loads(values["provider_settings"])
     values["templates"] = json.loads(values["templates"])
+    windows = values.get("windows")
+    values["windows"] = tuple(json.loads(windows)) if windows else ()
     return JobRecord(**values)
 
 

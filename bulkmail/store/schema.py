@@ -26,6 +26,7 @@ __all__ = [
     "metadata",
     "rate_buckets",
     "schema_version",
+    "sends",
     "workers",
 ]
 
@@ -75,6 +76,18 @@ jobs = sa.Table(
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("error", sa.Text, nullable=True),  # why the job stopped (aborted / paused)
     sa.Column("log_path", sa.Text, nullable=True),
+    # schema 4: the calendar (JSON list of --window texts, IANA zone, POSIX seconds), the
+    # account's caps in force at creation, --recheck, and why/until when a worker waits
+    sa.Column("windows", sa.Text, nullable=True),
+    sa.Column("tz", sa.String(64), nullable=True),
+    sa.Column("not_before", sa.Float, nullable=True),
+    sa.Column("not_after", sa.Float, nullable=True),
+    sa.Column("per_hour", sa.Integer, nullable=True),
+    sa.Column("per_day", sa.Integer, nullable=True),
+    sa.Column("recheck_url", sa.Text, nullable=True),  # never holds a password
+    sa.Column("recheck_query", sa.Text, nullable=True),
+    sa.Column("waiting_for", sa.Text, nullable=True),
+    sa.Column("waiting_until", sa.Float, nullable=True),
 )
 
 workers = sa.Table(
@@ -131,6 +144,21 @@ rate_buckets = sa.Table(
     metadata,
     sa.Column("key", _text(255), primary_key=True),
     sa.Column("tat", sa.Float, nullable=False),  # GCRA theoretical arrival time
+    # schema 4, throttling: no send on the account before this (a Retry-After, account-wide)
+    # and how far the server slowed it (1.0: not at all; halved by each throttling reply)
+    sa.Column("not_before", sa.Float, nullable=True),
+    sa.Column("factor", sa.Float, nullable=True),
+)
+
+# schema 4: one row per message claimed on an account (sent or in flight), written in the
+# claim's transaction and pruned after a day: the hourly and daily caps count these
+sends = sa.Table(
+    "sends",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("account", _text(255), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Index("ix_sends_account_at", "account", "at"),
 )
 
 
@@ -168,10 +196,39 @@ def _worker_host_id(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE workers ADD COLUMN host_id VARCHAR(64)"))
 
 
+_TIMING_COLUMNS = {
+    "jobs": (
+        ("windows", "TEXT"),
+        ("tz", "VARCHAR(64)"),
+        ("not_before", "FLOAT"),
+        ("not_after", "FLOAT"),
+        ("per_hour", "INTEGER"),
+        ("per_day", "INTEGER"),
+        ("recheck_url", "TEXT"),
+        ("recheck_query", "TEXT"),
+        ("waiting_for", "TEXT"),
+        ("waiting_until", "FLOAT"),
+    ),
+    "rate_buckets": (("not_before", "FLOAT"), ("factor", "FLOAT")),
+}
+
+
+def _timing(conn: Connection) -> None:
+    """Schema 4 (issue 12): the job's calendar, caps, --recheck and waiting columns, the
+    throttling columns of ``rate_buckets``, and the ``sends`` log with its index (created
+    with the tables new since then, after the steps)."""
+    for table, columns in _TIMING_COLUMNS.items():
+        present = {c["name"] for c in sa.inspect(conn).get_columns(table)}
+        for name, kind in columns:
+            if name not in present:
+                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     0: _record_version,
     1: _index_in_doubt,
     2: _worker_host_id,
+    3: _timing,
 }
 
 

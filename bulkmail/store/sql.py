@@ -77,7 +77,7 @@ from bulkmail.store.records import (
     message_id,
     pick_dedupe,
 )
-from bulkmail.store.schema import create_schema, deliveries, jobs, rate_buckets, workers
+from bulkmail.store.schema import create_schema, deliveries, jobs, rate_buckets, sends, workers
 
 if TYPE_CHECKING:
     from bulkmail.store.contract import JobStore
@@ -112,11 +112,18 @@ def _query(conn: Connection) -> Query:
 
 @functools.cache
 def _stmt_claim_context() -> sa.Select[Any]:
-    """The job's state and dedupe key, and whether the claiming worker was stopped."""
+    """The job's state and dedupe key, whether the claiming worker was stopped, and what the
+    caps need: the account, the job's caps, and whether the job says it is waiting."""
     worker = sa.select(workers.c.stopped_at).where(workers.c.id == sa.bindparam("b_worker"))
-    return sa.select(jobs.c.state, jobs.c.dedupe_key, worker.scalar_subquery()).where(
-        jobs.c.id == sa.bindparam("b_job")
-    )
+    return sa.select(
+        jobs.c.state,
+        jobs.c.dedupe_key,
+        worker.scalar_subquery(),
+        jobs.c.account,
+        jobs.c.per_hour,
+        jobs.c.per_day,
+        jobs.c.waiting_for,
+    ).where(jobs.c.id == sa.bindparam("b_job"))
 
 
 @functools.cache
@@ -175,6 +182,33 @@ def _stmt_worker_sent() -> sa.Update:
         .where(workers.c.id == sa.bindparam("b_worker"))
         .values(sent=workers.c.sent + 1)
     )
+
+
+@functools.cache
+def _stmt_send_log() -> sa.Insert:
+    return sends.insert().values(account=sa.bindparam("b_account"), at=sa.bindparam("b_at"))
+
+
+@functools.cache
+def _stmt_send_prune() -> sa.Delete:
+    return sends.delete().where(
+        sends.c.account == sa.bindparam("b_account"), sends.c.at <= sa.bindparam("b_before")
+    )
+
+
+HOUR, DAY = 3600.0, 86400.0
+THROTTLE_PAUSE = 1.0  # seconds the account pauses after a throttling reply without Retry-After
+THROTTLE_FLOOR = 1.0 / 64  # the slowest the rate factor gets
+THROTTLE_RECOVERY = 30.0  # seconds without throttling over which the factor doubles
+
+
+def rate_factor(factor: float | None, not_before: float | None, now: float) -> float:
+    """The account's rate factor at ``now``: halved by each throttling reply, it doubles
+    back every ``THROTTLE_RECOVERY`` seconds after the pause ends, up to 1 (gradual)."""
+    if factor is None or factor >= 1.0:
+        return 1.0
+    since = max(0.0, now - (not_before or now))
+    return float(min(1.0, factor * 2.0 ** (since / THROTTLE_RECOVERY)))
 
 
 # the database's clock, as POSIX seconds: the time source of a server store
@@ -337,6 +371,14 @@ class Store(StoreReads):
                     dedupe_key=new.dedupe_key,
                     total=0,
                     created_at=now,
+                    windows=_json(list(new.windows)) if new.windows else None,
+                    tz=new.tz,
+                    not_before=new.not_before,
+                    not_after=new.not_after,
+                    per_hour=new.per_hour,
+                    per_day=new.per_day,
+                    recheck_url=new.recheck_url,
+                    recheck_query=new.recheck_query,
                 )
                 .returning(jobs.c.id)
             )
@@ -349,11 +391,14 @@ class Store(StoreReads):
         except BaseException:
             self._forget_job(job_id)
             raise
+        later = new.not_before is not None and new.not_before > now
         with self._write() as conn:
             flipped = conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.CREATING)
-                .values(state=JobState.QUEUED, total=total, error=None)
+                .values(
+                    state=JobState.SCHEDULED if later else JobState.QUEUED, total=total, error=None
+                )
             ).rowcount
             if not flipped:  # cancelled while being created: nothing of it is sent
                 conn.execute(
@@ -739,13 +784,19 @@ class Store(StoreReads):
             if settle is not None:
                 self._settle(conn, settle, worker_id)
             job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
-            state, dedupe_key, stopped_at = job.one()
+            state, dedupe_key, stopped_at, account, per_hour, per_day, waiting = job.one()
             if state != JobState.RUNNING:
                 return Stop(str(state))
             if stopped_at is not None:
                 # other workers took this one for gone (its heartbeat had gone stale) and
                 # took over its deliveries: it must not claim more
                 return Stop(WORKER_STOPPED)
+            # the account's time: the database's clock on PostgreSQL (every host counts the
+            # caps on one clock), the caller's on SQLite
+            at = self._time(conn, None if self.server else now)
+            held = self._account_hold(conn, account, per_hour, per_day, at)
+            if held is not None:
+                return held
             while True:
                 row = conn.execute(_stmt_next_due_row(), {"b_job": job_id, "b_now": now}).first()
                 if row is None:
@@ -759,11 +810,163 @@ class Store(StoreReads):
                     {"b_id": values["id"], "b_attempts": attempts, "b_worker": worker_id},
                 )
                 values.update(state=_SENDING, attempts=attempts, worker_id=worker_id)
+                # the caps count this message from now on, whatever becomes of it
+                conn.execute(_stmt_send_log(), {"b_account": account, "b_at": at})
+                conn.execute(_stmt_send_prune(), {"b_account": account, "b_before": at - DAY})
+                if waiting is not None:
+                    conn.execute(
+                        jobs.update()
+                        .where(jobs.c.id == job_id)
+                        .values(waiting_for=None, waiting_until=None)
+                    )
                 return Claimed(delivery_from_row(values))
             due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
             if due is not None:
                 return Wait(max(0.0, float(due) - now))
             return Stop(JobState.RUNNING, finished=True)
+
+    def _account_hold(
+        self,
+        conn: Connection,
+        account: str,
+        per_hour: int | None,
+        per_day: int | None,
+        at: float,
+    ) -> Wait | None:
+        """Whether the account may send one more message at ``at``: None, or the ``Wait``
+        until it may (a server's throttling pause, or the time the oldest send of a full
+        rolling hour or day leaves it). Holds the account's ``rate_buckets`` row (PostgreSQL:
+        ``FOR UPDATE``; SQLite: the write transaction) so two claims never both count the
+        last free slot."""
+        row = self._bucket_row(conn, account, create=bool(per_hour or per_day))
+        if row is not None and row.not_before is not None and row.not_before > at:
+            return Wait(float(row.not_before) - at, f"the server throttled {account}; slowing down")
+        waits: list[tuple[float, str]] = []
+        for cap, span, name in ((per_hour, HOUR, "hourly"), (per_day, DAY, "daily")):
+            if not cap:
+                continue
+            window = sa.and_(sends.c.account == account, sends.c.at > at - span)
+            count = conn.execute(sa.select(sa.func.count()).where(window)).scalar_one()
+            if count < cap:
+                continue
+            # the send whose leaving the window frees a slot: the (count - cap + 1)-th oldest
+            oldest = conn.execute(
+                sa.select(sends.c.at)
+                .where(window)
+                .order_by(sends.c.at)
+                .offset(count - cap)
+                .limit(1)
+            ).scalar_one()
+            waits.append((float(oldest) + span - at, f"{name} cap {count}/{cap} on {account}"))
+        if not waits:
+            return None
+        seconds, why = max(waits)
+        return Wait(max(seconds, 0.001), why)
+
+    def _bucket_row(self, conn: Connection, key: str, *, create: bool) -> Any:
+        """The account's bucket row (``not_before``, ``factor``, ``tat``), locked; when
+        ``create``, made first if missing (once, however many race), so that its lock
+        serialises every claim that counts the account's caps."""
+        bucket = (
+            sa.select(rate_buckets.c.not_before, rate_buckets.c.factor, rate_buckets.c.tat)
+            .where(rate_buckets.c.key == key)
+            .with_for_update()
+        )
+        row = conn.execute(bucket).first()
+        if row is not None or not create:
+            return row
+        if self.server:
+            conn.execute(
+                pg_insert(rate_buckets)
+                .values(key=key, tat=0.0)
+                .on_conflict_do_nothing(index_elements=[rate_buckets.c.key])
+            )
+        else:
+            conn.execute(rate_buckets.insert().values(key=key, tat=0.0))
+        return conn.execute(bucket).first()
+
+    def throttle(
+        self,
+        key: str,
+        *,
+        retry_after: float | None,
+        now: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> float:
+        """A server refused the account as too fast: no claim on it before the pause ends
+        (``retry_after``, else ``THROTTLE_PAUSE``), and its rate factor halves (down to
+        ``THROTTLE_FLOOR``). Returns the pause in seconds."""
+        with self._write() as conn:
+            at = self._time(conn, now, clock)
+            row = self._bucket_row(conn, key, create=True)
+            factor = rate_factor(row.factor, row.not_before, at)
+            pause = retry_after if retry_after is not None and retry_after > 0 else THROTTLE_PAUSE
+            until = max(float(row.not_before or 0.0), at + pause)
+            conn.execute(
+                rate_buckets.update()
+                .where(rate_buckets.c.key == key)
+                .values(not_before=until, factor=max(THROTTLE_FLOOR, factor / 2))
+            )
+        return until - at
+
+    def set_waiting(self, job_id: int, why: str | None, until: float | None) -> None:
+        """Record why the job's worker holds it back and until when (None: it does not)."""
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(waiting_for=why, waiting_until=until if why else None)
+            )
+
+    def expire(self, job_id: int) -> int:
+        """``--not-after`` has passed: the job's ``pending`` deliveries become ``expired``
+        (never sent); returns how many. Deliveries in flight finish as they do."""
+        with self._write() as conn:
+            count = conn.execute(
+                deliveries.update()
+                .where(deliveries.c.job_id == job_id, deliveries.c.state == _PENDING)
+                .values(state=DeliveryState.EXPIRED, last_error="--not-after passed: not sent")
+            ).rowcount
+        return int(count)
+
+    def skip_pending(self, job_id: int, emails: Iterable[str], reason: str) -> int:
+        """The job's ``pending`` deliveries to ``emails`` (lower-cased) become ``skipped``
+        with ``reason``; returns how many."""
+        keys = sorted(set(emails))
+        count = 0
+        with self._write() as conn:
+            for start in range(0, len(keys), 500):
+                count += conn.execute(
+                    deliveries.update()
+                    .where(
+                        deliveries.c.job_id == job_id,
+                        deliveries.c.state == _PENDING,
+                        deliveries.c.email_key.in_(keys[start : start + 500]),
+                    )
+                    .values(state=DeliveryState.SKIPPED, last_error=reason)
+                ).rowcount
+        return count
+
+    def due_jobs(self, *, now: float | None = None) -> list[int]:
+        """The jobs whose time has come (``bulkmail run-due``): ``scheduled`` ones whose
+        ``not_before`` has passed, ``queued`` ones, and ``running`` ones (their workers may
+        be gone; starting a worker on one a live worker holds is refused). Oldest first."""
+        with self._read() as conn:
+            at = self._time(conn, now)
+            rows = conn.execute(
+                sa.select(jobs.c.id)
+                .where(
+                    sa.or_(
+                        sa.and_(
+                            jobs.c.state == JobState.SCHEDULED,
+                            sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= at),
+                        ),
+                        jobs.c.state.in_((JobState.QUEUED, JobState.RUNNING)),
+                    )
+                )
+                .order_by(jobs.c.id)
+            )
+            return [int(r[0]) for r in rows]
 
     def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
         """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
@@ -903,16 +1106,31 @@ class Store(StoreReads):
         def step(conn: Connection, tat: float | None) -> tuple[float, float]:
             if not at:
                 at.append(self._time(conn, None, clock))
-            return gcra_reserve(tat, at[0], rate, burst)
+            slowed = rate * rate_factor(*throttled.get(key, (None, None)), at[0])
+            return gcra_reserve(tat, at[0], slowed, burst)
 
-        slot = self._gcra(key, step)
+        throttled: dict[str, tuple[float | None, float | None]] = {}
+        slot = self._gcra(key, step, throttled)
         return max(0.0, slot - at[0])
 
     def _gcra(
-        self, key: str, reserve: Callable[[Connection, float | None], tuple[float, float]]
+        self,
+        key: str,
+        reserve: Callable[[Connection, float | None], tuple[float, float]],
+        throttled: dict[str, tuple[float | None, float | None]] | None = None,
     ) -> float:
+        """``throttled``: filled with the bucket's (factor, not_before) before ``reserve``
+        runs, for a caller that slows the rate by it."""
         bucket = sa.select(rate_buckets.c.tat).where(rate_buckets.c.key == key).with_for_update()
         with self._write() as conn:
+            if throttled is not None:
+                row = conn.execute(
+                    sa.select(rate_buckets.c.factor, rate_buckets.c.not_before).where(
+                        rate_buckets.c.key == key
+                    )
+                ).first()
+                if row is not None:
+                    throttled[key] = (row.factor, row.not_before)
             tat = conn.execute(bucket).scalar()
             slot, new_tat = reserve(conn, None if tat is None else float(tat))
             if tat is None and self.server:
