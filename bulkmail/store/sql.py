@@ -933,9 +933,20 @@ class Store(StoreReads):
     # -- after the send: events, the suppression list, processed bounce messages
 
     def _insert_ignore(self, table: sa.Table, key: str) -> Any:
-        """An INSERT that does nothing when the row's ``key`` is taken (both backends)."""
+        """An INSERT that does nothing when the row's ``key`` is taken (both backends); it
+        returns the key when it inserted (``_inserted``: the drivers' rowcounts of such an
+        insert are not reliable)."""
         insert = pg_insert if self.server else sqlite_insert
-        return insert(table).on_conflict_do_nothing(index_elements=[table.c[key]])
+        return (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=[table.c[key]])
+            .returning(table.c[key])
+        )
+
+    @staticmethod
+    def _inserted(conn: Connection, statement: Any) -> int:
+        """1 when ``statement`` (an ``_insert_ignore``) inserted its row, else 0."""
+        return 0 if conn.execute(statement).first() is None else 1
 
     def record_events(
         self,
@@ -956,8 +967,8 @@ class Store(StoreReads):
             for ev in new_events:
                 self._record_event(conn, ev, now, summary)
             for key in processed_keys:
-                conn.execute(
-                    self._insert_ignore(processed, "key").values(key=key, at=now, note=note)
+                self._inserted(
+                    conn, self._insert_ignore(processed, "key").values(key=key, at=now, note=note)
                 )
         return summary
 
@@ -966,7 +977,8 @@ class Store(StoreReads):
     ) -> None:
         match = self._match_delivery(conn, ev)
         job_id, delivery_id, email = match if match else (None, None, ev.email)
-        inserted = conn.execute(
+        inserted = self._inserted(
+            conn,
             self._insert_ignore(events, "event_id").values(
                 event_id=ev.event_id,
                 job_id=job_id,
@@ -977,8 +989,8 @@ class Store(StoreReads):
                 recorded_at=now,
                 source=ev.source,
                 detail=ev.detail,
-            )
-        ).rowcount
+            ),
+        )
         if not inserted:
             summary.duplicates += 1
             return
@@ -1005,7 +1017,8 @@ class Store(StoreReads):
             summary.confirmed += confirmed
         reason = SUPPRESSING.get(ev.kind)  # type: ignore[call-overload]
         if reason is not None and email:
-            added = conn.execute(
+            summary.suppressed += self._inserted(
+                conn,
                 self._insert_ignore(suppressions, "email_key").values(
                     email_key=email.lower(),
                     email=email,
@@ -1013,9 +1026,8 @@ class Store(StoreReads):
                     at=ev.at,
                     job_id=job_id,
                     detail=ev.detail,
-                )
-            ).rowcount
-            summary.suppressed += added
+                ),
+            )
 
     def _match_delivery(self, conn: Connection, ev: NewEvent) -> tuple[int, int, str] | None:
         """(job, delivery, address) of the delivery ``ev`` is about: by its delivery id
@@ -1081,7 +1093,8 @@ class Store(StoreReads):
         already there (unchanged)."""
         key = email.strip().lower()
         with self._write() as conn:
-            added = conn.execute(
+            added = self._inserted(
+                conn,
                 self._insert_ignore(suppressions, "email_key").values(
                     email_key=key,
                     email=email.strip(),
@@ -1089,8 +1102,8 @@ class Store(StoreReads):
                     at=now,
                     job_id=job_id,
                     detail=detail,
-                )
-            ).rowcount
+                ),
+            )
             if added:
                 return None
             row = conn.execute(sa.select(suppressions).where(suppressions.c.email_key == key))
