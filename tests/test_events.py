@@ -4,6 +4,7 @@ store backends (``store``), and through the command line on real files."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from bulkmail.cli import app
 from bulkmail.store import Claimed, NewEvent, Outcome, Store, open_store
 from bulkmail.store.records import SCHEMA_VERSION, message_id, parse_message_id
 from bulkmail.store.schema import schema_version
+from tests.dovecot import Dovecot, start_dovecot
 from tests.test_store import new_job, people, start
 
 DEC_1 = datetime(2026, 12, 1, 9, 30, tzinfo=UTC).timestamp()
@@ -390,3 +392,51 @@ def test_signatures(header: str | None) -> None:
     assert events.signature_ok("s3cret", body, events.sign("s3cret", body))
     assert not events.signature_ok("s3cret", body, header)
     assert not events.signature_ok("", body, events.sign("", body))
+
+
+# --------------------------------------------------------------------------- IMAP (Dovecot)
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    yield from start_dovecot()
+
+
+def test_bounces_from_a_real_imap_server_once(dovecot: Dovecot, tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    s = open_store(path)
+    job_id = s.create_job(new_job(), people(2), now=1.0, domain="example.edu")
+    sent = send_all(s, job_id)
+    s.close()
+    dovecot.deliver("1.a.host", dsn(sent[0].message_id, sent[0].email))
+    dovecot.deliver(
+        "2.b.host",
+        dsn(sent[1].message_id, sent[1].email, status="4.4.1", action="delayed",
+            diagnostic="smtp; 451 4.4.1 no answer", own_id="<dsn-2@mx.example.edu>"),
+    )  # fmt: skip
+    dovecot.deliver("3.c.host", b"From: x@example.edu\r\nSubject: hello\r\n\r\nhi\r\n")
+    env = {
+        "BULKMAIL_IMAP_PASSWORD": dovecot.password,
+        "BULKMAIL_IMAP_CA_FILE": str(dovecot.ca_file),
+    }
+    url = f"imaps://{dovecot.user}@{dovecot.host}:{dovecot.port}/INBOX"
+    first = run("bounces", "--imap", url, "--json", "--store", str(path), env=env)
+    assert first.exit_code == 0, first.output
+    doc = json.loads(first.stdout)
+    assert (doc["messages"], doc["not_dsn"], doc["recorded"], doc["suppressed"]) == (3, 1, 2, 1)
+    second = json.loads(
+        run("bounces", "--imap", url, "--json", "--store", str(path), env=env).stdout
+    )
+    assert (second["messages"], second["recorded"]) == (0, 0)
+    status = json.loads(run("status", str(job_id), "--json", "--store", str(path)).stdout)
+    assert (status["bounced"], status["soft_bounced"]) == (1, 1)
+    # TLS is verified: without the test CA the server's certificate is refused
+    untrusted = run("bounces", "--imap", url, "--store", str(path),
+                    env={"BULKMAIL_IMAP_PASSWORD": dovecot.password})  # fmt: skip
+    assert untrusted.exit_code == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+    wrong = run("bounces", "--imap", url, "--store", str(path),
+                env={**env, "BULKMAIL_IMAP_PASSWORD": "nope"})  # fmt: skip
+    assert wrong.exit_code == 2 and "login as bounces refused" in wrong.stderr
+    plain = run("bounces", "--imap", "imap://bounces@mail.example.edu/INBOX", "--store",
+                str(path), env=env)  # fmt: skip
+    assert plain.exit_code == 2 and "unencrypted" in plain.stderr
