@@ -22,6 +22,7 @@ from bulkmail.errors import ConfigError
 from bulkmail.providers.registry import PROVIDERS, SPECS
 from bulkmail.providers.settings import (
     SMTP_SECURITY,
+    ImapSettings,
     MailtrapSettings,
     OutboxSettings,
     ProviderSettings,
@@ -58,6 +59,7 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     mailtrap: MailtrapSettings = field(default_factory=MailtrapSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    imap: ImapSettings = field(default_factory=ImapSettings)  # `bulkmail bounces --imap`
     warnings: tuple[str, ...] = ()
     config_path: str = ""
 
@@ -110,6 +112,8 @@ _DEFAULT_KEYS = {
     "store": "store",
 }
 _DEFAULT_TYPES = {"rate": "float", "burst": "int"}
+# config sections that are not providers: name -> settings class (a Settings attribute)
+_OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings}
 
 
 def user_config_path() -> Path:
@@ -199,13 +203,15 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
             raise ConfigError(f"{path}: unknown key {key!r} in [defaults]")
         attr = _DEFAULT_KEYS[key]
         top[attr] = _coerce(f"{path}: [defaults] {key}", value, _DEFAULT_TYPES.get(attr, "str"))
-    sections: dict[str, dict[str, Any]] = {name: {} for name in SPECS}
+    classes: dict[str, type[Any]] = {n: s.settings for n, s in SPECS.items()}
+    classes.update(_OTHER_SECTIONS)
+    sections: dict[str, dict[str, Any]] = {name: {} for name in classes}
     has_secret = False
-    for name, spec in SPECS.items():
+    for name, cls in classes.items():
         table = data.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
-        declared = {f.name: f for f in fields(spec.settings)}
+        declared = {f.name: f for f in fields(cls)}
         for key, value in table.items():
             if key not in declared:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{name}]")
@@ -214,7 +220,7 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
                 value = _local_path(value, path.absolute().parent)
             sections[name][key] = value
             has_secret = has_secret or (is_secret(declared[key]) and bool(value))
-    unknown = set(data) - {"defaults", *SPECS}
+    unknown = set(data) - {"defaults", *classes}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
     if has_secret and os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH):
@@ -227,8 +233,8 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
         if value is not None and value != "":
             # checked here, so an error names the variable rather than the config file
             top[attr] = _coerce(var, value, _DEFAULT_TYPES.get(attr, "str"))
-    for name, spec in SPECS.items():
-        for f in fields(spec.settings):
+    for name, cls in classes.items():
+        for f in fields(cls):
             var = f"BULKMAIL_{name.upper()}_{f.name.upper()}"
             if env.get(var) is not None:
                 value = _coerce(var, env[var], f.type)
@@ -250,7 +256,7 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
         warnings=tuple(warnings),
         config_path=str(path or ""),
     )
-    built: dict[str, Any] = {name: spec.settings(**sections[name]) for name, spec in SPECS.items()}
+    built: dict[str, Any] = {name: cls(**sections[name]) for name, cls in classes.items()}
     settings = replace(settings, **built)
     if settings.smtp.security not in SMTP_SECURITY:
         raise ConfigError(

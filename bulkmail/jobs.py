@@ -38,7 +38,7 @@ from bulkmail.store import (
     NewJob,
     dedupe_reason,
 )
-from bulkmail.store.records import creating_refusal
+from bulkmail.store.records import Suppression, creating_refusal, suppression_reason
 
 
 def data_dir() -> Path:
@@ -89,6 +89,7 @@ class SendOptions:
     not_after: str | None = None
     per_hour: int | None = None  # None: the provider section's per_hour (0 there: none)
     per_day: int | None = None
+    include_suppressed: bool = False  # send to addresses on the suppression list too
 
 
 @dataclass
@@ -383,7 +384,13 @@ def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
     )
     rows = (NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan))
     domain = parseaddr(plan.sender)[1].rpartition("@")[2] or "bulkmail.local"
-    return store.create_job(new, rows, now=time.time() if now is None else now, domain=domain)
+    return store.create_job(
+        new,
+        rows,
+        now=time.time() if now is None else now,
+        domain=domain,
+        include_suppressed=plan.send.include_suppressed,
+    )
 
 
 @dataclass
@@ -395,6 +402,7 @@ class DryRun:
     to_send: int = 0
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # row, email, reason
     deduped: int = 0  # of the skipped: already sent under the --dedupe-key
+    suppressed: int = 0  # of the skipped: on the suppression list
     # template variable -> rows (not skipped for another reason) that leave it empty
     empty_values: dict[str, int] = field(default_factory=dict)
     # rows --on-empty (or its default) refuses: row, email, the one-line error
@@ -404,7 +412,7 @@ class DryRun:
     @property
     def nothing_valid(self) -> bool:
         """Nobody to send to, and not because everyone was already reminded (exit 2)."""
-        return self.to_send == 0 and self.deduped == 0 and not self.refused
+        return self.to_send == 0 and self.deduped == 0 and self.suppressed == 0 and not self.refused
 
     @property
     def estimated_seconds(self) -> float:
@@ -418,11 +426,13 @@ def dry_run(
     *,
     taken: Mapping[str, tuple[int, str]] | None = None,
     now: float | None = None,
+    suppressed: Mapping[str, Suppression] | None = None,
 ) -> DryRun:
     """Validate and render everything as ``create_job`` would, and create nothing.
 
     ``taken``: the addresses other jobs under the plan's ``--dedupe-key`` have sent or hold
-    (``Store.taken_under``), shown as the skips the real run will make. Rows --on-empty
+    (``Store.taken_under``), shown as the skips the real run will make; ``suppressed``: the
+    suppression list by lower-cased address (skipped unless --include-suppressed). Rows --on-empty
     refuses are listed in ``refused`` rather than raised, so that the whole list is seen;
     the caller fails (exit 2) when there is one.
     With any of the caps, windows, --not-before or --not-after, the result has the job's
@@ -437,10 +447,16 @@ def dry_run(
         for empty in s.empty:
             result.empty_values[empty.name] = result.empty_values.get(empty.name, 0) + 1
         held = taken.get(r.email.lower()) if taken and key else None
+        banned = None
+        if suppressed and not plan.send.include_suppressed:
+            banned = suppressed.get(r.email.lower())
         if s.fatal is not None:
             result.refused.append((r.row, r.email, s.fatal))
         elif r.skip_reason:
             result.skipped.append((r.row, r.email, r.skip_reason))
+        elif banned is not None:
+            result.skipped.append((r.row, r.email, suppression_reason(banned)))
+            result.suppressed += 1
         elif key and held is not None:
             result.skipped.append((r.row, r.email, dedupe_reason(key, *held)))
             result.deduped += 1

@@ -27,7 +27,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from bulkmail.views import FailureDocument, JobDocument, SkipDocument, job_document
+from bulkmail.views import (
+    BounceDocument,
+    FailureDocument,
+    JobDocument,
+    SkipDocument,
+    job_document,
+)
 
 if TYPE_CHECKING:  # the send machinery is not loaded by status/recent
     from rich.console import OverflowMethod
@@ -242,6 +248,20 @@ def status_panel(doc: JobDocument) -> Panel:
         counts.append("  ")
     counts.append(f"of {doc['total']}")
     table.add_row("deliveries", counts)
+    after = Text()
+    for key, style in (
+        ("delivered", "green"),
+        ("bounced", "red"),
+        ("soft_bounced", "yellow"),
+        ("complained", "red"),
+        ("unsubscribed", "magenta"),
+    ):
+        count = int(doc.get(key, 0) or 0)  # type: ignore[call-overload]
+        if count:
+            after.append(f"{count} {key.replace('_', ' ')}", style=style)
+            after.append("  ")
+    if after:
+        table.add_row("after the send", after)
     if doc["in_doubt"] and doc["state"] == "stalled":
         table.add_row(
             "in doubt",
@@ -359,6 +379,33 @@ def skips_table(skips: Sequence[SkipDocument]) -> Table:
     table.add_column("reason")
     for s in skips:
         table.add_row(str(s["row"]), shown(s["email"]), shown(s["name"]), shown(s["reason"]))
+    return table
+
+
+def bounces_table(bounces: Sequence[BounceDocument]) -> Table:
+    table = Table(title=f"{len(bounces)} bounces, rejects and complaints")
+    for col in ("email", "name", "event", "at", "reason"):
+        table.add_column(col)
+    for b in bounces:
+        table.add_row(
+            shown(b["email"]), shown(b["name"]), b["event"], b["at"] or "", shown(b["reason"])
+        )
+    return table
+
+
+def suppressions_table(entries: Sequence[dict[str, object]]) -> Table:
+    table = Table(title=f"{len(entries)} suppressed addresses")
+    for col in ("email", "reason", "since", "job", "detail"):
+        table.add_column(col)
+    for e in entries:
+        job = e.get("job_id")
+        table.add_row(
+            shown(str(e["email"])),
+            shown(str(e["reason"])),
+            str(e.get("at") or ""),
+            "" if job is None else str(job),
+            shown(str(e.get("detail") or "")),
+        )
     return table
 
 

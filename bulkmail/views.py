@@ -9,11 +9,18 @@ import csv
 import time
 from collections.abc import Collection
 from datetime import UTC, datetime
-from typing import IO, NotRequired, TypedDict
+from typing import IO, Any, NotRequired, TypedDict
 
 from bulkmail.procs import STALE_AFTER, this_host, worker_alive
 from bulkmail.store.contract import StoreReader
-from bulkmail.store.records import JobState, JobView
+from bulkmail.store.records import (
+    HARD_BOUNCES,
+    DeliveryRecord,
+    EventKind,
+    EventView,
+    JobState,
+    JobView,
+)
 
 
 class WorkerDocument(TypedDict):
@@ -40,6 +47,17 @@ class SkipDocument(TypedDict):
     reason: str | None
 
 
+class BounceDocument(TypedDict):
+    """A delivery's bounce, reject or complaint (``status --bounced``)."""
+
+    position: int
+    email: str
+    name: str
+    event: str  # an EventKind value
+    at: str | None
+    reason: str | None
+
+
 class JobDocument(TypedDict):
     """A job as ``--json`` prints it (``status``, ``recent``, the sending commands), and
     the data behind the Rich views. ``failures``/``skips``: with ``status --failed/--skipped``."""
@@ -59,6 +77,12 @@ class JobDocument(TypedDict):
     cancelled: int
     expired: int
     in_doubt: int
+    # after the send (delivery events, bounces): deliveries with such an event
+    delivered: int
+    bounced: int
+    soft_bounced: int
+    complained: int
+    unsubscribed: int
     created_at: str | None
     started_at: str | None
     finished_at: str | None
@@ -79,6 +103,7 @@ class JobDocument(TypedDict):
     workers: list[WorkerDocument]
     failures: NotRequired[list[FailureDocument]]
     skips: NotRequired[list[SkipDocument]]
+    bounces: NotRequired[list[BounceDocument]]
 
 
 def iso(t: float | None) -> str | None:
@@ -139,6 +164,11 @@ def job_document(
         "cancelled": c.cancelled,
         "expired": c.expired,
         "in_doubt": in_doubt,
+        "delivered": c.delivered,
+        "bounced": c.bounced,
+        "soft_bounced": c.soft_bounced,
+        "complained": c.complained,
+        "unsubscribed": c.unsubscribed,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
@@ -186,6 +216,25 @@ def skips(store: StoreReader, job_id: int) -> list[SkipDocument]:
     ]
 
 
+BOUNCE_KINDS = (*HARD_BOUNCES, EventKind.SOFT_BOUNCE, EventKind.SPAM, EventKind.SUSPENSION)
+
+
+def bounces(store: StoreReader, job_id: int) -> list[BounceDocument]:
+    """The job's bounces, rejects and complaints, oldest first, with the server's words."""
+    store.get_job(job_id)
+    return [
+        {
+            "position": e.position,
+            "email": e.email,
+            "name": e.name,
+            "event": e.kind,
+            "at": iso(e.at),
+            "reason": e.detail,
+        }
+        for e in store.job_events(job_id, kinds=[str(k) for k in BOUNCE_KINDS])
+    ]
+
+
 REPORT_COLUMNS = (
     "position",
     "row",
@@ -198,16 +247,40 @@ REPORT_COLUMNS = (
     "message_id",
     "provider_message_id",
     "in_doubt",
+    "last_event",
+    "last_event_at",
+    "last_event_detail",
 )
+_REPORT_BATCH = 1000
 
 
 def write_report(store: StoreReader, job_id: int, out: IO[str]) -> int:
-    """Write one CSV row per delivery; returns the number of rows."""
+    """Write one CSV row per delivery, with its last event after the send (delivery,
+    bounce...); returns the number of rows."""
     store.get_job(job_id)  # JobNotFound before writing a header
     writer = csv.writer(out)
     writer.writerow(REPORT_COLUMNS)
     count = 0
-    for d in store.deliveries(job_id):
+    batch: list[DeliveryRecord] = []
+    for d in store.deliveries(job_id, batch=_REPORT_BATCH):
+        batch.append(d)
+        if len(batch) >= _REPORT_BATCH:
+            count += _write_rows(store, job_id, writer, batch)
+            batch = []
+    if batch:
+        count += _write_rows(store, job_id, writer, batch)
+    return count
+
+
+def _write_rows(store: StoreReader, job_id: int, writer: Any, batch: list[DeliveryRecord]) -> int:
+    """The report's rows of one batch of deliveries, each with its last event (read for
+    the batch's positions in one query)."""
+    last: dict[int, EventView] = {}
+    span = (batch[0].position - 1, batch[-1].position)
+    for e in store.job_events(job_id, positions=span):
+        last[e.position] = e  # oldest first: the last one stays
+    for d in batch:
+        event = last.get(d.position)
         writer.writerow(
             [
                 d.position,
@@ -221,10 +294,12 @@ def write_report(store: StoreReader, job_id: int, out: IO[str]) -> int:
                 d.message_id,
                 d.provider_message_id or "",
                 "yes" if d.in_doubt else "",
+                event.kind if event else "",
+                iso(event.at) if event else "",
+                _cell(event.detail or "") if event else "",
             ]
         )
-        count += 1
-    return count
+    return len(batch)
 
 
 def _cell(text: str) -> str:

@@ -185,7 +185,7 @@ def test_a_store_of_schema_2_gains_host_id(tmp_path: Path) -> None:
     s.close()
     s = open_store(path)
     with s.engine.connect() as conn:
-        assert schema_version(conn) == SCHEMA_VERSION  # 3 and every step since
+        assert schema_version(conn) == SCHEMA_VERSION  # 2 -> 3 -> every step since
     assert [w.host_id for w in s.view(job_id).workers] == [None]
     s.finish_worker("old", now=6.0, stop="paused", error=None)
     s.register_worker(job_id, worker_id="new", host="h", pid=1, now=7.0, alive=lambda w: False,

@@ -41,7 +41,7 @@ def test_every_provider_has_a_settings_section_of_its_name() -> None:
 
 def test_secrets_are_marked_once_and_never_public() -> None:
     assert secret_keys(SmtpSettings) == {"password"}
-    assert secret_keys(MailtrapSettings) == {"token"}
+    assert secret_keys(MailtrapSettings) == {"token", "webhook_secret"}
     assert secret_keys(OutboxSettings) == frozenset()
     smtp = SmtpSettings(username="u", password="hunter2")
     mailtrap = MailtrapSettings(token="tok-secret")

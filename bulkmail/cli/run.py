@@ -268,6 +268,14 @@ def send_reminders(
             help="Send nothing after this time; what is left then expires (a date: its end).",
         ),
     ] = None,
+    include_suppressed: Annotated[
+        bool,
+        typer.Option(
+            "--include-suppressed",
+            help="Also send to addresses on the suppression list (bounced, complained, "
+            "unsubscribed; see `bulkmail suppress list`).",
+        ),
+    ] = False,
     new_store: Annotated[
         bool,
         typer.Option(
@@ -312,6 +320,7 @@ def send_reminders(
             not_after=not_after,
             per_hour=per_hour,
             per_day=per_day,
+            include_suppressed=include_suppressed,
         ),
         settings,
     )
@@ -323,12 +332,15 @@ def send_reminders(
         plan.chosen = ui.select_rows(env.stderr, list(plan.recipients()), ask=env.prompt)
     if dry_run or (interactive and not yes):
         taken = None
+        reader = open_reader_for(store, config, missing_ok=True)
         if plan.send.dedupe_key:
-            reader = open_reader_for(store, config, missing_ok=True)
             if isinstance(reader, NoStore) and not new_store:
                 raise no_dedupe_history(reader.location, plan.send.dedupe_key)
             taken = reader.taken_under(plan.send.dedupe_key)
-        summary = jobs.dry_run(plan, taken=taken)
+        suppressed = None
+        if not include_suppressed:
+            suppressed = {s.email.lower(): s for s in reader.suppressions()}
+        summary = jobs.dry_run(plan, taken=taken, suppressed=suppressed)
         if dry_run:
             if as_json:
                 print_json(ui.dry_run_document(summary))

@@ -35,6 +35,10 @@ def status(
     skipped: Annotated[
         bool, typer.Option("--skipped", help="List skipped deliveries with the reason.")
     ] = False,
+    bounced: Annotated[
+        bool,
+        typer.Option("--bounced", help="List bounces, rejects and complaints with the reason."),
+    ] = False,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -51,6 +55,8 @@ def status(
         doc["failures"] = views.failures(db, job_id)
     if skipped:
         doc["skips"] = views.skips(db, job_id)
+    if bounced:
+        doc["bounces"] = views.bounces(db, job_id)
     if as_json:
         print_json(doc)
         return
@@ -63,6 +69,8 @@ def status(
         out.print(ui.failures_table(doc["failures"]))
     if skipped:
         out.print(ui.skips_table(doc["skips"]))
+    if bounced:
+        out.print(ui.bounces_table(doc["bounces"]))
 
 
 @app.command()

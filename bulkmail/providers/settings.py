@@ -95,6 +95,7 @@ class MailtrapSettings:
     ca_file: str = local_path()  # PEM certificates added to the system trust store (a private CA)
     per_hour: int = account_cap()
     per_day: int = account_cap()
+    webhook_secret: str = secret()  # the webhook's signing secret (`bulkmail serve`)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,15 @@ class OutboxSettings:
     dir: str = ""  # empty: outbox/ in the user data directory
     per_hour: int = account_cap()
     per_day: int = account_cap()
+
+
+@dataclass(frozen=True)
+class ImapSettings:
+    """``[imap]``: the mailbox `bulkmail bounces --imap` reads (not a provider)."""
+
+    password: str = secret()
+    ca_file: str = local_path()  # PEM certificates added to the system trust store
+    timeout: float = 30.0
 
 
 ProviderSettings = SmtpSettings | MailtrapSettings | OutboxSettings

@@ -24,13 +24,17 @@ from bulkmail.store.records import (
     ClaimResult,
     Counts,
     DeliveryRecord,
+    EventSummary,
+    EventView,
     JobRecord,
     JobView,
     NewDelivery,
+    NewEvent,
     NewJob,
     Outcome,
     Reclaimed,
     Registration,
+    Suppression,
     WorkerAlive,
 )
 
@@ -73,6 +77,26 @@ class StoreReader(Protocol):
         read ``batch`` at a time, each batch in its own read transaction."""
         ...
 
+    def job_events(
+        self,
+        job_id: int,
+        *,
+        kinds: Sequence[str] | None = None,
+        positions: tuple[int, int] | None = None,
+    ) -> list[EventView]:
+        """The events recorded against the job's deliveries, oldest first: only ``kinds``
+        when given; only deliveries at positions ``after < p <= upto`` for
+        ``positions=(after, upto)`` (the report reads them a batch of deliveries at a time)."""
+        ...
+
+    def suppressions(self) -> list[Suppression]:
+        """The suppression list, oldest first."""
+        ...
+
+    def suppression(self, email: str) -> Suppression | None:
+        """The suppression list's entry for ``email`` (any case), or None."""
+        ...
+
 
 class JobStore(StoreReader, Protocol):
     """The whole job store: job lifecycle, worker leases, claims, rate slots and reads."""
@@ -94,7 +118,13 @@ class JobStore(StoreReader, Protocol):
     # -- job lifecycle
 
     def create_job(
-        self, new: NewJob, recipients: Iterable[NewDelivery], *, now: float, domain: str
+        self,
+        new: NewJob,
+        recipients: Iterable[NewDelivery],
+        *,
+        now: float,
+        domain: str,
+        include_suppressed: bool = False,
     ) -> int:
         """Create a job and every delivery, streaming ``recipients`` in batches, each its own
         short write transaction, under the state ``creating`` (no worker runs it), then make
@@ -102,7 +132,9 @@ class JobStore(StoreReader, Protocol):
         left). A process killed meanwhile leaves a ``creating`` job, which never runs.
         Each delivery gets its Message-ID (``records.message_id``); it is ``pending``, or
         ``skipped`` with its reason: the recipient's own ``skip_reason``, or an address
-        taken under the job's dedupe key (see ``taken_under``). Returns the job's id."""
+        taken under the job's dedupe key (see ``taken_under``), or an address on the
+        suppression list (the reason says why it is there: ``records.suppression_reason``)
+        unless ``include_suppressed``. Returns the job's id."""
         ...
 
     def set_log_path(self, job_id: int, path: str) -> None:
@@ -250,6 +282,46 @@ class JobStore(StoreReader, Protocol):
         on the account succeeds before the pause ends (``retry_after`` seconds, else a
         short default; claims answer ``Wait`` with the reason), and the account's rate
         factor halves (GCRA slots come slower, recovering gradually). Returns the pause."""
+        ...
+
+    # -- after the send
+
+    def record_events(
+        self,
+        new_events: Sequence[NewEvent],
+        *,
+        now: float,
+        processed_keys: Sequence[str] = (),
+        note: str | None = None,
+    ) -> EventSummary:
+        """Record events about sent messages (webhooks, bounces) in ONE write transaction,
+        with ``processed_keys`` (the bounce message they came from) marked processed in it.
+        Each event is matched to its delivery (``NewEvent``); an ``event_id`` seen before
+        changes nothing (a duplicate). A ``delivery`` event for a delivery in doubt and not
+        in flight (``pending``/``failed``) makes it ``sent``, so it is never resent; hard
+        bounces, spam complaints and unsubscribes put the address on the suppression list
+        (the first reason stays)."""
+        ...
+
+    def processed_among(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` already marked processed by ``record_events``."""
+        ...
+
+    def add_suppression(
+        self,
+        email: str,
+        *,
+        reason: str,
+        now: float,
+        job_id: int | None = None,
+        detail: str | None = None,
+    ) -> Suppression | None:
+        """Put ``email`` on the suppression list: None when added, else the entry already
+        there (left as it is)."""
+        ...
+
+    def remove_suppression(self, email: str) -> bool:
+        """Take ``email`` off the suppression list; False when it was not on it."""
         ...
 
     # -- rate slots

@@ -22,9 +22,12 @@ from bulkmail.store.records import (
     Counts,
     DeliveryRecord,
     DeliveryState,
+    EventKind,
+    EventView,
     JobRecord,
     JobState,
     JobView,
+    Suppression,
     WorkerRecord,
     delivery_from_row,
     job_from_row,
@@ -77,6 +80,35 @@ SQL_TAKEN_AT_CLAIM = (
     _SQL_TAKEN.format(taken=DEDUPE_TAKEN_AT_CLAIM)
     + " AND d.email_key = :email AND d.job_id <> :job ORDER BY d.state DESC LIMIT 1"
 )  # 'sent' sorts after 'sending': DESC puts a sent one first
+# what happened after the send, per job: each delivery counted once per kind of event
+_HARD = ", ".join(f"'{k}'" for k in (EventKind.BOUNCE, EventKind.REJECT))
+
+
+def _distinct(condition: str, name: str) -> str:
+    return f"count(DISTINCT CASE WHEN {condition} THEN delivery_id END) AS {name}"
+
+
+SQL_EVENT_COUNTS = (
+    "SELECT "
+    + ", ".join(
+        (
+            _distinct(f"kind = '{EventKind.DELIVERY}'", "delivered"),
+            _distinct(f"kind IN ({_HARD})", "bounced"),
+            _distinct(f"kind = '{EventKind.SOFT_BOUNCE}'", "soft_bounced"),
+            _distinct(f"kind = '{EventKind.SPAM}'", "complained"),
+            _distinct(f"kind = '{EventKind.UNSUBSCRIBE}'", "unsubscribed"),
+        )
+    )
+    + " FROM events WHERE job_id = :job AND delivery_id IS NOT NULL"
+)
+# a job's events with their delivery, oldest first ({where}: more conditions)
+SQL_JOB_EVENTS = (
+    "SELECT d.position AS position, d.email AS email, d.name AS name, e.kind AS kind, "
+    "e.at AS at, e.detail AS detail FROM events e JOIN deliveries d ON d.id = e.delivery_id "
+    "WHERE e.job_id = :job{where} ORDER BY e.at, e.id"
+)
+SQL_SUPPRESSIONS = "SELECT * FROM suppressions ORDER BY at, email_key"
+SQL_SUPPRESSION = "SELECT * FROM suppressions WHERE email_key = :key"
 SQL_DELIVERIES = (
     "SELECT * FROM deliveries WHERE job_id = :job AND position > :after{states} "
     "ORDER BY position LIMIT :batch"
@@ -126,6 +158,39 @@ class StoreReads:
             rows = query(SQL_TAKEN_UNDER, {"key": dedupe_key})
         return pick_dedupe((row["email_key"], row["job"], row["state"]) for row in rows)
 
+    def job_events(
+        self,
+        job_id: int,
+        *,
+        kinds: Sequence[str] | None = None,
+        positions: tuple[int, int] | None = None,
+    ) -> list[EventView]:
+        """The job's events, oldest first: only those of ``kinds`` when given, and of the
+        deliveries at positions ``after < p <= upto`` for ``positions=(after, upto)``."""
+        params: dict[str, Any] = {"job": job_id}
+        where = ""
+        if kinds:
+            names = [f"k{n}" for n in range(len(kinds))]
+            params.update(zip(names, kinds, strict=True))
+            where += f" AND e.kind IN ({', '.join(':' + n for n in names)})"
+        if positions is not None:
+            params.update(after=positions[0], upto=positions[1])
+            where += " AND d.position > :after AND d.position <= :upto"
+        with self._reading() as query:
+            rows = query(SQL_JOB_EVENTS.format(where=where), params)
+        return [EventView(**row) for row in rows]
+
+    def suppressions(self) -> list[Suppression]:
+        """The suppression list, oldest first."""
+        with self._reading() as query:
+            return [suppression_from_row(row) for row in query(SQL_SUPPRESSIONS, {})]
+
+    def suppression(self, email: str) -> Suppression | None:
+        """Whether (and why) ``email`` is on the suppression list."""
+        with self._reading() as query:
+            rows = query(SQL_SUPPRESSION, {"key": email.strip().lower()})
+        return suppression_from_row(rows[0]) if rows else None
+
     def deliveries(
         self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000
     ) -> Iterator[DeliveryRecord]:
@@ -158,7 +223,18 @@ def read_counts(query: Query, job_id: int) -> Counts:
     values = {row["state"]: row["n"] for row in query(SQL_COUNTS, {"job": job_id})}
     doubt = query(SQL_IN_DOUBT, {"job": job_id})[0]
     values["in_doubt"], values["sending_in_doubt"] = doubt["n"], int(doubt["sending"])
+    values.update(query(SQL_EVENT_COUNTS, {"job": job_id})[0])
     return Counts(**values)
+
+
+def suppression_from_row(row: dict[str, Any]) -> Suppression:
+    return Suppression(
+        email=row["email"],
+        reason=row["reason"],
+        at=row["at"],
+        job_id=row["job_id"],
+        detail=row["detail"],
+    )
 
 
 def read_workers(query: Query, job_id: int, *, live_only: bool = False) -> list[WorkerRecord]:

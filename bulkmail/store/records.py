@@ -22,15 +22,20 @@ __all__ = [
     "Counts",
     "DeliveryRecord",
     "DeliveryState",
+    "EventKind",
+    "EventSummary",
+    "EventView",
     "JobRecord",
     "JobState",
     "JobView",
     "NewDelivery",
+    "NewEvent",
     "NewJob",
     "Outcome",
     "Reclaimed",
     "Registration",
     "Stop",
+    "Suppression",
     "Wait",
     "WorkerAlive",
     "WorkerRecord",
@@ -41,14 +46,17 @@ __all__ = [
     "delivery_from_row",
     "job_from_row",
     "message_id",
+    "parse_message_id",
     "pick_dedupe",
     "store_url",
+    "suppression_reason",
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 4  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+SCHEMA_VERSION = 5  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
 # 4: the job's calendar, caps and waiting columns, the per-account ``sends`` log, throttling
-# columns on ``rate_buckets``
+# columns on ``rate_buckets``; 5: events, suppressions, processed (delivery events, bounces,
+# the suppression list)
 
 
 class JobState(StrEnum):
@@ -87,6 +95,32 @@ class DeliveryState(StrEnum):
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+
+
+class EventKind(StrEnum):
+    """What happened to a message after the send, as stored (Mailtrap's webhook event names,
+    which the RFC 3464 bounces reuse: a 5.x.x status is a ``bounce``, a 4.x.x one a ``soft
+    bounce``)."""
+
+    DELIVERY = "delivery"
+    SOFT_BOUNCE = "soft bounce"
+    BOUNCE = "bounce"
+    REJECT = "reject"
+    SPAM = "spam"
+    UNSUBSCRIBE = "unsubscribe"
+    SUSPENSION = "suspension"
+    OPEN = "open"
+    CLICK = "click"
+
+
+# the events that put the address on the suppression list, and how the list words each
+SUPPRESSING = {
+    EventKind.BOUNCE: "bounced",
+    EventKind.SPAM: "complained",
+    EventKind.UNSUBSCRIBE: "unsubscribed",
+}
+# the events `status` counts a delivery as bounced for (not delivered, for good)
+HARD_BOUNCES = (EventKind.BOUNCE, EventKind.REJECT)
 
 
 # What a worker's heartbeat and claims answer, instead of the job's state, once other
@@ -199,6 +233,12 @@ class Counts:
     expired: int = 0  # still pending at --not-after: never sent
     in_doubt: int = 0  # deliveries marked in doubt (resent after a crash), in any state
     sending_in_doubt: int = 0  # of those, the ones in ``sending`` right now
+    # deliveries with such an event after the send (``events``): a delivery counts once
+    delivered: int = 0
+    bounced: int = 0  # a hard bounce or a reject
+    soft_bounced: int = 0
+    complained: int = 0  # a spam complaint
+    unsubscribed: int = 0
 
     @property
     def total(self) -> int:
@@ -308,6 +348,91 @@ class Outcome:
         if attempts is not None:
             values += (("attempts", attempts),)
         return cls(delivery_id, values)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """One event about a sent message (a webhook's, a bounce's), before it is matched.
+
+    ``event_id`` is unique (the provider's, or one derived from the bounce message): an
+    event seen again is a duplicate and changes nothing. The delivery is found by
+    ``delivery_id`` (with ``job_id``, from Mailtrap's ``custom_variables``), else by the
+    Message-ID, else by the provider's message id; ``email`` must be its address."""
+
+    event_id: str
+    kind: str  # an EventKind value
+    email: str
+    at: float
+    source: str  # "mailtrap", "dsn"
+    detail: str | None = None
+    job_id: int | None = None
+    delivery_id: int | None = None
+    message_id: str | None = None
+    provider_message_id: str | None = None
+
+
+@dataclass
+class EventSummary:
+    """What recording a batch of events did."""
+
+    recorded: int = 0
+    duplicates: int = 0
+    unmatched: int = 0  # recorded, but no delivery of this store is theirs
+    confirmed: int = 0  # deliveries in doubt that a ``delivery`` event marked sent
+    suppressed: int = 0  # addresses added to the suppression list
+
+    def add(self, other: EventSummary) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass(frozen=True)
+class EventView:
+    """An event of a job's delivery, for `status --bounced` and the report."""
+
+    position: int
+    email: str
+    name: str
+    kind: str
+    at: float
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """An address later jobs skip: why (``reason``: bounced, complained, unsubscribed,
+    added), when, in which job, and the server's words."""
+
+    email: str
+    reason: str
+    at: float
+    job_id: int | None
+    detail: str | None
+
+
+def suppression_reason(s: Suppression) -> str:
+    """The skip reason of a suppressed address, e.g. "suppressed: bounced 2026-12-01 in job
+    7: 550 5.1.1 user unknown"."""
+    from datetime import UTC, datetime
+
+    day = datetime.fromtimestamp(s.at, UTC).strftime("%Y-%m-%d")
+    text = f"suppressed: {s.reason} {day}"
+    if s.job_id is not None:
+        text += f" in job {s.job_id}"
+    if s.detail:
+        text += f": {s.detail}"
+    return text
+
+
+def parse_message_id(value: str) -> tuple[int, int, str] | None:
+    """(job, position, token) of a Message-ID ``message_id`` made, else None."""
+    text = value.strip()
+    if not (text.startswith("<bulkmail.") and text.endswith(">") and "@" in text):
+        return None
+    parts = text[len("<bulkmail.") : text.index("@")].split(".")
+    if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return None
+    return int(parts[0]), int(parts[1]), parts[2]
 
 
 def default_store_path() -> Path:

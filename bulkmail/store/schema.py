@@ -1,4 +1,4 @@
-"""The job store's schema: the four tables, the schema version and its migrations.
+"""The job store's schema: the tables, the schema version and its migrations.
 
 The schema carries its version (``meta.schema_version``, ``records.SCHEMA_VERSION``);
 opening an older store applies the steps of ``MIGRATIONS`` in the transaction that opens it.
@@ -21,12 +21,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "create_schema",
     "deliveries",
+    "events",
     "jobs",
     "meta",
     "metadata",
+    "processed",
     "rate_buckets",
     "schema_version",
     "sends",
+    "suppressions",
     "workers",
 ]
 
@@ -137,6 +140,50 @@ deliveries = sa.Table(
         sqlite_where=sa.text("in_doubt"),
         postgresql_where=sa.text("in_doubt"),
     ),
+    # a webhook event or a bounce may name its message by the provider's id alone
+    sa.Index("ix_deliveries_provider_message_id", "provider_message_id"),
+)
+
+# What happened after the send (delivery events, bounces), one row per event; ``event_id``
+# (the provider's, or derived from the bounce message) makes a second delivery of the same
+# event a no-op. An event no delivery of the store matches keeps NULL job and delivery.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", _text(255), nullable=False, unique=True),
+    sa.Column("job_id", sa.Integer, nullable=True),
+    sa.Column("delivery_id", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String(32), nullable=False),  # a records.EventKind value
+    sa.Column("email", _text(320), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),  # when it happened (the provider's time)
+    sa.Column("recorded_at", sa.Float, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # mailtrap | dsn
+    sa.Column("detail", sa.Text, nullable=True),  # the server's words (bounces)
+    # the event counts of `status`, and `status --bounced`, read only this index
+    sa.Index("ix_events_job_kind", "job_id", "kind", "delivery_id"),
+    sa.Index("ix_events_delivery", "delivery_id"),
+)
+
+# Addresses later jobs skip (hard bounces, spam complaints, unsubscribes, added by hand)
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("email_key", _text(320), primary_key=True),  # lower-cased
+    sa.Column("email", _text(320), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),  # bounced | complained | ...
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("job_id", sa.Integer, nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+)
+
+# Bounce messages already read (`bulkmail bounces`), so a second run adds nothing
+processed = sa.Table(
+    "processed",
+    metadata,
+    sa.Column("key", _text(500), primary_key=True),  # "maildir:NAME", "msgid:<...>"
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("note", sa.Text, nullable=True),
 )
 
 rate_buckets = sa.Table(
@@ -224,11 +271,21 @@ def _timing(conn: Connection) -> None:
                 conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
 
 
+def _events_and_suppressions(conn: Connection) -> None:
+    """Schema 5: the ``events``, ``suppressions`` and ``processed`` tables, and the index on
+    ``deliveries.provider_message_id`` an event without a delivery id is matched by."""
+    for table in (events, suppressions, processed):
+        table.create(conn, checkfirst=True)
+    ix = next(i for i in deliveries.indexes if i.name == "ix_deliveries_provider_message_id")
+    ix.create(conn, checkfirst=True)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     0: _record_version,
     1: _index_in_doubt,
     2: _worker_host_id,
     3: _timing,
+    4: _events_and_suppressions,
 }
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from bulkmail.errors import JobStateError, StoreError
@@ -53,20 +54,26 @@ from bulkmail.store.reads import (
     StoreReads,
     read_job,
     read_workers,
+    suppression_from_row,
 )
 from bulkmail.store.records import (
+    SUPPRESSING,
     WORKER_STOPPED,
     Claimed,
     ClaimResult,
     DeliveryState,
+    EventKind,
+    EventSummary,
     JobRecord,
     JobState,
     NewDelivery,
+    NewEvent,
     NewJob,
     Outcome,
     Reclaimed,
     Registration,
     Stop,
+    Suppression,
     Wait,
     WorkerAlive,
     WorkerRecord,
@@ -75,9 +82,21 @@ from bulkmail.store.records import (
     dedupe_reason,
     delivery_from_row,
     message_id,
+    parse_message_id,
     pick_dedupe,
+    suppression_reason,
 )
-from bulkmail.store.schema import create_schema, deliveries, jobs, rate_buckets, sends, workers
+from bulkmail.store.schema import (
+    create_schema,
+    deliveries,
+    events,
+    jobs,
+    processed,
+    rate_buckets,
+    sends,
+    suppressions,
+    workers,
+)
 
 if TYPE_CHECKING:
     from bulkmail.store.contract import JobStore
@@ -336,7 +355,13 @@ class Store(StoreReads):
     # -- jobs
 
     def create_job(
-        self, new: NewJob, recipients: Iterable[NewDelivery], *, now: float, domain: str
+        self,
+        new: NewJob,
+        recipients: Iterable[NewDelivery],
+        *,
+        now: float,
+        domain: str,
+        include_suppressed: bool = False,
     ) -> int:
         """Create a job and its deliveries, streaming ``recipients`` in batches of
         ``CREATE_BATCH``, each batch its own short write transaction (workers of other jobs
@@ -347,7 +372,8 @@ class Store(StoreReads):
         ``creating`` job that ``resume`` refuses, with the error telling to cancel it.
 
         Addresses another job under the same ``dedupe_key`` has sent or still holds (earlier
-        batches of this job are rows like any other) become ``skipped`` with the reason.
+        batches of this job are rows like any other) become ``skipped`` with the reason, and
+        so do addresses on the suppression list unless ``include_suppressed``.
         """
         token = secrets.token_hex(4)
         with self._write() as conn:
@@ -387,7 +413,9 @@ class Store(StoreReads):
                 jobs.update().where(jobs.c.id == job_id).values(error=creating_error(job_id))
             )
         try:
-            total = self._create_deliveries(job_id, token, new.dedupe_key, recipients, domain)
+            total = self._create_deliveries(
+                job_id, token, new.dedupe_key, recipients, domain, include_suppressed
+            )
         except BaseException:
             self._forget_job(job_id)
             raise
@@ -416,6 +444,7 @@ class Store(StoreReads):
         dedupe_key: str | None,
         recipients: Iterable[NewDelivery],
         domain: str,
+        include_suppressed: bool = False,
     ) -> int:
         """Insert the job's deliveries batch by batch; return how many. A batch is built
         outside any transaction (reading and rendering the list takes most of the time):
@@ -447,19 +476,26 @@ class Store(StoreReads):
                 ]
             )
             if len(batch) >= CREATE_BATCH:
-                self._insert_batch(job_id, dedupe_key, batch, position)
+                self._insert_batch(job_id, dedupe_key, batch, position, include_suppressed)
                 batch = []
                 batches += 1
                 if batches == failpoint:
                     os.kill(os.getpid(), signal.SIGKILL)
         if batch:
-            self._insert_batch(job_id, dedupe_key, batch, position)
+            self._insert_batch(job_id, dedupe_key, batch, position, include_suppressed)
         return position
 
     def _insert_batch(
-        self, job_id: int, dedupe_key: str | None, batch: list[list[Any]], total: int
+        self,
+        job_id: int,
+        dedupe_key: str | None,
+        batch: list[list[Any]],
+        total: int,
+        include_suppressed: bool = False,
     ) -> None:
         with self._write() as conn:
+            if not include_suppressed:
+                self._mark_suppressed(conn, batch)
             if dedupe_key:
                 self._mark_already_sent(conn, dedupe_key, batch)
             if self.server:
@@ -480,6 +516,23 @@ class Store(StoreReads):
                 conn.execute(jobs.delete().where(jobs.c.id == job_id))
         except (StoreError, sa.exc.SQLAlchemyError):
             pass
+
+    def _mark_suppressed(self, conn: Connection, batch: list[list[Any]]) -> None:
+        """Skip the batch's addresses on the suppression list, with why they are there."""
+        keys = {row[_KEY] for row in batch if row[_STATE] == _PENDING}
+        if not keys:
+            return
+        rows = _query(conn)(
+            "SELECT * FROM suppressions WHERE email_key IN :keys", {"keys": sorted(keys)}
+        )
+        if not rows:
+            return
+        found = {row["email_key"]: suppression_from_row(row) for row in rows}
+        for row in batch:
+            held = found.get(row[_KEY]) if row[_STATE] == _PENDING else None
+            if held is not None:
+                row[_STATE] = str(DeliveryState.SKIPPED)
+                row[_ERROR] = suppression_reason(held)
 
     def _mark_already_sent(self, conn: Connection, dedupe_key: str, batch: list[list[Any]]) -> None:
         """Skip the batch's addresses that another job under ``dedupe_key`` has sent or
@@ -1080,6 +1133,193 @@ class Store(StoreReads):
                     .values(state=JobState.QUEUED, finished_at=None)
                 )
         return int(count)
+
+    # -- after the send: events, the suppression list, processed bounce messages
+
+    def _insert_ignore(self, table: sa.Table, key: str) -> Any:
+        """An INSERT that does nothing when the row's ``key`` is taken (both backends); it
+        returns the key when it inserted (``_inserted``: the drivers' rowcounts of such an
+        insert are not reliable)."""
+        insert = pg_insert if self.server else sqlite_insert
+        return (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=[table.c[key]])
+            .returning(table.c[key])
+        )
+
+    @staticmethod
+    def _inserted(conn: Connection, statement: Any) -> int:
+        """1 when ``statement`` (an ``_insert_ignore``) inserted its row, else 0."""
+        return 0 if conn.execute(statement).first() is None else 1
+
+    def record_events(
+        self,
+        new_events: Sequence[NewEvent],
+        *,
+        now: float,
+        processed_keys: Sequence[str] = (),
+        note: str | None = None,
+    ) -> EventSummary:
+        """Record events in ONE write transaction (with ``processed_keys`` marked processed
+        in it, for a bounce message: it is read once, whatever happens). Each event is
+        matched to its delivery; one whose ``event_id`` is recorded already changes
+        nothing. A ``delivery`` event for a delivery in doubt that is not in flight
+        (``pending`` or ``failed``) marks it ``sent``: it is not sent again. Hard bounces,
+        spam complaints and unsubscribes put the address on the suppression list."""
+        summary = EventSummary()
+        with self._write() as conn:
+            for ev in new_events:
+                self._record_event(conn, ev, now, summary)
+            for key in processed_keys:
+                self._inserted(
+                    conn, self._insert_ignore(processed, "key").values(key=key, at=now, note=note)
+                )
+        return summary
+
+    def _record_event(
+        self, conn: Connection, ev: NewEvent, now: float, summary: EventSummary
+    ) -> None:
+        match = self._match_delivery(conn, ev)
+        job_id, delivery_id, email = match if match else (None, None, ev.email)
+        inserted = self._inserted(
+            conn,
+            self._insert_ignore(events, "event_id").values(
+                event_id=ev.event_id,
+                job_id=job_id,
+                delivery_id=delivery_id,
+                kind=ev.kind,
+                email=email,
+                at=ev.at,
+                recorded_at=now,
+                source=ev.source,
+                detail=ev.detail,
+            ),
+        )
+        if not inserted:
+            summary.duplicates += 1
+            return
+        summary.recorded += 1
+        if match is None:
+            summary.unmatched += 1
+        if delivery_id is not None and ev.kind == EventKind.DELIVERY:
+            confirmed = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.id == delivery_id,
+                    deliveries.c.in_doubt,
+                    deliveries.c.state.in_((_PENDING, DeliveryState.FAILED)),
+                )
+                .values(
+                    state=DeliveryState.SENT,
+                    sent_at=ev.at,
+                    last_error=None,
+                    provider_message_id=sa.func.coalesce(
+                        deliveries.c.provider_message_id, ev.provider_message_id
+                    ),
+                )
+            ).rowcount
+            summary.confirmed += confirmed
+        reason = SUPPRESSING.get(ev.kind)  # type: ignore[call-overload]
+        if reason is not None and email:
+            summary.suppressed += self._inserted(
+                conn,
+                self._insert_ignore(suppressions, "email_key").values(
+                    email_key=email.lower(),
+                    email=email,
+                    reason=reason,
+                    at=ev.at,
+                    job_id=job_id,
+                    detail=ev.detail,
+                ),
+            )
+
+    def _match_delivery(self, conn: Connection, ev: NewEvent) -> tuple[int, int, str] | None:
+        """(job, delivery, address) of the delivery ``ev`` is about: by its delivery id
+        (in its job), else its Message-ID, else the provider's message id; the address
+        must be the delivery's when the event names one."""
+        cols = (deliveries.c.job_id, deliveries.c.id, deliveries.c.email)
+        wanted = ev.email.strip().lower()
+        candidates: list[sa.Select[Any]] = []
+        if ev.delivery_id is not None:
+            q = sa.select(*cols).where(deliveries.c.id == ev.delivery_id)
+            if ev.job_id is not None:
+                q = q.where(deliveries.c.job_id == ev.job_id)
+            candidates.append(q)
+        parsed = parse_message_id(ev.message_id) if ev.message_id else None
+        if parsed is not None:
+            # by job and position (the unique index), then the job's token must agree: a
+            # VERP token gives job.position.token without the Message-ID's domain
+            job_id, position, token = parsed
+            found = conn.execute(
+                sa.select(*cols, deliveries.c.message_id).where(
+                    deliveries.c.job_id == job_id, deliveries.c.position == position
+                )
+            ).first()
+            stored = parse_message_id(str(found[3])) if found is not None else None
+            if (
+                found is not None
+                and stored is not None
+                and stored[2] == token
+                and (not wanted or str(found[2]).lower() == wanted)
+            ):
+                return int(found[0]), int(found[1]), str(found[2])
+        if ev.provider_message_id:
+            candidates.append(
+                sa.select(*cols)
+                .where(deliveries.c.provider_message_id == ev.provider_message_id)
+                .order_by(deliveries.c.id.desc())
+                .limit(1)
+            )
+        for q in candidates:
+            row = conn.execute(q).first()
+            if row is not None and (not wanted or str(row[2]).lower() == wanted):
+                return int(row[0]), int(row[1]), str(row[2])
+        return None
+
+    def processed_among(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` (bounce messages) were processed already."""
+        if not keys:
+            return set()
+        with self._read() as conn:
+            rows = conn.execute(sa.select(processed.c.key).where(processed.c.key.in_(keys)))
+            return {str(k) for (k,) in rows}
+
+    def add_suppression(
+        self,
+        email: str,
+        *,
+        reason: str,
+        now: float,
+        job_id: int | None = None,
+        detail: str | None = None,
+    ) -> Suppression | None:
+        """Put ``email`` on the suppression list; None when it was added, else the entry
+        already there (unchanged)."""
+        key = email.strip().lower()
+        with self._write() as conn:
+            added = self._inserted(
+                conn,
+                self._insert_ignore(suppressions, "email_key").values(
+                    email_key=key,
+                    email=email.strip(),
+                    reason=reason,
+                    at=now,
+                    job_id=job_id,
+                    detail=detail,
+                ),
+            )
+            if added:
+                return None
+            row = conn.execute(sa.select(suppressions).where(suppressions.c.email_key == key))
+            return suppression_from_row(dict(row.mappings().one()))
+
+    def remove_suppression(self, email: str) -> bool:
+        """Take ``email`` off the suppression list; False when it was not on it."""
+        with self._write() as conn:
+            removed = conn.execute(
+                suppressions.delete().where(suppressions.c.email_key == email.strip().lower())
+            ).rowcount
+        return bool(removed)
 
     # -- the shared rate limit
 
