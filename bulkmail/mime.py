@@ -29,9 +29,11 @@ __all__ = ["to_bytes", "to_bytes_fast", "to_email_message"]
 # --------------------------------------------------------------------------- reference path
 
 
-def to_email_message(message: Message) -> EmailMessage:
-    """The standards-correct MIME message (policy=SMTP: CRLF line ends)."""
-    msg = EmailMessage(policy=SMTP)
+def to_email_message(message: Message, *, seven_bit: bool = False) -> EmailMessage:
+    """The standards-correct MIME message (policy=SMTP: CRLF line ends); with ``seven_bit``
+    every text part is 7-bit (non-ASCII text quoted-printable or base64), for a server
+    that does not offer 8BITMIME (RFC 6152)."""
+    msg = EmailMessage(policy=_SMTP_7BIT if seven_bit else SMTP)
     msg["From"] = _address(message.from_name, message.from_email)
     msg["To"] = _address(message.to_name, message.to_email)
     msg["Subject"] = message.subject
@@ -54,8 +56,11 @@ def to_email_message(message: Message) -> EmailMessage:
     return msg
 
 
-def to_bytes(message: Message) -> bytes:
-    return to_email_message(message).as_bytes()
+def to_bytes(message: Message, *, seven_bit: bool = False) -> bytes:
+    return to_email_message(message, seven_bit=seven_bit).as_bytes()
+
+
+_SMTP_7BIT = SMTP.clone(cte_type="7bit")
 
 
 def _address(name: str, email: str) -> Address:
@@ -202,14 +207,18 @@ def _crlf(text: str) -> bytes:
     return "\r\n".join(_NLCRE.split(text)).encode("ascii", "surrogateescape")
 
 
-def _encode_body(text: str) -> tuple[str, bytes]:
+def _encode_body(text: str, seven_bit: bool = False) -> tuple[str, bytes]:
     """(Content-Transfer-Encoding, body bytes) chosen as ``EmailMessage.set_content`` does
     under the SMTP policy: 7bit or 8bit when every line fits in 78 octets, else the shorter
-    of quoted-printable and base64 for the first ten lines."""
+    of quoted-printable and base64 for the first ten lines. With ``seven_bit`` (the policy's
+    ``cte_type="7bit"``) a non-ASCII text is never 8bit but quoted-printable or base64."""
     lines = text.encode("utf-8").splitlines()
     if max((len(line) for line in lines), default=0) <= _MAX_LINE:
         body = b"\r\n".join(lines) + b"\r\n"
-        return ("7bit" if body.isascii() else "8bit"), body
+        if body.isascii():
+            return "7bit", body
+        if not seven_bit:
+            return "8bit", body
     embedded = b"\r\n".join(lines) + b"\r\n"
     sniff = b"\r\n".join(lines[:10]) + b"\r\n"
     sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), _MAX_LINE)
@@ -245,8 +254,13 @@ def _boundary(*parts: bytes) -> str:
     return candidate
 
 
-def to_bytes_fast(message: Message) -> bytes:
+def to_bytes_fast(message: Message, *, seven_bit: bool = False) -> bytes:
     """``message.to_bytes()`` without building an ``EmailMessage``, for the common messages.
+
+    With ``seven_bit`` the same for ``to_bytes(message, seven_bit=True)``: only 7-bit
+    bytes (a non-ASCII text part quoted-printable or base64), for an SMTP server that does
+    not offer 8BITMIME. A message to or from a non-ASCII address is the exception below:
+    it needs SMTPUTF8, which implies 8BITMIME (RFC 6531).
 
     Contract: the result parses back (``email.message_from_bytes`` with ``policy.default``)
     to the same headers (From, To, Subject, Message-ID, MIME-Version, each part's
@@ -273,19 +287,19 @@ def to_bytes_fast(message: Message) -> bytes:
         # an encoded word inside the address, which no reader may decode there.
         return to_email_message(message).as_bytes(policy=SMTPUTF8)
     if message.attachments or message.headers:
-        return to_bytes(message)
+        return to_bytes(message, seven_bit=seven_bit)
     head = _fast_headers(message)
     if head is None:
-        return to_bytes(message)
+        return to_bytes(message, seven_bit=seven_bit)
     try:
-        text_cte, text_body = _encode_body(message.text)
+        text_cte, text_body = _encode_body(message.text, seven_bit)
         if message.html is None:
             return b"".join(
                 (head, _part_head("plain", text_cte), b"MIME-Version: 1.0\r\n\r\n", text_body)
             )
-        html_cte, html_body = _encode_body(message.html)
+        html_cte, html_body = _encode_body(message.html, seven_bit)
     except UnicodeEncodeError:  # lone surrogates: let EmailMessage report them
-        return to_bytes(message)
+        return to_bytes(message, seven_bit=seven_bit)
     text_part = _part_head("plain", text_cte) + b"\r\n" + text_body
     html_part = _part_head("html", html_cte) + b"MIME-Version: 1.0\r\n\r\n" + html_body
     delimiter = b"--" + _boundary(text_part, html_part).encode("ascii")

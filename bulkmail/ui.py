@@ -460,7 +460,7 @@ def message_panel(message: Message, index: int) -> Panel:
     parts: list[RenderableType] = [head, Text(""), shown(message.text, multiline=True)]
     if message.html is not None:
         parts += [Text("--- HTML part ---", style="dim"), shown(message.html, multiline=True)]
-    return Panel(Group(*parts), title=f"message {index}", expand=True)
+    return Panel(Group(*parts), title=f"message {index}", expand=False)
 
 
 def watch(
@@ -554,12 +554,17 @@ def select_rows(
 
 
 def dry_run_document(summary: DryRun) -> dict[str, object]:
+    """What ``--dry-run --json`` prints: the job ``status --json`` would show once created,
+    under the same keys (``total``, ``pending``, ``skipped`` counts, the ``skips`` rows as
+    ``status --skipped``), plus what only a dry run knows."""
     return {
         "dry_run": True,
         "source": summary.source,
         "provider": summary.provider,
-        "to_send": summary.to_send,
-        "skipped": [{"row": r, "email": e, "reason": why} for r, e, why in summary.skipped],
+        "total": summary.to_send + len(summary.skipped),
+        "pending": summary.to_send,
+        "skipped": len(summary.skipped),
+        "skips": [{"row": r, "email": e, "reason": why} for r, e, why in summary.skipped],
         "empty_values": dict(summary.empty_values),
         "refused": [{"row": r, "email": e, "error": why} for r, e, why in summary.refused],
         "rate": summary.rate,

@@ -302,6 +302,34 @@ def _write_rows(store: StoreReader, job_id: int, writer: Any, batch: list[Delive
     return len(batch)
 
 
+def report_rows(store: StoreReader, job_id: int) -> list[dict[str, object]]:
+    """The report's rows for ``report --json``: the CSV's columns as keys, values as they
+    are (numbers, ``null``, a boolean ``in_doubt``), nothing made inert for spreadsheets."""
+    store.get_job(job_id)  # JobNotFound for an unknown job
+    return [
+        dict(
+            zip(
+                REPORT_COLUMNS,
+                (
+                    d.position,
+                    d.row,
+                    d.email,
+                    d.name,
+                    d.state,
+                    d.attempts,
+                    d.last_error,
+                    iso(d.sent_at),
+                    d.message_id,
+                    d.provider_message_id,
+                    d.in_doubt,
+                ),
+                strict=True,
+            )
+        )
+        for d in store.deliveries(job_id)
+    ]
+
+
 def _cell(text: str) -> str:
     """A value from a CSV or a server, made inert for spreadsheets: a cell starting with
     = + - @ (or a tab/CR) would run as a formula when the report is opened in one."""

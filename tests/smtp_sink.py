@@ -13,6 +13,8 @@ In tests::
         msg = smtp_sink.messages[0].parse()      # email.message.EmailMessage
 
     with SmtpSink(auth=("user", "secret")) as sink: ...   # AUTH required, no TLS needed
+    with SmtpSink(eight_bit=False, size_limit=1000) as sink: ...  # no 8BITMIME, SIZE 1000
+    sink.commands                                # ["EHLO", "AUTH", "MAIL", ...] as received
 
 Standalone, for crash tests (runs until SIGTERM/SIGINT)::
 
@@ -58,6 +60,7 @@ class Received:
     data: bytes
     received_at: float  # time.monotonic()
     connection: int  # 1 for the first connection since start, 2 for the next...
+    mail_options: list[str] = field(default_factory=list)  # MAIL FROM's, e.g. ["SIZE=812"]
 
     def parse(self) -> EmailMessage:
         """The message as a mail client would store it (LF line ends)."""
@@ -94,6 +97,7 @@ class _State:
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     live: set[SMTP] = field(default_factory=set)
+    commands: list[str] = field(default_factory=list)
 
 
 class SmtpSink:
@@ -105,6 +109,8 @@ class SmtpSink:
         port: int = 0,
         auth: tuple[str, str] | None = None,
         record: Path | None = None,
+        eight_bit: bool = True,
+        size_limit: int | None = 2**25,
     ) -> None:
         self.host = HOST
         self.port = port
@@ -115,13 +121,19 @@ class SmtpSink:
         self.slow_messages: dict[int, float] = {}
         self.auth = auth
         self.record = record
+        self.eight_bit = eight_bit  # False: EHLO does not offer 8BITMIME
+        self.size_limit = size_limit  # EHLO's SIZE (None: not offered)
         self._state = _State()
         self._controller: _Controller | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> SmtpSink:
-        kwargs: dict[str, Any] = {"hostname": HOST, "ready_timeout": 5.0}
+        kwargs: dict[str, Any] = {
+            "hostname": HOST,
+            "ready_timeout": 5.0,
+            "data_size_limit": self.size_limit,
+        }
         if self.auth is not None:
             # AUTH offered without TLS; "530 authentication required" is answered by the
             # handler (aiosmtpd's auth_required would warn about plain-text AUTH each time)
@@ -141,6 +153,7 @@ class SmtpSink:
             raise RuntimeError("no free port for the SMTP sink")
         with self._state.lock:  # forget the controller's own start-up probe
             self._state.connections = 0
+            self._state.commands.clear()
         return self
 
     def stop(self) -> None:
@@ -168,6 +181,12 @@ class SmtpSink:
         """Connections accepted since start."""
         with self._state.lock:
             return self._state.connections
+
+    @property
+    def commands(self) -> list[str]:
+        """The verbs of the commands received since start (EHLO, AUTH, MAIL, RCPT, DATA...)."""
+        with self._state.lock:
+            return list(self._state.commands)
 
     def drop_connections(self, reply: str | None = None) -> None:
         """Close every open client connection, as a server's idle timeout does; with
@@ -252,6 +271,26 @@ class _Server(SMTP):
                 self.connection_number = state.connections
                 state.live.add(self)
 
+    def _command(self, verb: str) -> None:
+        with self._sink_state.lock:
+            self._sink_state.commands.append(verb)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._command("EHLO")
+        await super().smtp_EHLO(hostname)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        self._command("AUTH")
+        await super().smtp_AUTH(arg)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._command("MAIL")
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._command("DATA")
+        await super().smtp_DATA(arg)
+
     def connection_lost(self, error: Exception | None) -> None:
         with self._sink_state.lock:
             self._sink_state.live.discard(self)
@@ -270,6 +309,14 @@ class _Controller(Controller):
 class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.sink.eight_bit:
+            return responses
+        return [r for r in responses if r[4:].upper() != "8BITMIME"]
 
     async def handle_MAIL(
         self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
@@ -308,6 +355,7 @@ class _Handler:
                 data=envelope.original_content or envelope.content,
                 received_at=time.monotonic(),
                 connection=server.connection_number,
+                mail_options=list(envelope.mail_options),
             )
         )
         await self._pause(rule, self.sink.slow_messages.get(number, 0.0))

@@ -348,8 +348,8 @@ def test_dry_run_sends_nothing_and_creates_nothing(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["to_send"] == 1
-    assert doc["skipped"][0]["row"] == 3 and "invalid address" in doc["skipped"][0]["reason"]
+    assert doc["pending"] == 1
+    assert doc["skips"][0]["row"] == 3 and "invalid address" in doc["skips"][0]["reason"]
     assert job_count(store) == 0
 
 
@@ -489,10 +489,8 @@ def test_dry_run_shows_the_skips_of_the_dedupe_key(tmp_path: Path) -> None:
     dry = bulkmail(*args, "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
     doc = json.loads(dry.stdout)
-    assert doc["to_send"] == 11
-    assert [s["reason"] for s in doc["skipped"]] == [
-        "already sent under dedupe key 'autumn' (job 1)"
-    ]
+    assert doc["pending"] == 11
+    assert [s["reason"] for s in doc["skips"]] == ["already sent under dedupe key 'autumn' (job 1)"]
 
 
 def test_cancel_and_status_use_the_store_of_the_config_file(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ def test_dry_run_counts_empty_values_and_refuses_an_empty_subject_value() -> Non
     assert result.exit_code == 2
     doc = json.loads(result.stdout)
     assert doc["empty_values"] == {"course": 2, "due_date": 2}
-    assert [(s["row"], s["reason"]) for s in doc["skipped"]] == [
+    assert [(s["row"], s["reason"]) for s in doc["skips"]] == [
         (3, "empty 'course' (used by the text template)")
     ]
     assert [(r["row"], r["error"]) for r in doc["refused"]] == [
@@ -245,13 +245,13 @@ def test_on_empty_fail_send_and_a_bad_value() -> None:
     sent = send("--dry-run", "--json", "--on-empty", "send")
     assert sent.exit_code == 0, sent.stderr
     doc = json.loads(sent.stdout)
-    assert (doc["to_send"], doc["skipped"], doc["empty_values"]) == (
+    assert (doc["pending"], doc["skips"], doc["empty_values"]) == (
         4,
         [],
         {"course": 2, "due_date": 2},
     )
     skipped = send("--dry-run", "--json", "--on-empty", "skip")
-    assert json.loads(skipped.stdout)["to_send"] == 1
+    assert json.loads(skipped.stdout)["pending"] == 1
     bad = send("--dry-run", "--on-empty", "maybe")
     assert bad.exit_code == 2
     assert bad.stderr == "bulkmail: --on-empty: must be skip, fail or send, got 'maybe'\n"
@@ -261,7 +261,7 @@ def test_an_empty_rendered_body_or_subject_is_never_sent() -> None:
     body = send("--dry-run", "--json", "--on-empty", "send", subject="x", text="{{ course }}")
     assert body.exit_code == 0, body.stderr
     doc = json.loads(body.stdout)
-    assert [(s["row"], s["reason"]) for s in doc["skipped"]] == [
+    assert [(s["row"], s["reason"]) for s in doc["skips"]] == [
         (3, "the text body renders empty"),
         (5, "the text body renders empty"),
     ]

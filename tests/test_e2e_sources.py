@@ -204,14 +204,14 @@ def test_dry_run_lists_skips_and_estimates_the_duration(smtp_sink: SmtpSink) -> 
     as_json = bulkmail(*args, "--json", env=smtp_env(smtp_sink))
     assert as_json.exit_code == 0, as_json.output
     doc = json.loads(as_json.stdout)
-    assert doc["dry_run"] is True and doc["to_send"] == 4 and doc["provider"] == "smtp"
+    assert doc["dry_run"] is True and doc["pending"] == 4 and doc["provider"] == "smtp"
     assert doc["estimated_seconds"] == 60.0 and doc["rate"] == 0.05
-    assert [(s["row"], s["email"]) for s in doc["skipped"]] == [
+    assert [(s["row"], s["email"]) for s in doc["skips"]] == [
         (4, "not-an-address"),
         (5, "ADA@example.edu"),
     ]
-    assert doc["skipped"][0]["reason"].startswith("invalid address: ")
-    assert doc["skipped"][1]["reason"] == "duplicate of row 2"
+    assert doc["skips"][0]["reason"].startswith("invalid address: ")
+    assert doc["skips"][1]["reason"] == "duplicate of row 2"
     assert smtp_sink.messages == [] and smtp_sink.connections == 0
     assert not default_store().exists(), "a dry run must not even create the job store"
     assert recent_jobs() == []
@@ -282,7 +282,7 @@ def test_report_has_one_row_per_delivery(smtp_sink: SmtpSink) -> None:
 
     result = bulkmail("report", "1", "--output", "out.csv")
     assert result.exit_code == 0, result.output
-    assert result.stderr.strip() == "wrote 6 rows to out.csv"
+    assert result.stderr.strip() == "bulkmail: wrote 6 rows to out.csv"
     text = Path("out.csv").read_text(encoding="utf-8")
     report = read_csv(text)
     assert [(r["row"], r["email"], r["name"], r["state"]) for r in report] == [
@@ -447,15 +447,15 @@ def test_a_column_used_in_the_subject_or_an_attachment_name_is_a_header_column()
     base = ["send-reminders", "--csv", "notes.csv", "--template", "t.txt", "--dry-run", "--json"]
     in_subject = bulkmail(*base, "--subject", "About {{ notes }}")
     assert in_subject.exit_code == 0, in_subject.output
-    reasons = {s["email"]: s["reason"] for s in json.loads(in_subject.stdout)["skipped"]}
+    reasons = {s["email"]: s["reason"] for s in json.loads(in_subject.stdout)["skips"]}
     assert reasons["ada@example.edu"] == "column 'notes' contains a carriage return (CR)"
     assert reasons["dan@example.edu"] == "column 'notes' contains a carriage return (CR)"
     in_attachment = bulkmail(*base, "--subject", "Hi", "--attach", "files/{{ course }}.txt")
     assert in_attachment.exit_code == 0, in_attachment.output
     doc = json.loads(in_attachment.stdout)
-    reasons = {s["email"]: s["reason"] for s in doc["skipped"]}
+    reasons = {s["email"]: s["reason"] for s in doc["skips"]}
     assert reasons["ben@example.edu"] == "column 'course' contains a line feed (LF)"
-    assert "ada@example.edu" not in reasons and doc["to_send"] == 2
+    assert "ada@example.edu" not in reasons and doc["pending"] == 2
 
 
 def test_a_postgresql_role_that_can_write_is_named_on_stderr(pg_url: str) -> None:

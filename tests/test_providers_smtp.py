@@ -18,7 +18,7 @@ import pytest
 from bulkmail.config import SmtpSettings
 from bulkmail.models import Message
 from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
-from bulkmail.providers.smtp import SmtpProvider, is_loopback
+from bulkmail.providers.smtp import SmtpProvider, config_problem, is_loopback
 from tests.smtp_sink import Rule, SmtpSink, free_port
 
 
@@ -387,3 +387,123 @@ def test_standalone_sink_records_each_message(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=5) == 0
+
+
+# -- what the server offers: 8BITMIME, SIZE, AUTH mechanisms (issue 14) -------------------
+
+
+def test_a_server_without_8bitmime_gets_only_7bit_bytes() -> None:
+    with SmtpSink(eight_bit=False) as sink:
+        p = SmtpProvider(settings_for(sink))
+        try:
+            p.send(
+                make_message(subject="Grüße aus Köln", text="Grüße, Zoë!\n", html="<p>Grüße</p>")
+            )
+        finally:
+            p.close()
+        [got] = sink.messages
+    assert got.data.isascii()
+    assert not any(o.startswith("BODY=") for o in got.mail_options)
+    parsed = got.parse()
+    assert parsed["Subject"] == "Grüße aus Köln"
+    plain, html = parsed.get_body(("plain",)), parsed.get_body(("html",))
+    assert plain is not None and html is not None
+    assert plain["Content-Transfer-Encoding"] in ("quoted-printable", "base64")
+    assert plain.get_content().replace("\r\n", "\n") == "Grüße, Zoë!\n"
+    assert html.get_content().replace("\r\n", "\n") == "<p>Grüße</p>\n"
+
+
+def test_a_server_with_8bitmime_gets_8bit_declared(smtp_sink: SmtpSink) -> None:
+    p = SmtpProvider(settings_for(smtp_sink))
+    try:
+        p.send(make_message(text="Grüße\n"))
+    finally:
+        p.close()
+    [got] = smtp_sink.messages
+    assert "BODY=8BITMIME" in got.mail_options and not got.data.isascii()
+
+
+def test_size_is_declared_on_mail_from_when_offered(smtp_sink: SmtpSink) -> None:
+    p = SmtpProvider(settings_for(smtp_sink))
+    try:
+        p.send(make_message())
+    finally:
+        p.close()
+    [got] = smtp_sink.messages
+    [size] = [o for o in got.mail_options if o.startswith("SIZE=")]
+    # the message as received (CRLF line ends, dots unstuffed) plus the stuffed dots
+    assert int(size.removeprefix("SIZE=")) >= len(got.data)
+    assert int(size.removeprefix("SIZE=")) <= len(got.data) + 10
+
+
+def test_no_size_declared_when_not_offered() -> None:
+    with SmtpSink(size_limit=None) as sink:
+        p = SmtpProvider(settings_for(sink))
+        try:
+            p.send(make_message())
+        finally:
+            p.close()
+        [got] = sink.messages
+    assert not any(o.startswith("SIZE") for o in got.mail_options)
+
+
+def test_a_message_over_the_servers_size_is_refused_before_upload() -> None:
+    with SmtpSink(size_limit=2000) as sink:
+        p = SmtpProvider(settings_for(sink))
+        try:
+            with pytest.raises(PermanentError, match=r"message of \d+ bytes .* 2000 bytes") as e:
+                p.send(make_message(text="x" * 60 + "\n" * 50 + "y" * 3000))
+            assert int(re.findall(r"\d+", str(e.value))[0]) > 2000
+            p.send(make_message(n=2))  # the connection stays usable for the next one
+        finally:
+            p.close()
+        assert [m.rcpt_tos for m in sink.messages] == [["ada@example.org"]]
+        assert sink.commands.count("MAIL") == 1 and sink.commands.count("DATA") == 1
+
+
+def test_a_wrong_password_costs_one_auth_attempt() -> None:
+    with SmtpSink(auth=("office", "s3cret")) as sink:
+        p = SmtpProvider(settings_for(sink, username="office", password="wrong"))
+        with pytest.raises(FatalError, match="535"):
+            p.send(make_message())
+        assert sink.commands.count("AUTH") == 1
+        assert sink.messages == []
+
+
+@pytest.mark.parametrize("method", ["auto", "plain", "login", "LOGIN"])
+def test_auth_method_picks_one_mechanism(method: str) -> None:
+    with SmtpSink(auth=("office", "s3cret")) as sink:
+        p = SmtpProvider(
+            settings_for(sink, username="office", password="s3cret", auth_method=method)
+        )
+        try:
+            p.send(make_message())
+        finally:
+            p.close()
+        assert sink.commands.count("AUTH") == 1
+        assert len(sink.messages) == 1
+
+
+def test_auth_method_the_server_does_not_offer_is_fatal_without_trying() -> None:
+    with SmtpSink(auth=("office", "s3cret")) as sink:
+        s = settings_for(sink, username="office", password="s3cret", auth_method="cram-md5")
+        p = SmtpProvider(s)
+        with pytest.raises(FatalError, match=r"offers AUTH LOGIN PLAIN, not CRAM-MD5.*auth_method"):
+            p.send(make_message())
+        assert "AUTH" not in sink.commands
+
+
+def test_unknown_auth_method_is_a_config_problem() -> None:
+    s = SmtpSettings(auth_method="ntlm")
+    assert config_problem(s) is not None
+    assert "auth_method" in (config_problem(s) or "")
+    assert config_problem(SmtpSettings(auth_method="cram-md5")) is None
+
+
+def test_auth_method_is_read_from_the_environment_and_not_recorded(tmp_path: Path) -> None:
+    from bulkmail.config import load_settings
+    from bulkmail.providers.settings import public_settings
+
+    s = load_settings(env={"BULKMAIL_SMTP_AUTH_METHOD": "login"}, config=None).smtp
+    assert s.auth_method == "login"
+    assert "auth_method" not in public_settings(s)

@@ -299,7 +299,7 @@ def test_cli_dry_run_of_a_workbook_passed_to_csv(isolated_env: Path) -> None:
     result = send("--csv", "people.csv", "--dry-run", "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert (doc["source"], doc["to_send"], doc["empty_values"]) == ("people.csv", 3, {})
+    assert (doc["source"], doc["pending"], doc["empty_values"]) == ("people.csv", 3, {})
 
 
 @pytest.mark.parametrize(
@@ -337,4 +337,4 @@ def test_cli_encoding_reads_a_windows_csv() -> None:
     )
     result = send("--csv", "win.csv", "--encoding", "cp1252", "--dry-run", "--json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["to_send"] == 1
+    assert json.loads(result.stdout)["pending"] == 1

@@ -215,7 +215,7 @@ def test_dedupe_key_on_a_new_store_needs_new_store(tmp_path: Path) -> None:
         assert not path.parent.exists() and sent_messages() == 0
     dry = bulkmail(*cron, "--dry-run", "--json", "--new-store")
     assert dry.exit_code == 0, dry.output
-    assert json.loads(dry.stdout)["to_send"] == 12
+    assert json.loads(dry.stdout)["pending"] == 12
     assert not path.parent.exists()  # a dry run creates nothing
     first = bulkmail(*cron, "--new-store")
     assert first.exit_code == 0, first.output

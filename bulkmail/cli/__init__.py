@@ -14,19 +14,63 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperArgument, TyperGroup, TyperOption
+
+if TYPE_CHECKING:
+    from typer import _click as click  # the click Typer is built on (its own copy)
 
 from bulkmail import __version__
 
+
+class _PlainArgument(TyperArgument):
+    """An argument shown by its name alone (``JOB_ID``), not ``{JOB_ID}``, ``<int range>``
+    or ``x>=1``: what a person types, nothing of the parser's types."""
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw
+        return name if self.required else f"[{name}]"
+
+    def display_type_rich(self, ctx: click.Context) -> str | None:
+        return None
+
+    def _get_number_range_help_str(self) -> str | None:
+        return None
+
+
+class _PlainOption(TyperOption):
+    """An option whose help leaves out the parser's range (``x>=1``); it is still checked."""
+
+    def _get_number_range_help_str(self) -> str | None:
+        return None
+
+
+class _Group(TyperGroup):
+    """The app's group: each command's arguments and options shown as ``_PlainArgument``
+    and ``_PlainOption``."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        for param in getattr(command, "params", ()):
+            if type(param) is TyperArgument:
+                param.__class__ = _PlainArgument
+            elif type(param) is TyperOption:
+                param.__class__ = _PlainOption
+        return command
+
+
 app = typer.Typer(
     name="bulkmail",
+    cls=_Group,
     help="Send personalised, rate-limited reminder emails and track every delivery.\n\n"
-    "Example: bulkmail send-reminders --csv examples/instructors.csv "
-    "--template examples/reminder.txt --subject 'Reminder: {{ course }}'",
+    "Example:\n\n\b\n"
+    "  bulkmail send-reminders --csv examples/instructors.csv \\\n"
+    "    --template examples/reminder.txt --subject 'Reminder: {{ course }}'",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )

@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
@@ -234,10 +235,15 @@ def with_source_options(
     return wrapper
 
 
-def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
+def say(message: str) -> None:
+    """One message on stderr, as every one there: ``bulkmail: message``, never wrapped."""
     environment().stderr.print(
         f"bulkmail: {message}", markup=False, highlight=False, soft_wrap=True
     )
+
+
+def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
+    say(message)
     raise typer.Exit(int(code))
 
 
@@ -262,7 +268,7 @@ def load_config(config: str | None) -> Settings:
 
     settings = load_settings(config=config)
     for warning in settings.warnings:
-        environment().note(f"bulkmail: warning: {warning}")
+        say(f"warning: {warning}")
     return settings
 
 
@@ -294,9 +300,7 @@ def create_store_for(
 
 
 def say_new_store(location: str) -> None:
-    environment().stderr.print(
-        f"bulkmail: new job store at {location}", markup=False, highlight=False, soft_wrap=True
-    )
+    say(f"new job store at {location}")
 
 
 def _location(store: str | None, settings: Settings | None) -> str | None:
@@ -336,10 +340,26 @@ def print_json(doc: object) -> None:
         raise BulkmailError(f"cannot write to standard output: {exc.strerror}") from None
 
 
-def setup_logging(quiet: bool = False) -> None:
+UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+"""ISO 8601 in UTC, as every time bulkmail prints (the JSON documents, the worker log)."""
+
+
+def utc_now() -> str:
+    """The current time as ``UTC_FORMAT``: ``2026-12-01T08:00:00Z``."""
+    return time.strftime(UTC_FORMAT, time.gmtime())
+
+
+def setup_logging(quiet: bool = False, *, timestamps: bool = False) -> None:
+    """Log lines on stderr as every message there: ``bulkmail: text``; with ``timestamps``
+    (a worker's log file) each starts with the UTC time, as the worker's own lines do."""
     logger = logging.getLogger("bulkmail")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("bulkmail: %(message)s"))
+        if timestamps:
+            formatter = logging.Formatter("%(asctime)s bulkmail: %(message)s", UTC_FORMAT)
+            formatter.converter = time.gmtime
+        else:
+            formatter = logging.Formatter("bulkmail: %(message)s")
+        handler.setFormatter(formatter)
         logger.addHandler(handler)
     logger.setLevel(logging.ERROR if quiet else logging.WARNING)

@@ -30,7 +30,11 @@ class Environment:
     @classmethod
     def from_process(cls) -> Environment:
         """This process's terminal (or pipes and files) as it is now."""
-        return cls(stdout=Console(), stderr=Console(stderr=True), stdin_isatty=sys.stdin.isatty())
+        return cls(
+            stdout=_console(stderr=False),
+            stderr=_console(stderr=True),
+            stdin_isatty=sys.stdin.isatty(),
+        )
 
     @property
     def stdout_is_terminal(self) -> bool:
@@ -38,8 +42,9 @@ class Environment:
 
     @property
     def stderr_is_terminal(self) -> bool:
-        """A terminal on stderr gets the live progress bar; anything else plain lines."""
-        return self.stderr.is_terminal
+        """A terminal on stderr gets the live progress bar; anything else plain lines, and
+        so does a terminal that cannot move its cursor (``TERM=dumb``: Emacs shells)."""
+        return self.stderr.is_terminal and not self.stderr.is_dumb_terminal
 
     def write(self, text: str) -> None:
         """``text`` on stdout as it is (JSON, CSV, a worker's log lines): no wrapping, no
@@ -62,6 +67,20 @@ class Environment:
         """Ask for a line of text on stderr; the answer is read from stdin."""
         with _interrupt_passes():
             return str(typer.prompt(question, err=True))
+
+
+OFF_TERMINAL_WIDTH = 10_000
+"""The width of a console that is not a terminal (a pipe, a file, cron's mail): wide
+enough that no line is wrapped or cut (an address, a ``bulkmail resume 2`` hint)."""
+
+
+def _console(*, stderr: bool) -> Console:
+    """A console on stdout or stderr: a terminal's own width; off a terminal no wrapping
+    (``soft_wrap``) and a width no line reaches, whatever ``COLUMNS`` says."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, soft_wrap=True, width=OFF_TERMINAL_WIDTH)
 
 
 @contextmanager

@@ -26,8 +26,10 @@ from bulkmail.cli.common import (
     open_reader_for,
     open_store_for,
     print_json,
+    say,
     say_new_store,
     setup_logging,
+    utc_now,
     with_source_options,
 )
 from bulkmail.cli.env import Environment, environment
@@ -119,7 +121,7 @@ def _run_job(
     else:
         env.stdout.print(ui.summary(doc))
     if result.hint:
-        env.note(result.hint)
+        say(result.hint)
     raise typer.Exit(int(result.exit_code))
 
 
@@ -137,9 +139,7 @@ def _nothing_to_do(env: Environment, nothing: NothingToDo, *, as_json: bool) -> 
 def _warn_about_source(env: Environment, plan: Plan) -> None:
     """The source's warnings (e.g. a database role that can write), one line each."""
     for warning in plan.source.warnings:
-        env.stderr.print(
-            f"bulkmail: warning: {warning}", markup=False, highlight=False, soft_wrap=True
-        )
+        say(f"warning: {warning}")
 
 
 def _confirm(env: Environment, plan: Plan, summary: DryRun) -> bool:
@@ -160,7 +160,7 @@ def _confirm(env: Environment, plan: Plan, summary: DryRun) -> bool:
         env.note(f"calendar: {ui.calendar_line(summary.calendar)}")
         warning = ui.calendar_warning(summary.calendar)
         if warning:
-            env.note(f"bulkmail: warning: {warning}")
+            say(f"warning: {warning}")
         if summary.calendar.finishes_at is not None and (
             summary.calendar.finishes_at - summary.calendar.now > 600
         ):
@@ -178,15 +178,27 @@ def send_reminders(
         typer.Option(
             "--provider",
             metavar="NAME",
-            help="smtp | mailtrap | outbox (default: config, else outbox).",
+            help="smtp | mailtrap | outbox (default: provider in the config's [defaults] "
+            "or BULKMAIL_PROVIDER, else outbox).",
         ),
     ] = None,
     rate: Annotated[
         float | None,
-        typer.Option("--rate", metavar="PER_SECOND", help="Emails per second; 0 = unlimited."),
+        typer.Option(
+            "--rate",
+            metavar="PER_SECOND",
+            help="Emails per second; 0 = unlimited (default: rate in the config's [defaults] "
+            "or BULKMAIL_RATE, else 0.1 for smtp and mailtrap, 0 for the outbox).",
+        ),
     ] = None,
     burst: Annotated[
-        int | None, typer.Option("--burst", metavar="N", help="Token bucket capacity.")
+        int | None,
+        typer.Option(
+            "--burst",
+            metavar="N",
+            help="Token bucket capacity (default: burst in the config's [defaults] or "
+            "BULKMAIL_BURST, else 1).",
+        ),
     ] = None,
     concurrency: Annotated[
         int,
@@ -296,8 +308,11 @@ def send_reminders(
 ) -> None:
     """Create a reminder job from a CSV or the course DB and send it.
 
-    Example: bulkmail send-reminders --csv examples/instructors.csv
-    --template examples/reminder.txt --subject "Reminder: {{ course }}" --yes
+    Example:
+
+    \b
+      bulkmail send-reminders --csv examples/instructors.csv \\
+        --template examples/reminder.txt --subject "Reminder: {{ course }}" --yes
     """
     from bulkmail import jobs, ui
     from bulkmail.store.lite import NoStore
@@ -389,7 +404,13 @@ def resume(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Continue a paused, aborted or stalled job.  Example: bulkmail resume 3"""
+    """Continue a paused, aborted or stalled job.
+
+    Example:
+
+    \b
+      bulkmail resume 3
+    """
     from bulkmail import jobs
 
     env = environment()
@@ -405,15 +426,26 @@ def resume(
 
 @app.command()
 @handles_errors
-def cancel(job_id: JobArg, store: StoreOpt = None, config: ConfigOpt = None) -> None:
+def cancel(
+    job_id: JobArg, as_json: JsonOpt = False, store: StoreOpt = None, config: ConfigOpt = None
+) -> None:
     """Cancel a job: pending deliveries are cancelled; a running worker stops.
-    Example: bulkmail cancel 3"""
+
+    Example:
+
+    \b
+      bulkmail cancel 3
+    """
     from bulkmail.procs import this_host, worker_alive
 
     now, host = time.time(), this_host()
-    count = open_store_for(store, load_config(config)).cancel(
-        job_id, now=now, alive=lambda w: worker_alive(w, now=now, host=host)
-    )
+    db = open_store_for(store, load_config(config))
+    count = db.cancel(job_id, now=now, alive=lambda w: worker_alive(w, now=now, host=host))
+    if as_json:
+        from bulkmail import views
+
+        print_json(views.job_document(db.view(job_id)))
+        return
     environment().stdout.print(
         f"job {job_id} cancelled: {count} pending deliveries will not be sent",
         markup=False,
@@ -430,7 +462,13 @@ def retry(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Put failed deliveries back to pending and run the job.  Example: bulkmail retry 3"""
+    """Put failed deliveries back to pending and run the job.
+
+    Example:
+
+    \b
+      bulkmail retry 3
+    """
     from bulkmail import jobs
 
     env = environment()
@@ -440,7 +478,7 @@ def retry(
     if not isinstance(count, int):
         _nothing_to_do(env, count, as_json=as_json)
     if not as_json:
-        env.note(f"job {job_id}: {count} failed deliveries back to pending")
+        say(f"job {job_id}: {count} failed deliveries back to pending")
     _run_job(env, db, job_id, settings, as_json=as_json, detach=detach, config=config)
 
 
@@ -459,8 +497,13 @@ def preview(
     store: StoreOpt = None,
 ) -> None:
     """Render the first messages as they will be sent; sends and creates nothing.
-    Example: bulkmail preview --csv examples/instructors.csv --template examples/reminder.txt
-    --subject "Reminder: {{ course }}" --count 2"""
+
+    Example:
+
+    \b
+      bulkmail preview --csv examples/instructors.csv --template examples/reminder.txt \\
+        --subject "Reminder: {{ course }}" --count 2
+    """
     from bulkmail import jobs, ui
 
     plan = jobs.plan(source, jobs.SendOptions(provider=provider), load_config(config))
@@ -483,7 +526,12 @@ def worker(
 ) -> None:
     """Run a job's send loop headless: what --detach starts, and how more workers join a
     job, on this host or others sharing a PostgreSQL store.
-    Example: bulkmail worker 3 --store postgresql://bulkmail@db.example.edu/bulkmail"""
+
+    Example:
+
+    \b
+      bulkmail worker 3 --store postgresql://bulkmail@db.example.edu/bulkmail
+    """
     from bulkmail import jobs
     from bulkmail.cli import handle_sigterm
 
@@ -491,17 +539,16 @@ def worker(
     env = environment()
     settings = load_config(config)
     db = open_store_for(store, settings)
-    setup_logging()
+    setup_logging(timestamps=True)
     log = logging.getLogger("bulkmail")
     log.setLevel(logging.INFO)
     me = f"worker pid {os.getpid()}"
-    env.write(f"{me} starting job {job_id}\n")
+    env.write(f"{utc_now()} {me} starting job {job_id}\n")
 
     def on_event(event: Event) -> None:
         if event.kind in ("sent", "failed", "retry"):
             suffix = f": {event.error}" if event.error else ""
-            now = time.strftime("%Y-%m-%dT%H:%M:%S")
-            env.write(f"{now} {event.kind} {event.email}{suffix}\n")
+            env.write(f"{utc_now()} {event.kind} {event.email}{suffix}\n")
 
     try:
         result = jobs.manager(db, job_id, settings, on_event=on_event, exclusive=exclusive).run()
@@ -509,10 +556,10 @@ def worker(
         nothing = jobs.joined_too_late(db, job_id, exclusive=exclusive)
         if nothing is None:
             raise
-        env.write(f"{me}: {nothing.message}\n")
+        env.write(f"{utc_now()} {me}: {nothing.message}\n")
         raise typer.Exit(int(nothing.exit_code)) from None
     error = f" ({result.error})" if result.error else ""
-    env.write(f"{me} stopped: job {job_id} {result.state}{error}\n")
+    env.write(f"{utc_now()} {me} stopped: job {job_id} {result.state}{error}\n")
     raise typer.Exit(int(result.exit_code))
 
 

@@ -19,6 +19,7 @@ from bulkmail.cli.common import (
     handles_errors,
     open_reader_for,
     print_json,
+    say,
 )
 from bulkmail.cli.env import environment
 from bulkmail.errors import BulkmailError, InputError
@@ -43,7 +44,13 @@ def status(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show a job's state and counts.  Example: bulkmail status 1 --failed"""
+    """Show a job's state and counts.
+
+    Example:
+
+    \b
+      bulkmail status 1 --failed
+    """
     from bulkmail import ui, views
 
     env = environment()
@@ -81,7 +88,13 @@ def recent(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """List the newest jobs.  Example: bulkmail recent --limit 5"""
+    """List the newest jobs.
+
+    Example:
+
+    \b
+      bulkmail recent --limit 5
+    """
     from bulkmail import ui, views
 
     docs = [views.job_document(v) for v in open_reader_for(store, config).recent(limit)]
@@ -102,14 +115,29 @@ def report(
         Path | None,
         typer.Option("--output", "-o", metavar="PATH", help="CSV file to write (default: stdout)."),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the rows as one JSON list on stdout instead of CSV."),
+    ] = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Per-recipient outcomes as CSV.  Example: bulkmail report 3 --output job3.csv"""
+    """Per-recipient outcomes as CSV (or JSON with --json).
+
+    Example:
+
+    \b
+      bulkmail report 3 --output job3.csv
+    """
     from bulkmail import views
 
     env = environment()
     db = open_reader_for(store, config)
+    if as_json:
+        if output is not None:
+            raise InputError("--json prints on stdout: leave out --output")
+        print_json(views.report_rows(db, job_id))
+        return
     if output is None:
         try:
             views.write_report(db, job_id, env.stdout.file)
@@ -126,7 +154,7 @@ def report(
     except OSError as exc:
         raise InputError(f"{output}: cannot write: {exc.strerror}") from None
     noun = "row" if rows == 1 else "rows"
-    env.note(f"wrote {rows} {noun} to {output}")
+    say(f"wrote {rows} {noun} to {output}")
 
 
 def _private_file(path: Path) -> TextIO:

@@ -40,6 +40,12 @@ def is_path(f: Field[Any]) -> bool:
     return bool(f.metadata.get("path"))
 
 
+def login_setting(default: str) -> str:
+    """A setting of how this host logs in (the SMTP AUTH mechanism): like the password it
+    goes with, read again by every run rather than recorded on a job."""
+    return field(default=default, metadata={"local": True})
+
+
 def is_recorded(f: Field[Any]) -> bool:
     """True for a field a job records: neither a secret nor a host's own file."""
     return not (is_secret(f) or f.metadata.get("local"))
@@ -83,6 +89,7 @@ class SmtpSettings:
     ca_file: str = local_path()  # PEM certificates added to the system trust store (a private CA)
     per_hour: int = account_cap()
     per_day: int = account_cap()
+    auth_method: str = login_setting("auto")  # auto (PLAIN, else LOGIN), plain, login, cram-md5
 
 
 @dataclass(frozen=True)

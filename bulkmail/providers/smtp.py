@@ -6,6 +6,11 @@ The transaction is driven step by step (MAIL, RCPT, DATA, content) rather than t
 ``sendmail`` because the step at which a failure happens decides its meaning: a connection
 lost before the message content was handed over is a plain transient failure, one lost
 after it leaves the outcome unknown (the server may have accepted the message).
+
+What is sent depends on what the server offers: 7-bit content when it lacks 8BITMIME
+(RFC 6152), ``SIZE=`` on MAIL FROM when it offers SIZE (RFC 1870), a message over its
+advertised SIZE refused before anything of it is sent, and one AUTH mechanism per login
+(``auth_method``), so a wrong password costs one failed attempt, not one per mechanism.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from bulkmail.providers.tls import ca_file_problem, client_context, is_loopback,
 __all__ = ["SmtpFactory", "SmtpProvider", "config_problem", "is_loopback"]
 
 CA_FILE_SETTING = "ca_file under [smtp] (BULKMAIL_SMTP_CA_FILE)"
+AUTH_METHOD_SETTING = "auth_method under [smtp] (BULKMAIL_SMTP_AUTH_METHOD)"
+AUTH_METHODS = ("auto", "plain", "login", "cram-md5")
+"""The values of ``auth_method``: ``auto`` is the first of PLAIN, LOGIN the server offers."""
+_AUTO_MECHANISMS = ("PLAIN", "LOGIN")
 
 SmtpFactory = Callable[[SmtpSettings], smtplib.SMTP]
 """Opens a connection (up to and including the server's greeting) for these settings."""
@@ -64,17 +73,16 @@ class SmtpProvider:
         self._sent_on_conn = 0
 
     def send(self, message: Message) -> str | None:
-        payload = _wire_data(to_bytes_fast(message))
         reused = self._conn is not None
         try:
-            reply = self._send_once(message, payload)
+            reply = self._send_once(message)
         except _LostAtMailFrom as lost:
             if not reused:
                 raise TransientError(str(lost)) from None
             # The server dropped the idle connection: nothing of this message reached it,
             # so one retry on a fresh connection is safe.
             try:
-                reply = self._send_once(message, payload)
+                reply = self._send_once(message)
             except _LostAtMailFrom as again:
                 raise TransientError(str(again)) from None
         return _queue_id(reply)
@@ -95,10 +103,13 @@ class SmtpProvider:
 
     # -- one transaction ------------------------------------------------------------------
 
-    def _send_once(self, message: Message, payload: bytes) -> str:
+    def _send_once(self, message: Message) -> str:
         """Run one MAIL/RCPT/DATA transaction; returns the final reply's text."""
         conn = self._connection()
         try:
+            seven_bit = not conn.has_extn("8bitmime")
+            payload = _wire_data(to_bytes_fast(message, seven_bit=seven_bit))
+            self._check_size(conn, payload)
             return self._transact(conn, message, payload)
         finally:
             if self._conn is conn:
@@ -142,6 +153,17 @@ class SmtpProvider:
         if code != 250:
             raise self._rejected(conn, code, resp, step)
         return _decode(resp)
+
+    def _check_size(self, conn: smtplib.SMTP, payload: bytes) -> None:
+        """Refuse, before MAIL FROM, a message over the server's advertised SIZE: it would
+        be refused after its upload, or at MAIL FROM (RFC 1870)."""
+        limit = _size_limit(conn)
+        size = _message_size(payload)
+        if limit is not None and size > limit:
+            raise PermanentError(
+                f"message of {size} bytes is larger than the {limit} bytes SMTP server "
+                f"{self._where} accepts (its SIZE limit)"
+            )
 
     def _rejected(self, conn: smtplib.SMTP, code: int, resp: bytes, step: str) -> Exception:
         """The error for a non-success reply; leaves the connection usable or dropped."""
@@ -208,7 +230,7 @@ class SmtpProvider:
                 conn.starttls(context=client_context(s.ca_file))
                 conn.ehlo_or_helo_if_needed()
             if s.username:
-                conn.login(s.username, s.password)
+                self._login(conn)
         except smtplib.SMTPAuthenticationError as exc:
             conn.close()
             if 400 <= exc.smtp_code <= 499:  # e.g. 454 temporary authentication failure
@@ -223,6 +245,32 @@ class SmtpProvider:
             conn.close()
             raise
         return conn
+
+    def _login(self, conn: smtplib.SMTP) -> None:
+        """AUTH with one mechanism (``auth_method``; ``auto``: the first of PLAIN, LOGIN the
+        server offers), unlike ``smtplib.SMTP.login``, which tries each mechanism in turn:
+        a wrong password must cost one failed login, not one per mechanism (lockouts)."""
+        s = self._settings
+        offered = conn.esmtp_features.get("auth", "").upper().split()
+        if not conn.has_extn("auth") or not offered:
+            raise FatalError(
+                f"SMTP server {self._where} does not offer AUTH, but a username is set: "
+                "remove the username, or check security, host and port"
+            )
+        wanted = s.auth_method.strip().lower() or "auto"
+        if wanted == "auto":
+            mechanism = next((m for m in _AUTO_MECHANISMS if m in offered), None)
+        else:
+            mechanism = wanted.upper() if wanted.upper() in offered else None
+        if mechanism is None:
+            choices = "PLAIN or LOGIN" if wanted == "auto" else wanted.upper()
+            raise FatalError(
+                f"SMTP server {self._where} offers AUTH {' '.join(offered)}, not {choices}: "
+                f"set {AUTH_METHOD_SETTING} to one of those"
+            )
+        conn.user, conn.password = s.username, s.password
+        authobject = getattr(conn, "auth_" + mechanism.lower().replace("-", "_"))
+        conn.auth(mechanism, authobject)  # raises SMTPAuthenticationError unless 235/503
 
     def _setup_error(self, exc: OSError, context: str) -> ProviderError:
         """Classify a failure while connecting, greeting, securing or logging in."""
@@ -255,6 +303,11 @@ def config_problem(s: SmtpSettings) -> str | None:
         return f"SMTP port {s.port} is not a TCP port (1-65535): check BULKMAIL_SMTP_PORT"
     if not s.host.strip():
         return "no SMTP host: set BULKMAIL_SMTP_HOST or `host` under [smtp]"
+    if s.auth_method.strip().lower() not in (*AUTH_METHODS, ""):
+        return (
+            f"unknown SMTP auth_method {s.auth_method!r}: use one of {', '.join(AUTH_METHODS)} "
+            "(BULKMAIL_SMTP_AUTH_METHOD)"
+        )
     if s.username and s.security == "none":
         problem = plaintext_problem(
             f"the SMTP password of {s.username}", s.host, "set security to 'starttls' or 'tls'"
@@ -266,6 +319,8 @@ def config_problem(s: SmtpSettings) -> str | None:
 
 def _mail_options(conn: smtplib.SMTP, message: Message, payload: bytes) -> list[str]:
     options = []
+    if conn.has_extn("size"):
+        options.append(f"SIZE={_message_size(payload)}")
     if not payload.isascii() and conn.has_extn("8bitmime"):
         options.append("BODY=8BITMIME")
     if not (message.from_email + message.to_email).isascii():
@@ -280,6 +335,20 @@ def _wire_data(data: bytes) -> bytes:
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"
+
+
+def _message_size(payload: bytes) -> int:
+    """The size declared with SIZE=: the DATA content without its final ".\r\n"."""
+    return len(payload) - 3
+
+
+def _size_limit(conn: smtplib.SMTP) -> int | None:
+    """The largest message the server accepts (its EHLO ``SIZE n``), or None: no SIZE, or
+    ``SIZE``/``SIZE 0`` (no fixed limit)."""
+    if not conn.has_extn("size"):
+        return None
+    value = conn.esmtp_features.get("size", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _queue_id(reply: str) -> str | None:
