@@ -6,10 +6,11 @@ import this, not the send machinery.
 from __future__ import annotations
 
 import csv
+import itertools
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
-from typing import IO, Any, NotRequired, TypedDict
+from typing import IO, NotRequired, TypedDict
 
 from bulkmail.procs import STALE_AFTER, this_host, worker_alive
 from bulkmail.store.contract import StoreReader
@@ -254,80 +255,86 @@ REPORT_COLUMNS = (
 _REPORT_BATCH = 1000
 
 
-def write_report(store: StoreReader, job_id: int, out: IO[str]) -> int:
-    """Write one CSV row per delivery, with its last event after the send (delivery,
-    bounce...); returns the number of rows."""
-    store.get_job(job_id)  # JobNotFound before writing a header
-    writer = csv.writer(out)
-    writer.writerow(REPORT_COLUMNS)
-    count = 0
+def _report_values(store: StoreReader, job_id: int) -> Iterator[tuple[object, ...]]:
+    """Each delivery's report values in ``REPORT_COLUMNS`` order, as they are (numbers,
+    None, a boolean ``in_doubt``), with its last event after the send; the events are read
+    for a batch of deliveries' positions in one query."""
+    store.get_job(job_id)  # JobNotFound before anything is written
     batch: list[DeliveryRecord] = []
     for d in store.deliveries(job_id, batch=_REPORT_BATCH):
         batch.append(d)
         if len(batch) >= _REPORT_BATCH:
-            count += _write_rows(store, job_id, writer, batch)
+            yield from _with_events(store, job_id, batch)
             batch = []
     if batch:
-        count += _write_rows(store, job_id, writer, batch)
-    return count
+        yield from _with_events(store, job_id, batch)
 
 
-def _write_rows(store: StoreReader, job_id: int, writer: Any, batch: list[DeliveryRecord]) -> int:
-    """The report's rows of one batch of deliveries, each with its last event (read for
-    the batch's positions in one query)."""
+def _with_events(
+    store: StoreReader, job_id: int, batch: list[DeliveryRecord]
+) -> Iterator[tuple[object, ...]]:
     last: dict[int, EventView] = {}
     span = (batch[0].position - 1, batch[-1].position)
     for e in store.job_events(job_id, positions=span):
         last[e.position] = e  # oldest first: the last one stays
     for d in batch:
         event = last.get(d.position)
-        writer.writerow(
-            [
-                d.position,
-                d.row,
-                _cell(d.email),
-                _cell(d.name),
-                d.state,
-                d.attempts,
-                _cell(d.last_error or ""),
-                iso(d.sent_at) or "",
-                d.message_id,
-                d.provider_message_id or "",
-                "yes" if d.in_doubt else "",
-                event.kind if event else "",
-                iso(event.at) if event else "",
-                _cell(event.detail or "") if event else "",
-            ]
+        yield (
+            d.position,
+            d.row,
+            d.email,
+            d.name,
+            d.state,
+            d.attempts,
+            d.last_error,
+            iso(d.sent_at),
+            d.message_id,
+            d.provider_message_id,
+            d.in_doubt,
+            event.kind if event else None,
+            iso(event.at) if event else None,
+            event.detail if event else None,
         )
-    return len(batch)
+
+
+def write_report(store: StoreReader, job_id: int, out: IO[str]) -> int:
+    """Write one CSV row per delivery, with its last event after the send (delivery,
+    bounce...); returns the number of rows. Text a person typed is made inert for
+    spreadsheets (``_cell``)."""
+    rows = _report_values(store, job_id)
+    first = next(rows, None)  # an unknown job raises before the header is written
+    writer = csv.writer(out)
+    writer.writerow(REPORT_COLUMNS)
+    if first is None:
+        return 0
+    count = 0
+    for values in itertools.chain((first,), rows):
+        writer.writerow(_csv_cells(values))
+        count += 1
+    return count
+
+
+_TYPED_TEXT = frozenset({"email", "name", "error", "last_event_detail"})
+
+
+def _csv_cells(values: tuple[object, ...]) -> list[object]:
+    cells: list[object] = []
+    for column, value in zip(REPORT_COLUMNS, values, strict=True):
+        if column == "in_doubt":
+            cells.append("yes" if value else "")
+        elif value is None:
+            cells.append("")
+        elif column in _TYPED_TEXT:
+            cells.append(_cell(str(value)))
+        else:
+            cells.append(value)
+    return cells
 
 
 def report_rows(store: StoreReader, job_id: int) -> list[dict[str, object]]:
     """The report's rows for ``report --json``: the CSV's columns as keys, values as they
     are (numbers, ``null``, a boolean ``in_doubt``), nothing made inert for spreadsheets."""
-    store.get_job(job_id)  # JobNotFound for an unknown job
-    return [
-        dict(
-            zip(
-                REPORT_COLUMNS,
-                (
-                    d.position,
-                    d.row,
-                    d.email,
-                    d.name,
-                    d.state,
-                    d.attempts,
-                    d.last_error,
-                    iso(d.sent_at),
-                    d.message_id,
-                    d.provider_message_id,
-                    d.in_doubt,
-                ),
-                strict=True,
-            )
-        )
-        for d in store.deliveries(job_id)
-    ]
+    return [dict(zip(REPORT_COLUMNS, v, strict=True)) for v in _report_values(store, job_id)]
 
 
 def _cell(text: str) -> str:

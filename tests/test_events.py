@@ -347,7 +347,7 @@ def test_suppress_commands_and_include_suppressed(tmp_path: Path) -> None:
     again = run("suppress", "add", "b@example.edu", *store)
     assert "already suppressed" in again.stderr
     dry = json.loads(run(*send[:-3], "--dry-run", "--json", *store).stdout)
-    assert dry["to_send"] == 1
+    assert dry["pending"] == 1
     second = json.loads(run(*send).stdout)
     assert (second["sent"], second["skipped"]) == (1, 1)
     skips = json.loads(run("status", str(second["id"]), "--skipped", "--json", *store).stdout)
