@@ -17,8 +17,10 @@ from typing import Any
 __all__ = [
     "SCHEMA_VERSION",
     "WORKER_STOPPED",
+    "BatchClaimResult",
     "ClaimResult",
     "Claimed",
+    "ClaimedBatch",
     "Counts",
     "DeliveryRecord",
     "DeliveryState",
@@ -194,6 +196,13 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class ClaimedBatch:
+    """Several deliveries claimed in one transaction (``claim_batch``), in claim order."""
+
+    deliveries: tuple[DeliveryRecord, ...]
+
+
+@dataclass(frozen=True)
 class Wait:
     """Nothing ready now; the earliest pending delivery is due in ``seconds``."""
 
@@ -210,6 +219,7 @@ class Stop:
 
 
 ClaimResult = Claimed | Wait | Stop
+BatchClaimResult = ClaimedBatch | Wait | Stop
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ from bulkmail.store.reads import (
 )
 from bulkmail.store.records import (
     WORKER_STOPPED,
+    BatchClaimResult,
     Claimed,
+    ClaimedBatch,
     ClaimResult,
     DeliveryState,
     JobRecord,
@@ -131,6 +133,22 @@ def _stmt_next_due_row() -> sa.Select[Any]:
         .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
         .limit(1)
         # other workers' claims in progress are skipped, not waited for (PostgreSQL)
+        .with_for_update(skip_locked=True)
+    )
+
+
+@functools.cache
+def _stmt_next_due_rows() -> sa.Select[Any]:
+    """Up to ``b_limit`` due pending rows in claim order (``_stmt_next_due_row``'s)."""
+    return (
+        sa.select(deliveries)
+        .where(
+            deliveries.c.job_id == sa.bindparam("b_job"),
+            deliveries.c.state == _PENDING,
+            deliveries.c.next_attempt_at <= sa.bindparam("b_now"),
+        )
+        .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
+        .limit(sa.bindparam("b_limit"))
         .with_for_update(skip_locked=True)
     )
 
@@ -765,6 +783,60 @@ class Store(StoreReads):
                 return Wait(max(0.0, float(due) - now))
             return Stop(JobState.RUNNING, finished=True)
 
+    def claim_batch(
+        self,
+        job_id: int,
+        worker_id: str,
+        *,
+        now: float,
+        limit: int,
+        settle: Sequence[Outcome] = (),
+    ) -> BatchClaimResult:
+        """Claim up to ``limit`` due pending deliveries for ``worker_id`` in one transaction
+        (after committing ``settle``): every one ``sending``, its attempt counted, before
+        the batch request is made."""
+        with self._write() as conn:
+            for outcome in settle:
+                self._settle(conn, outcome, worker_id)
+            job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
+            state, dedupe_key, stopped_at = job.one()
+            if state != JobState.RUNNING:
+                return Stop(str(state))
+            if stopped_at is not None:
+                return Stop(WORKER_STOPPED)
+            claimed: list[dict[str, Any]] = []
+            while len(claimed) < limit:
+                wanted = limit - len(claimed)
+                rows = conn.execute(
+                    _stmt_next_due_rows(), {"b_job": job_id, "b_now": now, "b_limit": wanted}
+                ).all()
+                fresh: list[dict[str, Any]] = []
+                for row in rows:
+                    values = row._asdict()
+                    if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
+                        continue  # skipped: another job under the key sent it or is sending it
+                    values.update(
+                        state=_SENDING, attempts=values["attempts"] + 1, worker_id=worker_id
+                    )
+                    fresh.append(values)
+                if fresh:
+                    conn.execute(
+                        _stmt_mark_sending(),
+                        [
+                            {"b_id": v["id"], "b_attempts": v["attempts"], "b_worker": worker_id}
+                            for v in fresh
+                        ],
+                    )
+                    claimed.extend(fresh)
+                if len(rows) < wanted or len(fresh) == len(rows):
+                    break  # no more due, or all taken: the next select would find nothing new
+            if claimed:
+                return ClaimedBatch(tuple(delivery_from_row(v) for v in claimed))
+            due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
+            if due is not None:
+                return Wait(max(0.0, float(due) - now))
+            return Stop(JobState.RUNNING, finished=True)
+
     def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
         """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
         address (e.g. `retry` of an older job after a newer cron run; the claim-time dedupe,
@@ -787,6 +859,13 @@ class Store(StoreReads):
         worker's (another worker took it over as in doubt): nothing is changed then."""
         with self._write() as conn:
             return self._settle(conn, outcome, worker_id)
+
+    def record_many(self, outcomes: Sequence[Outcome], worker_id: str) -> int:
+        """Commit a batch's outcomes in one transaction; how many were still this worker's."""
+        if not outcomes:
+            return 0
+        with self._write() as conn:
+            return sum(self._settle(conn, outcome, worker_id) for outcome in outcomes)
 
     def _settle(self, conn: Connection, outcome: Outcome, worker_id: str) -> bool:
         params = {f"v_{k}": v for k, v in outcome.values}
