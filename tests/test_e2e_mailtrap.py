@@ -240,3 +240,90 @@ def test_429_with_retry_after_is_retried_while_the_others_go_on(httpserver: HTTP
     assert rows["ada@example.edu"]["attempts"] == "1"
     assert rows["ada@example.edu"]["provider_message_id"] == "mt-4-ada@example.edu"
     assert rows["ben@example.edu"]["attempts"] == "1"
+
+
+# --- batches: [mailtrap] batch_size over 1 sends through /api/batch ----------------------
+
+
+def test_batch_job_end_to_end(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["sent"], doc["skipped"]) == ("completed", 3, 1)
+    assert api.problems == []
+    assert len(api.batches) == 1, "one request for the three messages"
+    assert len(api.batches[0]["requests"]) == 3
+    rows = report()
+    delivery_ids = set()
+    for n, seen in enumerate(api.seen, 1):
+        body = seen["body"]
+        address = body["to"][0]["email"]
+        row = rows[address]
+        assert (row["state"], row["attempts"]) == ("sent", "1")
+        assert row["provider_message_id"] == f"mt-{n}-{address}"
+        assert row["message_id"] == body["headers"]["Message-ID"]
+        assert body["custom_variables"]["bulkmail_job"] == "1"
+        delivery_ids.add(body["custom_variables"]["bulkmail_delivery"])
+    assert len(delivery_ids) == 3
+
+
+def test_batch_failed_entry_fails_alone(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    api.entry_errors["ben@example.edu"] = ["'to' address is invalid"]
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code != 3, result.output
+    assert len(api.batches) == 1, "a failed entry never resends the batch"
+    rows = report()
+    assert rows["ben@example.edu"]["state"] == "failed"
+    assert "'to' address is invalid" in rows["ben@example.edu"]["error"]
+    assert {rows[a]["state"] for a in ("ada@example.edu", "zoe@example.edu")} == {"sent"}
+
+
+def test_batch_403_aborts_with_every_delivery_pending(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    api.plan["ada@example.edu"] = [(403, {})]
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code == 3, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["sent"], doc["pending"]) == ("aborted", 0, 3)
+    assert "Mailtrap refused to send (403): planned 403" in doc["error"]
+    assert len(api.batches) == 1
+    rows = report()
+    assert {r["state"] for e, r in rows.items() if e != "not-an-address"} == {"pending"}
+    assert {r["attempts"] for e, r in rows.items() if e != "not-an-address"} == {"0"}
+
+
+def test_batch_500_leaves_all_in_doubt_then_resends_with_the_same_ids(
+    httpserver: HTTPServer,
+) -> None:
+    setup_files()
+    api = Api(httpserver)
+    api.plan["zoe@example.edu"] = [(500, {"Retry-After": "0"})]
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code == 0, result.output
+    assert [len(b["requests"]) for b in api.batches] == [3, 3]
+    first, second = (
+        [r["headers"]["Message-ID"] for r in batch["requests"]] for batch in api.batches
+    )
+    assert sorted(first) == sorted(second)
+    rows = report()
+    for address in ("ada@example.edu", "ben@example.edu", "zoe@example.edu"):
+        assert (rows[address]["state"], rows[address]["attempts"]) == ("sent", "2")
+
+
+def test_batch_size_over_500_and_a_bad_inbox_id_are_exit_2(httpserver: HTTPServer) -> None:
+    setup_files()
+    result = send(httpserver, batch_size=501)
+    assert result.exit_code == 2, result.output
+    assert "batch_size" in result.output
+    env = {**mailtrap_env(httpserver), "BULKMAIL_MAILTRAP_INBOX_ID": "inbox-7"}
+    result = bulkmail(
+        "send-reminders", "--csv", "people.csv", "--template", "t.txt", "--subject", "S",
+        "--provider", "mailtrap", "--from", SENDER, "--json", env=env,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "inbox_id must be a positive integer" in result.output
