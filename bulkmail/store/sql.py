@@ -195,6 +195,15 @@ def _stmt_worker_sent() -> sa.Update:
     )
 
 
+@functools.cache
+def _stmt_worker_sent_n() -> sa.Update:
+    return (
+        workers.update()
+        .where(workers.c.id == sa.bindparam("b_worker"))
+        .values(sent=workers.c.sent + sa.bindparam("b_n"))
+    )
+
+
 # the database's clock, as POSIX seconds: the time source of a server store
 _SQL_DB_NOW = sa.text("SELECT extract(epoch from clock_timestamp())")
 
@@ -796,8 +805,8 @@ class Store(StoreReads):
         (after committing ``settle``): every one ``sending``, its attempt counted, before
         the batch request is made."""
         with self._write() as conn:
-            for outcome in settle:
-                self._settle(conn, outcome, worker_id)
+            if settle:
+                self._settle_many(conn, settle, worker_id)
             job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
             state, dedupe_key, stopped_at = job.one()
             if state != JobState.RUNNING:
@@ -861,11 +870,38 @@ class Store(StoreReads):
             return self._settle(conn, outcome, worker_id)
 
     def record_many(self, outcomes: Sequence[Outcome], worker_id: str) -> int:
-        """Commit a batch's outcomes in one transaction; how many were still this worker's."""
+        """Commit a batch's outcomes in one transaction; how many were still this worker's.
+        Outcomes of the same shape (sent, failed) go in one executemany each; one handed
+        back to ``pending`` is settled on its own (its job may have been cancelled)."""
         if not outcomes:
             return 0
         with self._write() as conn:
-            return sum(self._settle(conn, outcome, worker_id) for outcome in outcomes)
+            return self._settle_many(conn, outcomes, worker_id)
+
+    def _settle_many(self, conn: Connection, outcomes: Sequence[Outcome], worker_id: str) -> int:
+        """Settle outcomes in ``conn``'s transaction (see ``record_many``)."""
+        changed = 0
+        groups: dict[tuple[str, ...], list[Outcome]] = {}
+        for outcome in outcomes:
+            if dict(outcome.values).get("state") == _PENDING:
+                changed += self._settle(conn, outcome, worker_id)
+            else:
+                groups.setdefault(tuple(k for k, _ in outcome.values), []).append(outcome)
+        for keys, group in groups.items():
+            params = [
+                {
+                    **{f"v_{k}": v for k, v in outcome.values},
+                    "o_id": outcome.delivery_id,
+                    "o_worker": worker_id,
+                }
+                for outcome in group
+            ]
+            # both drivers sum an executemany's rowcount over its parameter sets
+            updated = int(conn.execute(_stmt_outcome(keys), params).rowcount)
+            if updated and group[0].is_sent:
+                conn.execute(_stmt_worker_sent_n(), {"b_worker": worker_id, "b_n": updated})
+            changed += updated
+        return changed
 
     def _settle(self, conn: Connection, outcome: Outcome, worker_id: str) -> bool:
         params = {f"v_{k}": v for k, v in outcome.values}
