@@ -32,7 +32,7 @@ from types import ModuleType  # noqa: E402
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import big_list, rate, send_loop, slow_link, startup  # noqa: E402
+from benchmarks import big_list, mailtrap_batch, rate, send_loop, slow_link, startup  # noqa: E402
 from benchmarks.common import Context, Result, print_result  # noqa: E402
 
 BENCHMARKS: dict[str, ModuleType] = {
@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "rate": rate,
     "big_list": big_list,
     "startup": startup,
+    "mailtrap_batch": mailtrap_batch,
 }
 
 

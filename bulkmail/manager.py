@@ -6,6 +6,14 @@ Message-ID), heart-beats, and runs ``concurrency`` sending threads, each with it
 provider connection, all drawing from the one shared rate limit. Every delivery is claimed
 (``sending`` committed) before the provider is called and its outcome committed right after.
 
+Batches: with a provider that carries several messages per request (``BatchProvider``,
+Mailtrap's ``/api/batch``) and a ``batch_size`` over 1, each sending thread claims up to
+``batch_size`` deliveries in one transaction (every one ``sending`` before the request),
+sends them in one request and commits their outcomes together; at a finite rate a batch
+holds at most ``burst`` messages and goes at its last message's slot, so the rate's
+``rate * t + burst`` bound still holds. A provider's own request limit (``request_limit``)
+is a second shared bucket, taken before every request, batch or single.
+
 Fencing: a worker hands a message to the provider only while it still owns the delivery.
 It notes, on its monotonic clock, when it started its last heartbeat that the store
 renewed; others take it for gone only once that heartbeat is ``stale_after`` old by the
@@ -23,8 +31,8 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, tzinfo
 from typing import Literal
 
@@ -32,11 +40,18 @@ from bulkmail.compose import Composer, Templates
 from bulkmail.errors import BulkmailError, ExitCode, StoreError, Terminated, exit_code_for
 from bulkmail.models import Message, Recipient
 from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, this_host_id, worker_alive
-from bulkmail.providers.base import FatalError, PermanentError, Provider, TransientError
+from bulkmail.providers.base import (
+    BatchProvider,
+    FatalError,
+    PermanentError,
+    Provider,
+    TransientError,
+)
 from bulkmail.ratelimit import RateLimiter
 from bulkmail.schedule import Schedule, parse_windows, parse_zone
 from bulkmail.store import (
     Claimed,
+    ClaimedBatch,
     Counts,
     DeliveryRecord,
     JobRecord,
@@ -148,6 +163,14 @@ def composer_for(job: JobRecord) -> Composer:
 
 def recipient_of(d: DeliveryRecord) -> Recipient:
     return Recipient(row=d.row, email=d.email, name=d.name, fields=d.fields)
+
+
+def build_message(composer: Composer, d: DeliveryRecord) -> Message:
+    """The delivery's message, carrying its job and delivery ids for the provider's events
+    (Mailtrap's custom_variables; the webhook receiver matches events on these keys)."""
+    message = composer.build(recipient_of(d), d.message_id)
+    ids = (("bulkmail_job", str(d.job_id)), ("bulkmail_delivery", str(d.id)))
+    return replace(message, variables=ids)
 
 
 class EmailManager:
@@ -434,7 +457,19 @@ class EmailManager:
             provider = self.provider_factory(job)
             with contextlib.suppress(TransientError):  # the first send tries again
                 provider.connect()
-            self._send_loop(job, provider, limiter, composer)
+            requests: RateLimiter | None = None
+            batching = isinstance(provider, BatchProvider)
+            if isinstance(provider, BatchProvider):
+                limit = provider.request_limit
+                if limit is not None:
+                    requests = RateLimiter(
+                        self.store, limit.key, limit.rate, limit.burst, clock=self.clock
+                    )
+                batching = provider.batch_size > 1
+            if isinstance(provider, BatchProvider) and batching:
+                self._batch_loop(job, provider, limiter, requests, composer)
+            else:
+                self._send_loop(job, provider, limiter, composer, requests)
         except FatalError as exc:
             # rejected credentials abort the job; a refusal of this worker's own connection
             # (e.g. a 554 greeting) only takes it out of a job other live workers go on with
@@ -455,7 +490,12 @@ class EmailManager:
                 done.set()
 
     def _send_loop(
-        self, job: JobRecord, provider: Provider, limiter: RateLimiter, composer: Composer
+        self,
+        job: JobRecord,
+        provider: Provider,
+        limiter: RateLimiter,
+        composer: Composer,
+        requests: RateLimiter | None = None,
     ) -> None:
         # the outcome of the last message, when it can ride along with the next claim's
         # transaction (unlimited rate: the next claim follows at once); always committed
@@ -507,7 +547,9 @@ class EmailManager:
                 assert isinstance(claim, Claimed)
                 with self._lock:
                     self._waiting = None  # the claim cleared the job's waiting_for
-                outcome = self._deliver(job, provider, composer, claim.delivery, slot, limiter)
+                outcome = self._deliver(
+                    job, provider, composer, claim.delivery, slot, limiter, requests
+                )
                 if outcome is None:
                     return  # stopped while waiting for the slot: given back untried
                 if limiter.unlimited and not self._stop.is_set():
@@ -587,16 +629,20 @@ class EmailManager:
         d: DeliveryRecord,
         slot: float | None,
         limiter: RateLimiter,
+        requests: RateLimiter | None = None,
     ) -> Outcome | None:
         """Send one claimed delivery; return its outcome (for the caller to commit), or None
         when the job stopped before the send (the delivery is given back untried)."""
         self.on_event(Event("sending", d.email, d.name, attempts=d.attempts))
         try:
-            message: Message = composer.build(recipient_of(d), d.message_id)
+            message: Message = build_message(composer, d)
         except BulkmailError as exc:  # e.g. an attachment removed since the job was created
             self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
             return Outcome.failed(d.id, str(exc))
         if slot is not None and not self._wait_for_slot(slot, limiter):
+            self.store.release(d.id, self.worker_id)
+            return None
+        if requests is not None and not self._wait_for_request(requests):
             self.store.release(d.id, self.worker_id)
             return None
         self._failpoint.reached("after_claim")
@@ -625,43 +671,209 @@ class EmailManager:
         self.on_event(Event("sent", d.email, d.name, attempts=d.attempts))
         return Outcome.sent(d.id, provider_id, self.clock())
 
+    def _wait_for_request(self, requests: RateLimiter) -> bool:
+        """Wait for a slot of the provider's request bucket; False when a stop came first."""
+        return self._wait_until(requests.reserve()) and not self._stop.is_set()
+
+    # -- batches
+
+    def _batch_loop(
+        self,
+        job: JobRecord,
+        provider: BatchProvider,
+        limiter: RateLimiter,
+        requests: RateLimiter | None,
+        composer: Composer,
+    ) -> None:
+        """``_send_loop`` a batch at a time: claim up to ``batch_size`` deliveries (at most
+        ``burst`` at a finite rate), send them in one request, commit their outcomes
+        together (with the next claim when the rate is unlimited)."""
+        size = provider.batch_size if limiter.unlimited else min(provider.batch_size, limiter.burst)
+        pending: list[Outcome] = []
+        try:
+            while not self._stop.is_set():
+                self._failpoint.reached("before_claim")
+                claim = self.store.claim_batch(
+                    self.job_id,
+                    self.worker_id,
+                    now=self.clock(),
+                    limit=max(1, size),
+                    settle=pending,
+                )
+                pending = []
+                if isinstance(claim, Stop):
+                    if not claim.finished:
+                        self._stop.set()
+                    elif not self._settled():
+                        continue
+                    return
+                if isinstance(claim, Wait):
+                    if self.sleep(min(claim.seconds, self.heartbeat_interval)):
+                        return
+                    continue
+                assert isinstance(claim, ClaimedBatch)
+                outcomes = self._deliver_batch(
+                    job, provider, composer, claim.deliveries, limiter, requests
+                )
+                if limiter.unlimited and not self._stop.is_set():
+                    pending = outcomes
+                else:
+                    self.store.record_many(outcomes, self.worker_id)
+        finally:
+            if pending:
+                self.store.record_many(pending, self.worker_id)
+
+    def _deliver_batch(
+        self,
+        job: JobRecord,
+        provider: BatchProvider,
+        composer: Composer,
+        batch: Sequence[DeliveryRecord],
+        limiter: RateLimiter,
+        requests: RateLimiter | None,
+    ) -> list[Outcome]:
+        """Send claimed deliveries in one request; return their outcomes for the caller to
+        commit. Those not sent (the job stopped first, the provider left them out of the
+        request, a fatal error) are given back untried; none are returned for them."""
+        outcomes: list[Outcome] = []
+        ready: list[tuple[DeliveryRecord, Message]] = []
+        for d in batch:
+            self.on_event(Event("sending", d.email, d.name, attempts=d.attempts))
+            try:
+                ready.append((d, build_message(composer, d)))
+            except BulkmailError as exc:
+                self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
+                outcomes.append(Outcome.failed(d.id, str(exc)))
+        if not ready:
+            return outcomes
+        slot: float | None = None
+        if not limiter.unlimited:
+            for _ in ready:  # one message slot each; the request goes at the last one
+                slot = limiter.reserve()
+        if (slot is not None and not self._wait_until(slot)) or self._stop.is_set():
+            self._release(d for d, _ in ready)
+            return outcomes
+        if requests is not None and not self._wait_for_request(requests):
+            self._release(d for d, _ in ready)
+            return outcomes
+        self._failpoint.reached("after_claim")
+        if not self._still_owner():  # the fence: right before the batch is handed over
+            log.warning(
+                "job %s: this worker was stopped past its lease and others took over its "
+                "deliveries: not sending a batch of %d, stopping",
+                self.job_id,
+                len(ready),
+            )
+            self._stop.set()
+            return []  # no longer ours: the worker that took them over sends them
+        try:
+            results = provider.send_batch([m for _, m in ready])
+        except TransientError as exc:
+            if exc.throttled:  # a 429 for the whole request: the account slows down
+                outcomes.extend(self._throttled_all(job, [d for d, _ in ready], exc))
+                return outcomes
+            too_many = self._note_transient()
+            outcomes.extend(self._transient_outcome(job, d, exc, too_many) for d, _ in ready)
+            if too_many:
+                self._pause_after(exc)
+            return outcomes
+        except PermanentError as exc:  # the request as a whole was refused
+            self._reset_transient()
+            for d, _ in ready:
+                self.on_event(Event("failed", d.email, d.name, str(exc), d.attempts))
+                outcomes.append(Outcome.failed(d.id, str(exc)))
+            return outcomes
+        except BaseException:  # fatal (abort the job) or a bug: nothing was sent
+            self._release(d for d, _ in ready)
+            raise
+        self._failpoint.reached("after_send")
+        now = self.clock()
+        if any(not isinstance(r, TransientError) for r in results):
+            self._reset_transient()
+        for (d, _), result in zip(ready, results, strict=False):
+            if isinstance(result, TransientError):
+                outcomes.append(self._transient_outcome(job, d, result, False))
+            elif isinstance(result, PermanentError):
+                self.on_event(Event("failed", d.email, d.name, str(result), d.attempts))
+                outcomes.append(Outcome.failed(d.id, str(result)))
+            else:
+                self.on_event(Event("sent", d.email, d.name, attempts=d.attempts))
+                outcomes.append(Outcome.sent(d.id, result, now))
+        self._release(d for d, _ in ready[len(results) :])  # left out of the request
+        return outcomes
+
+    def _release(self, batch: Iterable[DeliveryRecord]) -> None:
+        for d in batch:
+            self.store.release(d.id, self.worker_id)
+
+    # -- transient failures
+
     def _reset_transient(self) -> None:
         with self._lock:
             self._consecutive_transient = 0
             self._throttled_since = None
 
     def _throttled(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> Outcome:
+        return self._throttled_all(job, [d], exc)[0]
+
+    def _throttled_all(
+        self, job: JobRecord, batch: Sequence[DeliveryRecord], exc: TransientError
+    ) -> list[Outcome]:
         """The server says the account sends too fast: the account's shared limiter
-        pauses (Retry-After, account-wide) and slows; the delivery goes back to pending
-        without using up a retry and without counting towards the consecutive transient
-        failures. The job pauses only when nothing got through for ``throttle_pause``."""
+        pauses (Retry-After, account-wide) and slows, once for the whole request; each
+        delivery goes back to pending without using up a retry and without counting towards
+        the consecutive transient failures. The job pauses only when nothing got through
+        for ``throttle_pause``."""
         self.store.throttle(job.account, retry_after=exc.retry_after, clock=self.clock)
         now = self.clock()
         with self._lock:
             if self._throttled_since is None:
                 self._throttled_since = now
             stuck = now - self._throttled_since >= self.throttle_pause
-        self.on_event(Event("retry", d.email, d.name, str(exc), d.attempts))
+        for d in batch:
+            self.on_event(Event("retry", d.email, d.name, str(exc), d.attempts))
         if stuck:
             self.request_stop(
                 "paused",
                 f"throttled by the server: nothing got through for "
                 f"{self.throttle_pause:.0f} s (last: {exc})",
             )
-        return Outcome.retry(
-            d.id, str(exc), now, exc.outcome_unknown, attempts=max(0, d.attempts - 1)
+        return [
+            Outcome.retry(d.id, str(exc), now, exc.outcome_unknown, attempts=max(0, d.attempts - 1))
+            for d in batch
+        ]
+
+    def _note_transient(self) -> bool:
+        """Count one transient failure in a row; True when that makes too many."""
+        with self._lock:
+            self._consecutive_transient += 1
+            return self._consecutive_transient >= self.max_consecutive_transient
+
+    def _pause_after(self, exc: TransientError) -> None:
+        self.request_stop(
+            "paused",
+            f"{self.max_consecutive_transient} consecutive transient failures (last: {exc})",
         )
 
     def _transient(self, job: JobRecord, d: DeliveryRecord, exc: TransientError) -> Outcome:
         if exc.throttled:
             return self._throttled(job, d, exc)
+        too_many = self._note_transient()
+        outcome = self._transient_outcome(job, d, exc, too_many)
+        if too_many:
+            self._pause_after(exc)
+        return outcome
+
+    def _transient_outcome(
+        self, job: JobRecord, d: DeliveryRecord, exc: TransientError, too_many: bool
+    ) -> Outcome:
+        """Retry later (in doubt when the outcome is unknown), or fail after too many
+        attempts; ``too_many``: this failure pauses the job, which leaves it pending."""
         error = str(exc)
-        with self._lock:
-            self._consecutive_transient += 1
-            too_many = self._consecutive_transient >= self.max_consecutive_transient
-        # an unreachable server tried nobody: the attempt is given back, so a server that
-        # is down pauses the job instead of failing its recipients one by one
-        attempts = d.attempts - 1 if exc.unreachable else d.attempts
+        # an unreachable server (or one that turned the request away for its rate limit)
+        # tried nobody: the attempt is given back, so a server that is down pauses the job
+        # instead of failing its recipients one by one
+        attempts = d.attempts - 1 if exc.untried else d.attempts
         if attempts > job.max_retries and not too_many:
             error = f"gave up after {d.attempts} attempts: {error}"
             outcome = Outcome.failed(d.id, error)
@@ -673,14 +885,9 @@ class EmailManager:
                 error,
                 self.clock() + delay,
                 exc.outcome_unknown,
-                attempts=attempts if exc.unreachable else None,
+                attempts=attempts if exc.untried else None,
             )
             self.on_event(Event("retry", d.email, d.name, error, d.attempts))
-        if too_many:
-            self.request_stop(
-                "paused",
-                f"{self.max_consecutive_transient} consecutive transient failures (last: {exc})",
-            )
         return outcome
 
 

@@ -52,6 +52,9 @@ class Message:
     # RFC 5322 Date ("Fri, 27 Nov 2026 19:24:35 +0000"), set when the message is built;
     # unlike the Message-ID it is not stable across resends
     date: str = ""
+    # values the provider carries with the message and echoes in its events (Mailtrap's
+    # custom_variables): the job and delivery ids, so an event finds its delivery
+    variables: tuple[tuple[str, str], ...] = ()
 
     def to_email_message(self) -> EmailMessage:
         """The standards-correct MIME message (policy=SMTP: CRLF line ends)."""

@@ -19,7 +19,7 @@ import pytest
 from benchmarks.common import PostfixSink
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("send_loop", "slow_link", "rate", "big_list", "startup")
+BENCHMARKS = ("send_loop", "slow_link", "rate", "big_list", "startup", "mailtrap_batch")
 
 
 def _run_quick(

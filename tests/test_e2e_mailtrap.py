@@ -18,6 +18,7 @@ from werkzeug import Request, Response
 
 from bulkmail import __version__
 from tests.e2e import SENDER, bulkmail, data_dir
+from tests.mailtrap_schema import batch_problems, send_problems
 
 TOKEN = "mt-e2e-token-7f3a9c0d5e1b2468"
 PEOPLE = (
@@ -41,7 +42,12 @@ class Api:
         self.seen: list[dict[str, Any]] = []
         self.problems: list[str] = []
         self.plan: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self.batches: list[dict[str, Any]] = []  # /api/batch documents, as received
+        self.entry_errors: dict[str, list[str]] = {}  # address -> its entry's errors, once
         httpserver.expect_request("/api/send", method="POST").respond_with_handler(self.handle)
+        httpserver.expect_request("/api/batch", method="POST").respond_with_handler(
+            self.handle_batch
+        )
 
     def check(self, request: Request, body: dict[str, Any]) -> None:
         def expect(ok: bool, what: str) -> None:
@@ -60,11 +66,15 @@ class Api:
         [attachment] = body.get("attachments") or [{}]
         expect(attachment.get("type") == "application/pdf", "attachment type")
         expect(attachment.get("disposition") == "attachment", "disposition")
+        variables = body.get("custom_variables") or {}
+        expect(set(variables) == {"bulkmail_job", "bulkmail_delivery"}, "custom_variables")
+        expect(all(v.isdigit() for v in variables.values()), "custom_variables values")
 
     def handle(self, request: Request) -> Response:
         body = json.loads(request.get_data())
         with self.lock:
             self.check(request, body)
+            self.problems += send_problems(body)
             n = len(self.seen) + 1
             self.seen.append({"body": body, "at": time.monotonic()})
             address = body["to"][0]["email"]
@@ -74,6 +84,37 @@ class Api:
                 errors = {"errors": [f"planned {status}"]}
                 return Response(json.dumps(errors), status, headers, mimetype="application/json")
         answer = {"success": True, "message_ids": [f"mt-{n}-{address}"]}
+        return Response(json.dumps(answer), 200, mimetype="application/json")
+
+    def handle_batch(self, request: Request) -> Response:
+        """A batch: each entry checked as the message Mailtrap assembles (base, then the
+        entry), answered entry by entry; a planned status for any of its recipients is the
+        whole request's answer."""
+        doc = json.loads(request.get_data())
+        with self.lock:
+            self.batches.append(doc)
+            self.problems += batch_problems(doc)
+            bodies = [{**doc.get("base", {}), **entry} for entry in doc["requests"]]
+            for body in bodies:
+                self.check(request, body)
+            for body in bodies:
+                planned = self.plan.get(body["to"][0]["email"])
+                if planned:
+                    status, headers = planned.pop(0)
+                    errors = {"success": False, "errors": [f"planned {status}"]}
+                    text = json.dumps(errors)
+                    return Response(text, status, headers, mimetype="application/json")
+            results: list[dict[str, Any]] = []
+            for body in bodies:
+                n = len(self.seen) + 1
+                self.seen.append({"body": body, "at": time.monotonic()})
+                address = body["to"][0]["email"]
+                entry_errors = self.entry_errors.pop(address, None)
+                if entry_errors:
+                    results.append({"success": False, "errors": entry_errors})
+                else:
+                    results.append({"success": True, "message_ids": [f"mt-{n}-{address}"]})
+        answer = {"success": all(r["success"] for r in results), "responses": results}
         return Response(json.dumps(answer), 200, mimetype="application/json")
 
 
@@ -86,20 +127,22 @@ def setup_files() -> None:
         Path("sheets", f"{course}.pdf").write_bytes(data)
 
 
-def mailtrap_env(httpserver: HTTPServer, token: str = TOKEN) -> dict[str, str]:
+def mailtrap_env(httpserver: HTTPServer, token: str = TOKEN, batch_size: int = 1) -> dict[str, str]:
     return {
         "BULKMAIL_MAILTRAP_TOKEN": token,
         "BULKMAIL_MAILTRAP_API_URL": httpserver.url_for("/"),
+        # 1: one /api/send per message (these tests' path); over 1: /api/batch
+        "BULKMAIL_MAILTRAP_BATCH_SIZE": str(batch_size),
     }
 
 
-def send(httpserver: HTTPServer, *extra: str, token: str = TOKEN) -> Any:
+def send(httpserver: HTTPServer, *extra: str, token: str = TOKEN, batch_size: int = 1) -> Any:
     return bulkmail(
         "send-reminders", "--csv", "people.csv", "--template", "t.txt",
         "--html-template", "t.html", "--attach", "sheets/{{ course }}.pdf",
         "--subject", "Grades: {{ course }}", "--provider", "mailtrap", "--from", SENDER,
         "--rate", "0", "--backoff", "0", "--json", *extra,
-        env=mailtrap_env(httpserver, token),
+        env=mailtrap_env(httpserver, token, batch_size),
     )  # fmt: skip
 
 
@@ -198,3 +241,90 @@ def test_429_with_retry_after_is_retried_while_the_others_go_on(httpserver: HTTP
     assert rows["ada@example.edu"]["attempts"] == "1"
     assert rows["ada@example.edu"]["provider_message_id"] == "mt-4-ada@example.edu"
     assert rows["ben@example.edu"]["attempts"] == "1"
+
+
+# --- batches: [mailtrap] batch_size over 1 sends through /api/batch ----------------------
+
+
+def test_batch_job_end_to_end(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["sent"], doc["skipped"]) == ("completed", 3, 1)
+    assert api.problems == []
+    assert len(api.batches) == 1, "one request for the three messages"
+    assert len(api.batches[0]["requests"]) == 3
+    rows = report()
+    delivery_ids = set()
+    for n, seen in enumerate(api.seen, 1):
+        body = seen["body"]
+        address = body["to"][0]["email"]
+        row = rows[address]
+        assert (row["state"], row["attempts"]) == ("sent", "1")
+        assert row["provider_message_id"] == f"mt-{n}-{address}"
+        assert row["message_id"] == body["headers"]["Message-ID"]
+        assert body["custom_variables"]["bulkmail_job"] == "1"
+        delivery_ids.add(body["custom_variables"]["bulkmail_delivery"])
+    assert len(delivery_ids) == 3
+
+
+def test_batch_failed_entry_fails_alone(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    api.entry_errors["ben@example.edu"] = ["'to' address is invalid"]
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code != 3, result.output
+    assert len(api.batches) == 1, "a failed entry never resends the batch"
+    rows = report()
+    assert rows["ben@example.edu"]["state"] == "failed"
+    assert "'to' address is invalid" in rows["ben@example.edu"]["error"]
+    assert {rows[a]["state"] for a in ("ada@example.edu", "zoe@example.edu")} == {"sent"}
+
+
+def test_batch_403_aborts_with_every_delivery_pending(httpserver: HTTPServer) -> None:
+    setup_files()
+    api = Api(httpserver)
+    api.plan["ada@example.edu"] = [(403, {})]
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code == 3, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["sent"], doc["pending"]) == ("aborted", 0, 3)
+    assert "Mailtrap refused to send (403): planned 403" in doc["error"]
+    assert len(api.batches) == 1
+    rows = report()
+    assert {r["state"] for e, r in rows.items() if e != "not-an-address"} == {"pending"}
+    assert {r["attempts"] for e, r in rows.items() if e != "not-an-address"} == {"0"}
+
+
+def test_batch_500_leaves_all_in_doubt_then_resends_with_the_same_ids(
+    httpserver: HTTPServer,
+) -> None:
+    setup_files()
+    api = Api(httpserver)
+    api.plan["zoe@example.edu"] = [(500, {"Retry-After": "0"})]
+    result = send(httpserver, batch_size=100)
+    assert result.exit_code == 0, result.output
+    assert [len(b["requests"]) for b in api.batches] == [3, 3]
+    first, second = (
+        [r["headers"]["Message-ID"] for r in batch["requests"]] for batch in api.batches
+    )
+    assert sorted(first) == sorted(second)
+    rows = report()
+    for address in ("ada@example.edu", "ben@example.edu", "zoe@example.edu"):
+        assert (rows[address]["state"], rows[address]["attempts"]) == ("sent", "2")
+
+
+def test_batch_size_over_500_and_a_bad_inbox_id_are_exit_2(httpserver: HTTPServer) -> None:
+    setup_files()
+    result = send(httpserver, batch_size=501)
+    assert result.exit_code == 2, result.output
+    assert "batch_size" in result.output
+    env = {**mailtrap_env(httpserver), "BULKMAIL_MAILTRAP_INBOX_ID": "inbox-7"}
+    result = bulkmail(
+        "send-reminders", "--csv", "people.csv", "--template", "t.txt", "--subject", "S",
+        "--provider", "mailtrap", "--from", SENDER, "--json", env=env,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "inbox_id must be a positive integer" in result.output

@@ -63,7 +63,16 @@ def test_readme_section_runs_as_written(httpserver: HTTPServer, tmp_path: Path) 
         answer = {"success": True, "message_ids": [f"id-{len(requests)}"]}
         return Response(json.dumps(answer), 200, mimetype="application/json")
 
+    def batch(request: Request) -> Response:  # issue 13: batches are the default
+        results = []
+        for entry in json.loads(request.get_data())["requests"]:
+            requests.append(entry)
+            results.append({"success": True, "message_ids": [f"id-{len(requests)}"]})
+        answer = {"success": True, "responses": results}
+        return Response(json.dumps(answer), 200, mimetype="application/json")
+
     httpserver.expect_request("/api/send", method="POST").respond_with_handler(api)
+    httpserver.expect_request("/api/batch", method="POST").respond_with_handler(batch)
     shutil.copytree(EXAMPLES, tmp_path / "examples")
     script = "\n".join(f'{c}\necho "@@ exit $?"' for c in commands)
     env = {

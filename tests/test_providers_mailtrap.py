@@ -258,9 +258,13 @@ def test_401_is_fatal(httpserver: HTTPServer, provider: MailtrapProvider) -> Non
         provider.send(make_message())
 
 
-def test_403_is_permanent(httpserver: HTTPServer, provider: MailtrapProvider) -> None:
+def test_403_is_fatal_with_the_servers_text(
+    httpserver: HTTPServer, provider: MailtrapProvider
+) -> None:
+    # issue 13: a 403 (unverified domain, a token that may not send) stops the job like a
+    # 401 instead of failing every recipient one by one
     answer(httpserver, 403, {"success": False, "errors": ["domain is not verified"]})
-    with pytest.raises(PermanentError, match="domain is not verified"):
+    with pytest.raises(FatalError, match=r"\(403\): domain is not verified"):
         provider.send(make_message())
 
 

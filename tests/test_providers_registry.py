@@ -59,6 +59,7 @@ def test_secrets_are_marked_once_and_never_public() -> None:
         "api_url": "https://send.api.mailtrap.io",
         "inbox_id": "",
         "category": "",
+        "batch_size": 100,  # issue 13: recorded, so resume sends in the job's batch size
         "timeout": 30.0,
     }
     assert public_settings(OutboxSettings(dir="/x")) == {"dir": "/x"}

@@ -6,7 +6,9 @@ failures into one of these, and the manager acts on the class.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from bulkmail.models import Message
@@ -44,6 +46,11 @@ class TransientError(ProviderError):
         self.outcome_unknown = outcome_unknown
         self.unreachable = unreachable
         self.throttled = throttled
+
+    @property
+    def untried(self) -> bool:
+        """Nothing was tried for the message: its attempt is given back."""
+        return self.unreachable or self.throttled
 
 
 _RATE_WORDS = ("rate", "too many", "throttl", "limit")
@@ -100,4 +107,50 @@ class Provider(Protocol):
 
     def close(self) -> None:
         """Release any connection. Safe to call more than once."""
+        ...
+
+
+@dataclass(frozen=True)
+class RequestLimit:
+    """A provider's limit on API requests (not messages), e.g. Mailtrap's 150 requests per
+    10 s per token: a shared rate bucket ``key`` (never a secret) at ``rate`` requests per
+    second with ``burst``, beside the job's message rate and caps."""
+
+    key: str
+    rate: float
+    burst: int
+
+
+BatchEntry = str | None | PermanentError | TransientError
+"""One message's result in a batch: the provider's message id (or None) when it was
+accepted, PermanentError when this message was refused, TransientError when its outcome is
+not known (it is retried in doubt)."""
+
+
+@runtime_checkable
+class BatchProvider(Provider, Protocol):
+    """A transport that can carry several messages, each to its own recipient, in one
+    request (Mailtrap's ``/api/batch``). The manager uses ``send_batch`` only when
+    ``batch_size`` is over 1; every request, batch or single, first takes a slot of
+    ``request_limit`` when it is set."""
+
+    @property
+    def batch_size(self) -> int:
+        """The most messages the manager hands to one ``send_batch``."""
+        ...
+
+    @property
+    def request_limit(self) -> RequestLimit | None:
+        """The API's request rate, shared by every worker with the same credentials."""
+        ...
+
+    def send_batch(self, messages: Sequence[Message]) -> list[BatchEntry]:
+        """Deliver ``messages`` in ONE request; return one entry per message carried, in
+        order. It may carry only a first part of them (the rest would make the request too
+        large): the messages past the returned entries were not tried.
+
+        Raises for the whole request, as ``send`` does: TransientError (a timeout or 5xx:
+        every message in doubt), PermanentError (the request itself was refused) or
+        FatalError (nothing can be sent: the job stops, its deliveries left pending).
+        """
         ...

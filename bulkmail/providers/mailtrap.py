@@ -1,8 +1,21 @@
-"""The Mailtrap sending API transport: one ``POST /api/send`` per message, over requests.
+"""The Mailtrap sending API transport, over requests: ``POST /api/send`` for one message,
+``POST /api/batch`` for up to ``batch_size`` (at most 500) messages in one request.
 
-Live sending goes to ``{api_url}/api/send``; when ``inbox_id`` is set the message goes to
-the sandbox (testing inbox) at ``{api_url}/api/send/{inbox_id}``. One ``requests.Session``
-is kept for the provider's life, so the TLS connection is reused between messages.
+Live sending goes to ``{api_url}/api/send`` (``/api/batch``); when ``inbox_id`` is set the
+messages go to the sandbox (testing inbox) at ``{api_url}/api/send/{inbox_id}``
+(``/api/batch/{inbox_id}``). One ``requests.Session`` is kept for the provider's life, so
+the TLS connection is reused between requests. Every message carries ``custom_variables``
+with its job and delivery ids (``Message.variables``), which Mailtrap echoes in its webhook
+events.
+
+A batch has one entry of ``requests[]`` per message, each with its own recipient, subject,
+text, headers and custom_variables, so ``responses[i]`` is the outcome of message i;
+``base`` holds what every message shares (the sender, the category). Headers stay with
+each entry: an entry's ``headers`` overrides ``base``'s (the spec documents overriding,
+not merging) and each entry has its own Message-ID. A message whose JSON (attachments
+base64-encoded) is over 10 MB is refused before any request; a batch stops short of 50 MB
+(the messages left over are handed back untried). The API allows 150 requests per 10 s
+per token: ``request_limit`` is that bucket, taken by the manager before every request.
 
 How answers are classified (the manager only sees the error class):
 
@@ -11,10 +24,15 @@ How answers are classified (the manager only sees the error class):
   ``outcome_unknown``: the status says "accepted" but the body does not confirm it (a proxy
   or a catch-all web server on a wrong ``api_url`` answers like this). Retrying may deliver
   twice with the same Message-ID; treating it as sent could silently lose a whole job.
-- 401 -> FatalError (the token is wrong: nothing can be sent).
-- 429, 408 and 5xx -> TransientError, with ``retry_after`` from ``Retry-After`` (seconds or
+- 401 -> FatalError (the token is wrong: nothing can be sent); 403 -> FatalError too (the
+  sending domain is not verified, or the token may not send: no message would go).
+- 429 -> TransientError ``throttled`` (nothing was looked at: the attempt is given back),
+  408 and 5xx -> TransientError; each with ``retry_after`` from ``Retry-After`` (seconds or
   an HTTP date); 502 and 504 come from a gateway that may have passed the message on, so
   they also set ``outcome_unknown``.
+- A batch's 2xx is read entry by entry: ``success: true`` -> sent with its message id,
+  ``success: false`` -> PermanentError with the entry's ``errors``; an answer without one
+  result per message -> TransientError with ``outcome_unknown`` for the whole batch.
 - 3xx -> FatalError (``api_url`` points somewhere that redirects: redirects are not
   followed, since that would re-send the token and body to another address).
 - other 4xx -> PermanentError with the API's ``errors`` joined by "; ".
@@ -24,7 +42,8 @@ How answers are classified (the manager only sees the error class):
   verified -> FatalError.
 
 Configuration problems (no token, a token with control characters, a malformed
-``api_url``, a category over 255 characters, ``inbox_id`` with the live sending host) are
+``api_url``, a category over 255 characters, an ``inbox_id`` that is not a positive
+integer or is set with the live sending host, a ``batch_size`` outside 1..500) are
 reported as FatalError by the first ``send``, so the manager aborts the job the usual way;
 constructing the provider never raises.
 """
@@ -33,13 +52,14 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
 import json
 import math
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -53,7 +73,13 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from bulkmail import __version__
 from bulkmail.models import Message
-from bulkmail.providers.base import FatalError, PermanentError, TransientError
+from bulkmail.providers.base import (
+    BatchEntry,
+    FatalError,
+    PermanentError,
+    RequestLimit,
+    TransientError,
+)
 from bulkmail.providers.settings import MailtrapSettings
 from bulkmail.providers.tls import ca_file_problem, client_context, plaintext_problem
 
@@ -61,6 +87,13 @@ CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the TCP/TLS connection; the read timeout is ``settings.timeout``."""
 
 MAX_CATEGORY_LENGTH = 255
+MAX_BATCH_SIZE = 500  # messages per /api/batch request
+MAX_MESSAGE_BYTES = 10_000_000  # one message's JSON, attachments base64-encoded (10 MB)
+MAX_BATCH_BYTES = 50_000_000  # one /api/batch request body (50 MB)
+# 150 requests per 10 s per token: 14 per second with a burst of 5 allows at most 145 in
+# any 10 s, leaving room for the jitter between our clock and Mailtrap's counting
+REQUEST_RATE = 14.0
+REQUEST_BURST = 5
 LIVE_HOSTS = frozenset({"send.api.mailtrap.io", "bulk.api.mailtrap.io"})
 SANDBOX_URL = "https://sandbox.api.mailtrap.io"
 
@@ -119,7 +152,8 @@ class MailtrapProvider:
                 self._problem = ca_file_problem(settings.ca_file, CA_FILE_SETTING)
             else:
                 self._session.mount("https://", _CaAdapter(context))
-        self._url = "" if self._problem else _send_url(settings)
+        self._url = "" if self._problem else _endpoint(settings, "send")
+        self._batch_url = "" if self._problem else _endpoint(settings, "batch")
         self._timeout = (CONNECT_TIMEOUT, float(settings.timeout))
         self._headers = {
             "Authorization": f"Bearer {self._token}",
@@ -133,14 +167,74 @@ class MailtrapProvider:
         """The endpoint messages are posted to ("" when the configuration is unusable)."""
         return self._url
 
+    @property
+    def batch_url(self) -> str:
+        """The endpoint batches are posted to ("" when the configuration is unusable)."""
+        return self._batch_url
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def request_limit(self) -> RequestLimit:
+        digest = hashlib.sha256(self._token.encode()).hexdigest()[:12]
+        return RequestLimit(f"mailtrap-requests:{digest}", REQUEST_RATE, REQUEST_BURST)
+
     def send(self, message: Message) -> str | None:
         if self._problem:
             raise FatalError(self._problem)
         payload = json.dumps(self.request_body(message)).encode("ascii")
-        host = urlsplit(self._url).netloc
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise _too_large(len(payload))
+        with self._post(self._url, payload, "the message") as response:
+            return _classify(response)
+
+    def send_batch(self, messages: Sequence[Message]) -> list[BatchEntry]:
+        """Post ``messages`` to ``/api/batch`` in one request (see ``BatchProvider``): a
+        message over 10 MB is refused without being sent; the request stops short of 50 MB,
+        and the entries returned then cover only the messages it carried."""
+        if self._problem:
+            raise FatalError(self._problem)
+        base: dict[str, Any] = {}
+        senders = {(m.from_email, m.from_name) for m in messages}
+        shared_from = len(senders) == 1
+        if shared_from:
+            base["from"] = _address(*next(iter(senders)))
+        if self.settings.category:
+            base["category"] = self.settings.category
+        head = '{"base":' + json.dumps(base) + ',"requests":['
+        size = len(head) + 2  # and the closing "]}"
+        results: list[BatchEntry | None] = []
+        carried: list[str] = []
+        for message in messages:
+            entry = self._fields(message)
+            if not shared_from:
+                entry["from"] = _address(message.from_email, message.from_name)
+            encoded = json.dumps(entry)
+            alone = len(encoded) + len(head) + 2  # what it would weigh sent on its own
+            if alone > MAX_MESSAGE_BYTES:
+                results.append(_too_large(alone))
+                continue
+            if size + len(encoded) + 1 > MAX_BATCH_BYTES:
+                break  # the rest go in a later request
+            size += len(encoded) + (1 if carried else 0)
+            carried.append(encoded)
+            results.append(None)  # filled from the answer
+        if carried:
+            payload = (head + ",".join(carried) + "]}").encode("ascii")
+            what = f"the batch of {len(carried)} messages"
+            with self._post(self._batch_url, payload, what) as response:
+                answers = iter(_classify_batch(response, len(carried)))
+            results = [next(answers) if r is None else r for r in results]
+        return results
+
+    def _post(self, url: str, payload: bytes, what: str) -> requests.Response:
+        """POST ``payload``; a failure to get an answer is raised as its error class."""
+        host = urlsplit(url).netloc
         try:
-            response = self._session.post(
-                self._url,
+            return self._session.post(
+                url,
                 data=payload,
                 headers=self._headers,
                 timeout=self._timeout,
@@ -148,8 +242,8 @@ class MailtrapProvider:
             )
         except requests.exceptions.ReadTimeout as exc:
             raise TransientError(
-                f"no answer from Mailtrap ({host}) within {self._timeout[1]:g} s after the "
-                "message was sent: it may or may not have been accepted",
+                f"no answer from Mailtrap ({host}) within {self._timeout[1]:g} s after "
+                f"{what} went out: it may or may not have been accepted",
                 outcome_unknown=True,
             ) from exc
         except requests.exceptions.ConnectTimeout as exc:
@@ -174,7 +268,7 @@ class MailtrapProvider:
                     unreachable=True,
                 ) from exc
             raise TransientError(
-                f"connection to Mailtrap ({host}) lost after the message was sent, it may or "
+                f"connection to Mailtrap ({host}) lost after {what} went out, it may or "
                 f"may not have been accepted: {_describe(exc)}",
                 outcome_unknown=True,
             ) from exc
@@ -183,7 +277,7 @@ class MailtrapProvider:
             requests.exceptions.ContentDecodingError,
         ) as exc:
             raise TransientError(
-                f"Mailtrap's answer was cut off or garbled, it is unknown whether the message "
+                f"Mailtrap's answer was cut off or garbled, it is unknown whether {what} "
                 f"was accepted: {_describe(exc)}",
                 outcome_unknown=True,
             ) from exc
@@ -196,21 +290,24 @@ class MailtrapProvider:
             requests.exceptions.InvalidHeader,
         ) as exc:
             raise FatalError(f"the mailtrap settings are unusable: {_describe(exc)}") from exc
-        with response:
-            return _classify(response)
 
     def request_body(self, message: Message) -> dict[str, Any]:
-        """The JSON document posted for ``message``."""
+        """The JSON document posted to ``/api/send`` for ``message``."""
+        body: dict[str, Any] = {"from": _address(message.from_email, message.from_name)}
+        body.update(self._fields(message))
+        if self.settings.category:
+            body["category"] = self.settings.category
+        return body
+
+    def _fields(self, message: Message) -> dict[str, Any]:
+        """What is this message's own (all but the sender and the category): a batch entry."""
         body: dict[str, Any] = {
-            "from": _address(message.from_email, message.from_name),
             "to": [_address(message.to_email, message.to_name)],
             "subject": message.subject,
             "text": message.text,
         }
         if message.html:
             body["html"] = message.html
-        if self.settings.category:
-            body["category"] = self.settings.category
         # Message-ID always wins: it is what makes a retry recognisable as the same message.
         # Extra headers are merged case-insensitively, the last value of a name wins.
         extra: dict[str, tuple[str, str]] = {}
@@ -228,6 +325,8 @@ class MailtrapProvider:
                 }
                 for att in message.attachments
             ]
+        if message.variables:
+            body["custom_variables"] = dict(message.variables)
         return body
 
     def connect(self) -> None:
@@ -277,7 +376,19 @@ def _config_problem(settings: MailtrapSettings, token: str) -> str | None:
             f"mailtrap category is {len(settings.category)} characters long, Mailtrap "
             f"accepts at most {MAX_CATEGORY_LENGTH}"
         )
-    if settings.inbox_id.strip() and parts.hostname in LIVE_HOSTS:
+    inbox = settings.inbox_id.strip()
+    if inbox and not (inbox.isascii() and inbox.isdigit() and int(inbox) > 0):
+        return (
+            f"mailtrap inbox_id must be a positive integer (the sandbox inbox's id, from its "
+            f"URL in Mailtrap), got {settings.inbox_id!r}"
+        )
+    size = settings.batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH_SIZE:
+        return (
+            f"mailtrap batch_size must be a whole number from 1 (one request per message) to "
+            f"{MAX_BATCH_SIZE} (Mailtrap's most per batch request), got {size!r}"
+        )
+    if inbox and parts.hostname in LIVE_HOSTS:
         return (
             f"mailtrap inbox_id is set, which sends to a sandbox inbox, but api_url is the "
             f"live sending API ({parts.hostname}): set api_url to {SANDBOX_URL}, or clear "
@@ -286,10 +397,69 @@ def _config_problem(settings: MailtrapSettings, token: str) -> str | None:
     return ca_file_problem(settings.ca_file, CA_FILE_SETTING)
 
 
-def _send_url(settings: MailtrapSettings) -> str:
+def _endpoint(settings: MailtrapSettings, kind: str) -> str:
+    """``{api_url}/api/send`` or ``/api/batch``, with ``/{inbox_id}`` for the sandbox."""
     base = settings.api_url.strip().rstrip("/")
     inbox = settings.inbox_id.strip()
-    return f"{base}/api/send/{quote(inbox, safe='')}" if inbox else f"{base}/api/send"
+    return f"{base}/api/{kind}/{quote(inbox, safe='')}" if inbox else f"{base}/api/{kind}"
+
+
+def _too_large(size: int) -> PermanentError:
+    return PermanentError(
+        f"the message is {size / 1_000_000:.1f} MB as Mailtrap receives it (attachments "
+        f"base64-encoded), over its {MAX_MESSAGE_BYTES // 1_000_000} MB limit per message"
+    )
+
+
+def _classify_batch(response: requests.Response, count: int) -> list[BatchEntry]:
+    """One entry per message of a batch from a 2xx answer, or raise the error class of a
+    request that failed as a whole (as ``_classify``)."""
+    status = response.status_code
+    if not 200 <= status < 300:
+        try:
+            _raise_for_status(response)
+        except TransientError as exc:
+            if exc.throttled or exc.outcome_unknown:
+                raise
+            # a 5xx may come after Mailtrap handled part of the batch: every message in doubt
+            raise TransientError(
+                str(exc), retry_after=exc.retry_after, outcome_unknown=True
+            ) from None
+    try:
+        data = response.json()
+    except ValueError:
+        raise TransientError(
+            f"Mailtrap answered {status} to a batch with a body that is not JSON, so it is "
+            f"unknown whether its messages were accepted: {_body_text(response)}",
+            outcome_unknown=True,
+        ) from None
+    answers = data.get("responses") if isinstance(data, dict) else None
+    if not isinstance(answers, list) or len(answers) != count:
+        got = len(answers) if isinstance(answers, list) else "no"
+        raise TransientError(
+            f"Mailtrap answered {status} to a batch of {count} messages with {got} results, "
+            f"so it is unknown which were accepted: {_error_detail(response)}",
+            outcome_unknown=True,
+        )
+    return [_entry(item, status) for item in answers]
+
+
+def _entry(item: Any, status: int) -> BatchEntry:
+    """One message's result in a batch answer."""
+    if isinstance(item, dict) and item.get("success") is True:
+        ids = item.get("message_ids")
+        if isinstance(ids, list) and ids and isinstance(ids[0], str | int):
+            return str(ids[0])
+        return None
+    if isinstance(item, dict) and item.get("success") is False:
+        detail = _one_line("; ".join(_flatten(item.get("errors"))), _ERRORS_LIMIT)
+        return PermanentError(f"Mailtrap rejected the message: {detail or 'no reason given'}")
+    return TransientError(
+        f"Mailtrap answered {status} with a result for this message that is neither success "
+        f"nor failure, so it is unknown whether it was accepted: "
+        f"{_one_line(json.dumps(item), _BODY_LIMIT)}",
+        outcome_unknown=True,
+    )
 
 
 def _classify(response: requests.Response) -> str | None:
@@ -314,10 +484,20 @@ def _classify(response: requests.Response) -> str | None:
         if isinstance(ids, list) and ids and isinstance(ids[0], str | int):
             return str(ids[0])
         return None
+    _raise_for_status(response)
 
+
+def _raise_for_status(response: requests.Response) -> NoReturn:
+    """Raise the error class of a request that was not accepted (not 2xx)."""
+    status = response.status_code
     detail = _error_detail(response)
     if status == 401:
         raise FatalError(f"Mailtrap rejected the API token (401): {detail}")
+    if status == 403:
+        raise FatalError(
+            f"Mailtrap refused to send (403): {detail}; check that the sending domain is "
+            "verified and that the token may send from it"
+        )
     if status == 429:
         raise TransientError(
             f"Mailtrap rate limit exceeded (429): {detail}",

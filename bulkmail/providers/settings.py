@@ -96,8 +96,9 @@ class SmtpSettings:
 class MailtrapSettings:
     token: str = secret()
     api_url: str = "https://send.api.mailtrap.io"
-    inbox_id: str = ""  # set: sandbox path /api/send/{inbox_id}
+    inbox_id: str = ""  # set (a positive integer): the sandbox path /api/send/{inbox_id}
     category: str = ""
+    batch_size: int = 100  # messages per /api/batch request (1..500); 1: one /api/send each
     timeout: float = 30.0
     ca_file: str = local_path()  # PEM certificates added to the system trust store (a private CA)
     per_hour: int = account_cap()

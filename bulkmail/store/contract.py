@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from bulkmail.store.records import (
+    BatchClaimResult,
     ClaimResult,
     Counts,
     DeliveryRecord,
@@ -233,6 +234,28 @@ class JobStore(StoreReader, Protocol):
         time, and with the job's ``per_hour``/``per_day`` reached in the rolling hour/day
         (or the account paused by ``throttle``) the answer is ``Wait`` until the oldest
         send leaves the window, with ``why``."""
+        ...
+
+    def claim_batch(
+        self,
+        job_id: int,
+        worker_id: str,
+        *,
+        now: float,
+        limit: int,
+        settle: Sequence[Outcome] = (),
+    ) -> BatchClaimResult:
+        """``claim`` for several deliveries at once (a provider's batch request): in one
+        write transaction commit ``settle`` (the worker's previous outcomes), then claim up
+        to ``limit`` due ``pending`` deliveries in the order ``claim`` takes them, each
+        ``sending`` with one attempt more under ``worker_id`` before the request goes out
+        (addresses taken under the dedupe key become ``skipped``, as in ``claim``).
+        ``ClaimedBatch`` with at least one delivery, else ``Wait`` or ``Stop`` as ``claim``."""
+        ...
+
+    def record_many(self, outcomes: Sequence[Outcome], worker_id: str) -> int:
+        """Commit several deliveries' outcomes (a batch's) in one transaction, each as
+        ``record`` does; returns how many were still this worker's and were changed."""
         ...
 
     def record(self, outcome: Outcome, worker_id: str) -> bool:

@@ -17,8 +17,10 @@ from typing import Any
 __all__ = [
     "SCHEMA_VERSION",
     "WORKER_STOPPED",
+    "BatchClaimResult",
     "ClaimResult",
     "Claimed",
+    "ClaimedBatch",
     "Counts",
     "DeliveryRecord",
     "DeliveryState",
@@ -257,6 +259,13 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class ClaimedBatch:
+    """Several deliveries claimed in one transaction (``claim_batch``), in claim order."""
+
+    deliveries: tuple[DeliveryRecord, ...]
+
+
+@dataclass(frozen=True)
 class Wait:
     """Nothing ready now; the earliest pending delivery is due in ``seconds``, or a cap
     holds the account back that long (``why`` says which, e.g. "hourly cap 30/30 on
@@ -276,6 +285,7 @@ class Stop:
 
 
 ClaimResult = Claimed | Wait | Stop
+BatchClaimResult = ClaimedBatch | Wait | Stop
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,9 @@ from bulkmail.store.reads import (
 from bulkmail.store.records import (
     SUPPRESSING,
     WORKER_STOPPED,
+    BatchClaimResult,
     Claimed,
+    ClaimedBatch,
     ClaimResult,
     DeliveryState,
     EventKind,
@@ -162,6 +164,22 @@ def _stmt_next_due_row() -> sa.Select[Any]:
 
 
 @functools.cache
+def _stmt_next_due_rows() -> sa.Select[Any]:
+    """Up to ``b_limit`` due pending rows in claim order (``_stmt_next_due_row``'s)."""
+    return (
+        sa.select(deliveries)
+        .where(
+            deliveries.c.job_id == sa.bindparam("b_job"),
+            deliveries.c.state == _PENDING,
+            deliveries.c.next_attempt_at <= sa.bindparam("b_now"),
+        )
+        .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
+        .limit(sa.bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
+    )
+
+
+@functools.cache
 def _stmt_mark_sending() -> sa.Update:
     return (
         deliveries.update()
@@ -228,6 +246,15 @@ def rate_factor(factor: float | None, not_before: float | None, now: float) -> f
         return 1.0
     since = max(0.0, now - (not_before or now))
     return float(min(1.0, factor * 2.0 ** (since / THROTTLE_RECOVERY)))
+
+
+@functools.cache
+def _stmt_worker_sent_n() -> sa.Update:
+    return (
+        workers.update()
+        .where(workers.c.id == sa.bindparam("b_worker"))
+        .values(sent=workers.c.sent + sa.bindparam("b_n"))
+    )
 
 
 # the database's clock, as POSIX seconds: the time source of a server store
@@ -916,6 +943,24 @@ class Store(StoreReads):
         seconds, why = max(waits)
         return Wait(max(seconds, 0.001), why)
 
+    def _cap_room(
+        self,
+        conn: Connection,
+        account: str,
+        per_hour: int | None,
+        per_day: int | None,
+        at: float,
+    ) -> int:
+        """How many more messages the account's caps let go out at ``at`` (a large number
+        when it has none); the caller holds the account's row (``_account_hold``)."""
+        room = 1 << 30
+        for cap, span in ((per_hour, HOUR), (per_day, DAY)):
+            if cap:
+                window = sa.and_(sends.c.account == account, sends.c.at > at - span)
+                count = conn.execute(sa.select(sa.func.count()).where(window)).scalar_one()
+                room = min(room, max(0, cap - count))
+        return room
+
     def _bucket_row(self, conn: Connection, key: str, *, create: bool) -> Any:
         """The account's bucket row (``not_before``, ``factor``, ``tat``), locked; when
         ``create``, made first if missing (once, however many race), so that its lock
@@ -1021,6 +1066,77 @@ class Store(StoreReads):
             )
             return [int(r[0]) for r in rows]
 
+    def claim_batch(
+        self,
+        job_id: int,
+        worker_id: str,
+        *,
+        now: float,
+        limit: int,
+        settle: Sequence[Outcome] = (),
+    ) -> BatchClaimResult:
+        """Claim up to ``limit`` due pending deliveries for ``worker_id`` in one transaction
+        (after committing ``settle``): every one ``sending``, its attempt counted, before
+        the batch request is made."""
+        with self._write() as conn:
+            if settle:
+                self._settle_many(conn, settle, worker_id)
+            job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
+            state, dedupe_key, stopped_at, account, per_hour, per_day, waiting = job.one()
+            if state != JobState.RUNNING:
+                return Stop(str(state))
+            if stopped_at is not None:
+                return Stop(WORKER_STOPPED)
+            # the caps hold for a batch as for one message: never more claimed than the
+            # account's rolling hour and day have room for (see ``claim``)
+            at = self._time(conn, None if self.server else now)
+            held = self._account_hold(conn, account, per_hour, per_day, at)
+            if held is not None:
+                return held
+            limit = min(limit, self._cap_room(conn, account, per_hour, per_day, at))
+            claimed: list[dict[str, Any]] = []
+            while len(claimed) < limit:
+                wanted = limit - len(claimed)
+                rows = conn.execute(
+                    _stmt_next_due_rows(), {"b_job": job_id, "b_now": now, "b_limit": wanted}
+                ).all()
+                fresh: list[dict[str, Any]] = []
+                for row in rows:
+                    values = row._asdict()
+                    if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
+                        continue  # skipped: another job under the key sent it or is sending it
+                    values.update(
+                        state=_SENDING, attempts=values["attempts"] + 1, worker_id=worker_id
+                    )
+                    fresh.append(values)
+                if fresh:
+                    conn.execute(
+                        _stmt_mark_sending(),
+                        [
+                            {"b_id": v["id"], "b_attempts": v["attempts"], "b_worker": worker_id}
+                            for v in fresh
+                        ],
+                    )
+                    claimed.extend(fresh)
+                if len(rows) < wanted or len(fresh) == len(rows):
+                    break  # no more due, or all taken: the next select would find nothing new
+            if claimed:
+                conn.execute(
+                    _stmt_send_log(), [{"b_account": account, "b_at": at} for _ in claimed]
+                )
+                conn.execute(_stmt_send_prune(), {"b_account": account, "b_before": at - DAY})
+                if waiting is not None:
+                    conn.execute(
+                        jobs.update()
+                        .where(jobs.c.id == job_id)
+                        .values(waiting_for=None, waiting_until=None)
+                    )
+                return ClaimedBatch(tuple(delivery_from_row(v) for v in claimed))
+            due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
+            if due is not None:
+                return Wait(max(0.0, float(due) - now))
+            return Stop(JobState.RUNNING, finished=True)
+
     def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
         """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
         address (e.g. `retry` of an older job after a newer cron run; the claim-time dedupe,
@@ -1043,6 +1159,40 @@ class Store(StoreReads):
         worker's (another worker took it over as in doubt): nothing is changed then."""
         with self._write() as conn:
             return self._settle(conn, outcome, worker_id)
+
+    def record_many(self, outcomes: Sequence[Outcome], worker_id: str) -> int:
+        """Commit a batch's outcomes in one transaction; how many were still this worker's.
+        Outcomes of the same shape (sent, failed) go in one executemany each; one handed
+        back to ``pending`` is settled on its own (its job may have been cancelled)."""
+        if not outcomes:
+            return 0
+        with self._write() as conn:
+            return self._settle_many(conn, outcomes, worker_id)
+
+    def _settle_many(self, conn: Connection, outcomes: Sequence[Outcome], worker_id: str) -> int:
+        """Settle outcomes in ``conn``'s transaction (see ``record_many``)."""
+        changed = 0
+        groups: dict[tuple[str, ...], list[Outcome]] = {}
+        for outcome in outcomes:
+            if dict(outcome.values).get("state") == _PENDING:
+                changed += self._settle(conn, outcome, worker_id)
+            else:
+                groups.setdefault(tuple(k for k, _ in outcome.values), []).append(outcome)
+        for keys, group in groups.items():
+            params = [
+                {
+                    **{f"v_{k}": v for k, v in outcome.values},
+                    "o_id": outcome.delivery_id,
+                    "o_worker": worker_id,
+                }
+                for outcome in group
+            ]
+            # both drivers sum an executemany's rowcount over its parameter sets
+            updated = int(conn.execute(_stmt_outcome(keys), params).rowcount)
+            if updated and group[0].is_sent:
+                conn.execute(_stmt_worker_sent_n(), {"b_worker": worker_id, "b_n": updated})
+            changed += updated
+        return changed
 
     def _settle(self, conn: Connection, outcome: Outcome, worker_id: str) -> bool:
         params = {f"v_{k}": v for k, v in outcome.values}
