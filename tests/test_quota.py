@@ -26,7 +26,7 @@ from bulkmail.config import MailtrapSettings, Settings
 from bulkmail.errors import ExitCode
 from bulkmail.manager import EmailManager, Event
 from bulkmail.store import Store, open_store
-from bulkmail.store.records import NewDelivery, NewJob, Stop, Wait
+from bulkmail.store.records import ClaimedBatch, NewDelivery, NewJob, Stop, Wait
 from bulkmail.views import job_document
 from tests.e2e import bulkmail
 from tests.smtp_sink import SmtpSink, free_port
@@ -86,6 +86,23 @@ def test_hourly_cap_is_counted_across_jobs_in_the_claim(store: Store) -> None:
     clock.now = T0 + 3600.5
     assert not isinstance(store.claim(b, "wb", now=clock()), Wait | Stop)
     assert isinstance(store.claim(a, "wa", now=clock()), Wait)  # the 2nd (T0+60) still in
+
+
+def test_a_batch_claim_takes_no_more_than_the_caps_leave(store: Store) -> None:
+    """Mailtrap batches claim many deliveries at once: never more than the rolling hour
+    has room for, and then the same Wait as a single claim."""
+    clock = FakeClock(T0)
+    store.clock = clock
+    job = store.create_job(new_job(per_hour=5), people(12), now=T0, domain="x")
+    registered(store, job, "w", T0)
+    assert not isinstance(store.claim(job, "w", now=clock()), Wait | Stop)  # 1 of 5
+    batch = store.claim_batch(job, "w", now=clock(), limit=100)
+    assert isinstance(batch, ClaimedBatch) and len(batch.deliveries) == 4
+    held = store.claim_batch(job, "w", now=clock(), limit=100)
+    assert isinstance(held, Wait) and held.why == f"hourly cap 5/5 on {ACCOUNT}"
+    clock.now = T0 + 3600.5  # all five leave the rolling hour together
+    again = store.claim_batch(job, "w", now=clock(), limit=100)
+    assert isinstance(again, ClaimedBatch) and len(again.deliveries) == 5
 
 
 def test_daily_cap_waits_for_the_oldest_send_of_the_day(store: Store) -> None:
@@ -320,7 +337,9 @@ def test_mailtrap_429_with_retry_after_slows_the_account(
     settings = Settings(
         provider="mailtrap",
         sender="Office <office@example.edu>",
-        mailtrap=MailtrapSettings(token="tok", api_url=httpserver.url_for("/"), timeout=5.0),
+        mailtrap=MailtrapSettings(
+            token="tok", api_url=httpserver.url_for("/"), timeout=5.0, batch_size=1
+        ),
     )
     Path("list.csv").write_text(
         "name,email\n" + "".join(f"N{i},p{i}@example.edu\n" for i in range(60))
