@@ -345,9 +345,12 @@ def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient
         )
 
 
-def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
+def create_job(
+    store: JobStore, plan: Plan, *, now: float | None = None, created_by: str | None = None
+) -> int:
     """Create the job and its deliveries, in batches under the state ``creating``, then
-    ``queued`` (nothing is left behind when a row or template fails)."""
+    ``queued`` (nothing is left behind when a row or template fails). ``created_by``: the
+    API token's name that asked for it (None: the command line)."""
     t = plan.templates
     new = NewJob(
         provider=plan.provider,
@@ -363,6 +366,7 @@ def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
         max_retries=plan.send.max_retries,
         backoff=plan.send.backoff,
         dedupe_key=plan.send.dedupe_key,
+        created_by=created_by,
     )
     rows = (NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan))
     domain = parseaddr(plan.sender)[1].rpartition("@")[2] or "bulkmail.local"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ROLES",
     "SCHEMA_VERSION",
     "WORKER_STOPPED",
     "ClaimResult",
@@ -31,6 +32,7 @@ __all__ = [
     "Reclaimed",
     "Registration",
     "Stop",
+    "TokenRecord",
     "Wait",
     "WorkerAlive",
     "WorkerRecord",
@@ -46,7 +48,8 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 3  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id
+SCHEMA_VERSION = 4  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+# 4: jobs.created_by and the api_tokens table
 
 
 class JobState(StrEnum):
@@ -104,6 +107,7 @@ class NewJob:
     max_retries: int
     backoff: float
     dedupe_key: str | None
+    created_by: str | None = None  # an API token's name; None: the command line
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +123,21 @@ class JobRecord(NewJob):
     finished_at: float | None
     error: str | None  # why the job stopped (aborted, paused)
     log_path: str | None
+
+
+ROLES = ("viewer", "sender")
+"""An API token's roles: ``viewer`` reads; ``sender`` also creates, cancels, resumes and
+retries jobs."""
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token as stored: never the token itself, only its SHA-256 (hex)."""
+
+    name: str
+    token_hash: str
+    role: str  # one of ROLES
+    created_at: float
 
 
 @dataclass(frozen=True)

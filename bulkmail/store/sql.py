@@ -43,18 +43,21 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
-from bulkmail.errors import JobStateError, StoreError
+from bulkmail.errors import InputError, JobStateError, StoreError
 from bulkmail.ratelimit import gcra_reserve
 from bulkmail.store.engine import open_engine
 from bulkmail.store.reads import (
     SQL_TAKEN_AMONG,
     SQL_TAKEN_AT_CLAIM,
+    SQL_TOKEN_BY_HASH,
+    SQL_TOKENS,
     Query,
     StoreReads,
     read_job,
     read_workers,
 )
 from bulkmail.store.records import (
+    ROLES,
     WORKER_STOPPED,
     Claimed,
     ClaimResult,
@@ -67,6 +70,7 @@ from bulkmail.store.records import (
     Reclaimed,
     Registration,
     Stop,
+    TokenRecord,
     Wait,
     WorkerAlive,
     WorkerRecord,
@@ -77,7 +81,14 @@ from bulkmail.store.records import (
     message_id,
     pick_dedupe,
 )
-from bulkmail.store.schema import create_schema, deliveries, jobs, rate_buckets, workers
+from bulkmail.store.schema import (
+    api_tokens,
+    create_schema,
+    deliveries,
+    jobs,
+    rate_buckets,
+    workers,
+)
 
 if TYPE_CHECKING:
     from bulkmail.store.contract import JobStore
@@ -335,6 +346,7 @@ class Store(StoreReads):
                     max_retries=new.max_retries,
                     backoff=new.backoff,
                     dedupe_key=new.dedupe_key,
+                    created_by=new.created_by,
                     total=0,
                     created_at=now,
                 )
@@ -877,6 +889,40 @@ class Store(StoreReads):
                     .values(state=JobState.QUEUED, finished_at=None)
                 )
         return int(count)
+
+    # -- API tokens
+
+    def add_token(self, name: str, token_hash: str, role: str, *, now: float) -> None:
+        if role not in ROLES:
+            raise InputError(f"--role: must be one of {', '.join(ROLES)}, got {role!r}")
+        with self._write() as conn:
+            taken = conn.execute(
+                sa.select(api_tokens.c.name).where(api_tokens.c.name == name)
+            ).first()
+            if taken is not None:
+                raise InputError(
+                    f"a token named {name!r} exists already; remove it first "
+                    f"(bulkmail token remove {name})"
+                )
+            conn.execute(
+                api_tokens.insert().values(
+                    name=name, token_hash=token_hash, role=role, created_at=now
+                )
+            )
+
+    def remove_token(self, name: str) -> bool:
+        with self._write() as conn:
+            removed = conn.execute(api_tokens.delete().where(api_tokens.c.name == name))
+            return bool(removed.rowcount)
+
+    def tokens(self) -> list[TokenRecord]:
+        with self._reading() as query:
+            return [TokenRecord(**row) for row in query(SQL_TOKENS, {})]
+
+    def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        with self._reading() as query:
+            rows = query(SQL_TOKEN_BY_HASH, {"hash": token_hash})
+        return TokenRecord(**rows[0]) if rows else None
 
     # -- the shared rate limit
 
