@@ -316,6 +316,12 @@ def _vetted(plan: Plan) -> Iterator[Screened]:
         yield s
 
 
+def vetted(plan: Plan) -> Iterator[Screened]:
+    """Every recipient of the plan as a dry run sees it (rendered once, skips and the rows
+    --on-empty refuses marked): what the dashboard's table of recipients shows."""
+    return _vetted(plan)
+
+
 def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient]:
     """The plan's recipients, each rendered once as it will be sent (exit 2 on the first
     template problem or row --on-empty makes fatal). Raises at the end when there is nobody

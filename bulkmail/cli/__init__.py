@@ -67,6 +67,9 @@ def main() -> None:
 
 
 # the commands register themselves on `app`
-from bulkmail.cli import run, show  # noqa: E402
+from bulkmail.cli import run, show, tokens  # noqa: E402
 
-__all__ = ["app", "handle_sigterm", "main", "run", "show"]
+# `bulkmail token ...` for now; to be mounted as `bulkmail serve token ...` with `serve`
+app.add_typer(tokens.tokens, name="token")
+
+__all__ = ["app", "handle_sigterm", "main", "run", "show", "tokens"]
