@@ -146,12 +146,13 @@ def test_bad_input_is_400_with_the_clis_line_and_nothing_created(
 
 def test_more_bad_input_named_for_the_web(site: Site, client: FlaskClient) -> None:
     headers = site.bearer(site.sender)
-    for fields, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"source": "nope"}, "source 'nope': no such source (known: instructors)"),
         ({"template": "../etc/passwd"}, "template '../etc/passwd': no such template"),
         ({"selected": []}, "selected: no recipient selected"),
         ({"rate": "fast"}, "--rate: must be a number, got 'fast'"),
-    ]:
+    ]
+    for fields, message in cases:
         answer = client.post(
             f"{API}/send-instructor-reminders", json=send_form(**fields), headers=headers
         )
@@ -353,7 +354,7 @@ def check(schema: dict[str, Any], value: Any, components: dict[str, Any], where:
         schema = components[schema["$ref"].rsplit("/", 1)[1]]
     kinds = schema.get("type")
     kinds = kinds if isinstance(kinds, list) else [kinds] if kinds else []
-    python = {
+    python: dict[str, type | tuple[type, ...]] = {
         "object": dict, "array": list, "string": str, "integer": int,
         "number": (int, float), "boolean": bool, "null": type(None),
     }  # fmt: skip
@@ -417,3 +418,55 @@ def test_the_openapi_description_matches_real_answers(site: Site, client: FlaskC
         if r.rule.startswith(API) and not r.rule.endswith("openapi.json")
     }
     assert rules == set(paths)
+
+
+def test_the_example_host_app_uses_its_own_permission_check(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from examples.flask_admin_app import create_app
+
+    monkeypatch.setenv("BULKMAIL_STORE", site.store.location)
+    app = create_app()
+    client = app.test_client()
+    assert client.get(f"{API}/recent-jobs").status_code == 403  # nobody logged in
+    with client.session_transaction() as session:
+        session["admin_role"] = "staff"
+    assert client.get(f"{API}/recent-jobs").status_code == 200
+    page = client.get("/dashboard/new").get_data(as_text=True)
+    meta = re.search(r'name="csrf-token" content="([^"]+)"', page)
+    assert meta is not None
+    headers = {"X-CSRF-Token": meta[1]}
+    path = f"{API}/send-instructor-reminders"
+    assert client.post(path, json=send_form(), headers=headers).status_code == 403
+
+
+def test_token_add_prints_the_token_once_list_and_remove(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bulkmail.cli import app
+    from bulkmail.store import open_store
+    from bulkmail.web.auth import authenticate, hash_token
+
+    runner = CliRunner()
+    store = str(tmp_path / "t.db")
+    missing = runner.invoke(app, ["token", "add", "office", "--store", store])
+    assert missing.exit_code == 2 and "no job store" in missing.output
+    made = runner.invoke(
+        app, ["token", "add", "office", "--role", "sender", "--new-store", "--store", store]
+    )
+    assert made.exit_code == 0, made.output
+    token = made.stdout.strip().splitlines()[0]
+    db = open_store(store)
+    who = authenticate(db, token)
+    assert who is not None and (who.name, who.role) == ("office", "sender")
+    assert token not in (tmp_path / "t.db").read_bytes().decode("latin-1")
+    assert hash_token(token) in {t.token_hash for t in db.tokens()}
+    listed = runner.invoke(app, ["token", "list", "--json", "--store", store])
+    assert [(t["name"], t["role"]) for t in json.loads(listed.stdout)] == [("office", "sender")]
+    bad = runner.invoke(app, ["token", "add", "x", "--role", "admin", "--store", store])
+    assert bad.exit_code == 2 and "--role: must be one of viewer, sender" in bad.output
+    assert runner.invoke(app, ["token", "remove", "office", "--store", store]).exit_code == 0
+    assert authenticate(db, token) is None
+    gone = runner.invoke(app, ["token", "remove", "office", "--store", store])
+    assert gone.exit_code == 2 and "no token named 'office'" in gone.output
+    db.close()

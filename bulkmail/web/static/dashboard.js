@@ -54,7 +54,7 @@
     const cancel = $("#cancel-job");
     const finished = ["completed", "cancelled"].includes(doc.state);
     if (cancel) cancel.disabled = finished;
-    if (finished) localStorage.removeItem(ACTIVE);
+
     return finished;
   }
 
