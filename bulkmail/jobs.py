@@ -318,6 +318,12 @@ def _vetted(plan: Plan) -> Iterator[Screened]:
         yield s
 
 
+def vetted(plan: Plan) -> Iterator[Screened]:
+    """Every recipient of the plan as a dry run sees it (rendered once, skips and the rows
+    --on-empty refuses marked): what the dashboard's table of recipients shows."""
+    return _vetted(plan)
+
+
 def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient]:
     """The plan's recipients, each rendered once as it will be sent (exit 2 on the first
     template problem or row --on-empty makes fatal). Raises at the end when there is nobody
@@ -362,9 +368,12 @@ def job_timing(t: Timing) -> dict[str, Any]:
     }
 
 
-def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
+def create_job(
+    store: JobStore, plan: Plan, *, now: float | None = None, created_by: str | None = None
+) -> int:
     """Create the job and its deliveries, in batches under the state ``creating``, then
-    ``queued`` (nothing is left behind when a row or template fails)."""
+    ``queued`` (nothing is left behind when a row or template fails). ``created_by``: the
+    API token's name that asked for it (None: the command line)."""
     t = plan.templates
     new = NewJob(
         provider=plan.provider,
@@ -381,6 +390,7 @@ def create_job(store: JobStore, plan: Plan, *, now: float | None = None) -> int:
         backoff=plan.send.backoff,
         dedupe_key=plan.send.dedupe_key,
         **job_timing(plan.timing),
+        created_by=created_by,
     )
     rows = (NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan))
     domain = parseaddr(plan.sender)[1].rpartition("@")[2] or "bulkmail.local"

@@ -91,6 +91,7 @@ class JobDocument(TypedDict):
     burst: int
     concurrency: int
     dedupe_key: str | None
+    created_by: str | None  # the API token that created it; None: the command line
     error: str | None
     worker_pid: int | None
     worker_host: str | None
@@ -177,6 +178,7 @@ def job_document(
         "burst": job.burst,
         "concurrency": job.concurrency,
         "dedupe_key": job.dedupe_key,
+        "created_by": job.created_by,
         "error": job.error,
         "worker_pid": latest.pid if latest and latest.stopped_at is None else None,
         "worker_host": latest.host if latest and latest.stopped_at is None else None,

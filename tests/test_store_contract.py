@@ -552,3 +552,54 @@ class TestSchema:
         monkeypatch.setattr(schema_module, "SCHEMA_VERSION", version)
         with pytest.raises(StoreError, match="made by a newer bulkmail"):
             open_store(store_url)
+
+
+# --------------------------------------------------------------------------- API tokens
+
+
+class TestTokens:
+    def test_a_token_is_stored_by_its_hash_and_removed(self, store: Store) -> None:
+        store.add_token("office", "a" * 64, "sender", now=3.0)
+        store.add_token("auditor", "b" * 64, "viewer", now=4.0)
+        assert [(t.name, t.role, t.created_at) for t in store.tokens()] == [
+            ("auditor", "viewer", 4.0),
+            ("office", "sender", 3.0),
+        ]
+        found = store.token_by_hash("a" * 64)
+        assert found is not None and (found.name, found.role) == ("office", "sender")
+        assert store.token_by_hash("c" * 64) is None
+        assert store.remove_token("office") is True
+        assert store.remove_token("office") is False
+        assert store.token_by_hash("a" * 64) is None
+
+    def test_a_taken_name_or_an_unknown_role_is_refused(self, store: Store) -> None:
+        store.add_token("office", "a" * 64, "sender", now=3.0)
+        with pytest.raises(InputError, match="exists already"):
+            store.add_token("office", "b" * 64, "viewer", now=4.0)
+        with pytest.raises(InputError, match="--role: must be one of viewer, sender"):
+            store.add_token("other", "c" * 64, "admin", now=4.0)
+        assert [t.name for t in store.tokens()] == ["office"]
+
+    def test_a_job_records_who_created_it(self, store: Store) -> None:
+        job_id = store.create_job(new_job(created_by="office"), people(1), now=1.0, domain="d")
+        assert store.get_job(job_id).created_by == "office"
+        assert (
+            store.get_job(store.create_job(new_job(), people(1), now=1.0, domain="d")).created_by
+            is None
+        )
+
+
+def test_a_store_of_schema_3_gains_tokens_and_created_by(store_url: str) -> None:
+    s = open_store(store_url)
+    job_id = s.create_job(new_job(), people(1), now=1.0, domain="d")
+    with s.engine.begin() as conn:  # what schema 3 looked like
+        conn.execute(sa.text("DROP TABLE api_tokens"))
+        conn.execute(sa.text("ALTER TABLE jobs DROP COLUMN created_by"))
+        conn.execute(sa.text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    s.close()
+    s = open_store(store_url)
+    assert _version(s) == schema_module.SCHEMA_VERSION
+    assert s.get_job(job_id).created_by is None
+    s.add_token("office", "a" * 64, "sender", now=2.0)
+    assert [t.name for t in s.tokens()] == ["office"]
+    s.close()

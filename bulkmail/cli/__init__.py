@@ -111,6 +111,6 @@ def main() -> None:
 
 
 # the commands register themselves on `app`
-from bulkmail.cli import events, run, show  # noqa: E402
+from bulkmail.cli import events, run, show, tokens  # noqa: E402
 
-__all__ = ["app", "events", "handle_sigterm", "main", "run", "show"]
+__all__ = ["app", "events", "handle_sigterm", "main", "run", "show", "tokens"]

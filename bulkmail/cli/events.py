@@ -21,6 +21,7 @@ from bulkmail.cli.common import (
     print_json,
 )
 from bulkmail.cli.env import environment
+from bulkmail.cli.tokens import tokens
 from bulkmail.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -50,9 +51,18 @@ def _summary_line(s: EventSummary) -> str:
     )
 
 
-@app.command()
+serve_app = typer.Typer(
+    help="Serve the Mailtrap webhooks, the HTTP API and the dashboard; manage API tokens.",
+    no_args_is_help=False,
+)
+app.add_typer(serve_app, name="serve")
+serve_app.add_typer(tokens, name="token")
+
+
+@serve_app.callback(invoke_without_command=True)
 @handles_errors
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 8025,
     behind_proxy: Annotated[
@@ -62,12 +72,37 @@ def serve(
             help="A TLS proxy is in front: allow a non-loopback --host.",
         ),
     ] = False,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            metavar="NAME=PATH",
+            help="A CSV or .xlsx file the dashboard and the API may send to, by NAME "
+            "(repeatable); clients never send SQL or paths.",
+        ),
+    ] = None,
+    templates: Annotated[
+        Path | None,
+        typer.Option(
+            "--templates",
+            metavar="DIR",
+            help="Folder whose files are the templates a dashboard request may name.",
+        ),
+    ] = None,
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Receive Mailtrap webhooks at POST /webhooks/mailtrap (signed with
-    BULKMAIL_MAILTRAP_WEBHOOK_SECRET).  Example: bulkmail serve --port 8025"""
+    BULKMAIL_MAILTRAP_WEBHOOK_SECRET) and serve the dashboard at / and its API at
+    /api/bulk-email/ (log in with a token from `bulkmail serve token add`).
+
+    \b
+    Example: bulkmail serve --source instructors=examples/instructors.csv --templates examples
+    """
+    if ctx.invoked_subcommand is not None:
+        return  # `bulkmail serve token ...`
     from bulkmail import web
+    from bulkmail.web.dashboard.core import DashboardConfig, NamedSource
 
     web.check_address(host, behind_proxy=behind_proxy)
     settings = load_config(config)
@@ -77,11 +112,27 @@ def serve(
             "no webhook signing secret: set BULKMAIL_MAILTRAP_WEBHOOK_SECRET "
             "(or webhook_secret under [mailtrap] in the config file)"
         )
+    sources: dict[str, NamedSource] = {}
+    for item in source or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--source: expected NAME=PATH, got {item!r}")
+        kind = "xlsx" if path.lower().endswith(".xlsx") else "csv"
+        sources[name] = NamedSource(**{kind: str(Path(path).absolute())})
     db = open_store_for(store, settings)
     try:
-        flask_app = web.create_app(web.WebConfig(store=db, mailtrap_webhook_secret=secret))
+        dashboard = DashboardConfig(
+            store=db,
+            config_path=config,
+            sources=sources,
+            templates_dir=templates.absolute() if templates else None,
+        )
+        flask_app = web.create_app(
+            web.WebConfig(store=db, mailtrap_webhook_secret=secret, dashboard=dashboard)
+        )
         environment().note(
-            f"bulkmail: serving on http://{host}:{port}/webhooks/mailtrap (Ctrl-C to stop)"
+            f"bulkmail: serving on http://{host}:{port}/ (webhooks at /webhooks/mailtrap; "
+            "Ctrl-C to stop)"
         )
         web.serve(flask_app, host=host, port=port, behind_proxy=behind_proxy)
     finally:

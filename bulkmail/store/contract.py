@@ -36,6 +36,7 @@ from bulkmail.store.records import (
     Reclaimed,
     Registration,
     Suppression,
+    TokenRecord,
     WorkerAlive,
 )
 
@@ -345,6 +346,26 @@ class JobStore(StoreReader, Protocol):
 
     def remove_suppression(self, email: str) -> bool:
         """Take ``email`` off the suppression list; False when it was not on it."""
+        ...
+
+    # -- API tokens (bulkmail.web.auth): only a hash of each token is stored
+
+    def add_token(self, name: str, token_hash: str, role: str, *, now: float) -> None:
+        """Record a token under ``name`` with ``role`` (one of ``records.ROLES``); a name
+        already taken, or another role, is ``InputError`` and nothing is written."""
+        ...
+
+    def remove_token(self, name: str) -> bool:
+        """Revoke the token named ``name`` (its sessions end with it); False when there is
+        none."""
+        ...
+
+    def tokens(self) -> list[TokenRecord]:
+        """Every token's record (never the token itself), by name."""
+        ...
+
+    def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        """The token whose SHA-256 (hex) is ``token_hash``, or None."""
         ...
 
     # -- rate slots

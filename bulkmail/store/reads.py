@@ -114,6 +114,12 @@ SQL_DELIVERIES = (
     "ORDER BY position LIMIT :batch"
 )
 
+# the API tokens (only their hashes are stored): all of them, and the one a hash is of
+SQL_TOKENS = "SELECT name, token_hash, role, created_at FROM api_tokens ORDER BY name"
+SQL_TOKEN_BY_HASH = (
+    "SELECT name, token_hash, role, created_at FROM api_tokens WHERE token_hash = :hash"
+)
+
 
 class StoreReads:
     """Reads of jobs, counts, workers and deliveries (see the module docstring): the

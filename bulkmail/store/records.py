@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ROLES",
     "SCHEMA_VERSION",
     "WORKER_STOPPED",
     "BatchClaimResult",
@@ -38,6 +39,7 @@ __all__ = [
     "Registration",
     "Stop",
     "Suppression",
+    "TokenRecord",
     "Wait",
     "WorkerAlive",
     "WorkerRecord",
@@ -55,10 +57,11 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 5  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+SCHEMA_VERSION = 6  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
 # 4: the job's calendar, caps and waiting columns, the per-account ``sends`` log, throttling
 # columns on ``rate_buckets``; 5: events, suppressions, processed (delivery events, bounces,
-# the suppression list)
+# the suppression list); 6: jobs.created_by and
+# the api_tokens table
 
 
 class JobState(StrEnum):
@@ -158,6 +161,7 @@ class NewJob:
     # --recheck: the database URL without its password, and the query
     recheck_url: str | None = None
     recheck_query: str | None = None
+    created_by: str | None = None  # an API token's name; None: the command line
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +180,21 @@ class JobRecord(NewJob):
     # why a worker holds the job back and until when (POSIX seconds), while it waits
     waiting_for: str | None = None
     waiting_until: float | None = None
+
+
+ROLES = ("viewer", "sender")
+"""An API token's roles: ``viewer`` reads; ``sender`` also creates, cancels, resumes and
+retries jobs."""
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token as stored: never the token itself, only its SHA-256 (hex)."""
+
+    name: str
+    token_hash: str
+    role: str  # one of ROLES
+    created_at: float
 
 
 @dataclass(frozen=True)

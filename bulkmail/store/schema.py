@@ -19,6 +19,7 @@ from bulkmail.store.records import SCHEMA_VERSION
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "api_tokens",
     "create_schema",
     "deliveries",
     "events",
@@ -91,6 +92,8 @@ jobs = sa.Table(
     sa.Column("recheck_query", sa.Text, nullable=True),
     sa.Column("waiting_for", sa.Text, nullable=True),
     sa.Column("waiting_until", sa.Float, nullable=True),
+    # who created the job: an API token's name (the dashboard, the HTTP API); None: the CLI
+    sa.Column("created_by", _text(255), nullable=True),
 )
 
 workers = sa.Table(
@@ -209,6 +212,17 @@ sends = sa.Table(
 )
 
 
+# the HTTP API's and the dashboard's tokens: only a hash of each is kept (bulkmail.web.auth)
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # sha256, hex
+    sa.Column("role", sa.String(16), nullable=False),  # viewer | sender
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+
 def schema_version(conn: Connection) -> int | None:
     """The schema version recorded in a store: None for an empty database (a new store), 0
     for one holding bulkmail's tables but no recorded version."""
@@ -280,12 +294,22 @@ def _events_and_suppressions(conn: Connection) -> None:
     ix.create(conn, checkfirst=True)
 
 
+def _api_tokens(conn: Connection) -> None:
+    """Schema 6: ``jobs.created_by`` and the ``api_tokens`` table (self-contained: the
+    table is created here, not left to ``create_all``, so a renumbered step still works)."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    if "created_by" not in columns:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN created_by TEXT"))
+    api_tokens.create(conn, checkfirst=True)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     0: _record_version,
     1: _index_in_doubt,
     2: _worker_host_id,
     3: _timing,
     4: _events_and_suppressions,
+    5: _api_tokens,
 }
 
 

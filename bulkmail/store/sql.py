@@ -44,12 +44,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
-from bulkmail.errors import JobStateError, StoreError
+from bulkmail.errors import InputError, JobStateError, StoreError
 from bulkmail.ratelimit import gcra_reserve
 from bulkmail.store.engine import open_engine
 from bulkmail.store.reads import (
     SQL_TAKEN_AMONG,
     SQL_TAKEN_AT_CLAIM,
+    SQL_TOKEN_BY_HASH,
+    SQL_TOKENS,
     Query,
     StoreReads,
     read_job,
@@ -57,6 +59,7 @@ from bulkmail.store.reads import (
     suppression_from_row,
 )
 from bulkmail.store.records import (
+    ROLES,
     SUPPRESSING,
     WORKER_STOPPED,
     BatchClaimResult,
@@ -76,6 +79,7 @@ from bulkmail.store.records import (
     Registration,
     Stop,
     Suppression,
+    TokenRecord,
     Wait,
     WorkerAlive,
     WorkerRecord,
@@ -89,6 +93,7 @@ from bulkmail.store.records import (
     suppression_reason,
 )
 from bulkmail.store.schema import (
+    api_tokens,
     create_schema,
     deliveries,
     events,
@@ -422,6 +427,7 @@ class Store(StoreReads):
                     max_retries=new.max_retries,
                     backoff=new.backoff,
                     dedupe_key=new.dedupe_key,
+                    created_by=new.created_by,
                     total=0,
                     created_at=now,
                     windows=_json(list(new.windows)) if new.windows else None,
@@ -1470,6 +1476,40 @@ class Store(StoreReads):
                 suppressions.delete().where(suppressions.c.email_key == email.strip().lower())
             ).rowcount
         return bool(removed)
+
+    # -- API tokens
+
+    def add_token(self, name: str, token_hash: str, role: str, *, now: float) -> None:
+        if role not in ROLES:
+            raise InputError(f"--role: must be one of {', '.join(ROLES)}, got {role!r}")
+        with self._write() as conn:
+            taken = conn.execute(
+                sa.select(api_tokens.c.name).where(api_tokens.c.name == name)
+            ).first()
+            if taken is not None:
+                raise InputError(
+                    f"a token named {name!r} exists already; remove it first "
+                    f"(bulkmail token remove {name})"
+                )
+            conn.execute(
+                api_tokens.insert().values(
+                    name=name, token_hash=token_hash, role=role, created_at=now
+                )
+            )
+
+    def remove_token(self, name: str) -> bool:
+        with self._write() as conn:
+            removed = conn.execute(api_tokens.delete().where(api_tokens.c.name == name))
+            return bool(removed.rowcount)
+
+    def tokens(self) -> list[TokenRecord]:
+        with self._reading() as query:
+            return [TokenRecord(**row) for row in query(SQL_TOKENS, {})]
+
+    def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        with self._reading() as query:
+            rows = query(SQL_TOKEN_BY_HASH, {"hash": token_hash})
+        return TokenRecord(**rows[0]) if rows else None
 
     # -- the shared rate limit
 

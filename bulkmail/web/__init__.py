@@ -1,6 +1,6 @@
-"""``bulkmail serve``: the Flask app (webhooks now; the HTTP API and the dashboard extend it
-as more blueprints) and its server, waitress. Flask and waitress are the ``web`` extra and
-are imported only here, only by ``serve``.
+"""``bulkmail serve``: the Flask app (the webhooks, and the HTTP API and the dashboard of
+:mod:`bulkmail.web.dashboard` when configured) and its server, waitress. Flask and
+waitress are the ``web`` extra and are imported only here, only by ``serve``.
 
 ``create_app(config)`` is a factory: the app gets its store and secrets from ``WebConfig``
 and nothing is read at import time. ``serve`` refuses a non-loopback address unless a TLS
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from bulkmail.store.contract import JobStore
+    from bulkmail.web.dashboard.core import DashboardConfig
 
 __all__ = ["MAX_BODY", "WebConfig", "check_address", "create_app", "serve"]
 
@@ -30,6 +31,8 @@ class WebConfig:
     store: JobStore
     mailtrap_webhook_secret: str
     max_body: int = MAX_BODY
+    # the dashboard and its HTTP API (bulkmail.web.dashboard), served beside the webhooks
+    dashboard: DashboardConfig | None = None
 
 
 def _flask() -> type[Flask]:
@@ -50,6 +53,10 @@ def create_app(config: WebConfig) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.extensions["bulkmail"] = config
     app.register_blueprint(blueprint, url_prefix="/webhooks")
+    if config.dashboard is not None:
+        from bulkmail.web.dashboard import init_app
+
+        init_app(app, config.dashboard)
     return app
 
 
