@@ -51,10 +51,7 @@ def _summary_line(s: EventSummary) -> str:
     )
 
 
-serve_app = typer.Typer(
-    help="Serve the Mailtrap webhooks, the HTTP API and the dashboard; manage API tokens.",
-    no_args_is_help=False,
-)
+serve_app = typer.Typer(no_args_is_help=False)  # its help: the callback's docstring
 app.add_typer(serve_app, name="serve")
 serve_app.add_typer(tokens, name="token")
 
