@@ -67,6 +67,7 @@ class Event:
     name: str = ""
     error: str = ""
     attempts: int = 0
+    retry_in: float = 0.0  # "retry": seconds until the next attempt
 
 
 @dataclass(frozen=True)
@@ -560,7 +561,7 @@ class EmailManager:
                 exc.outcome_unknown,
                 attempts=attempts if exc.unreachable else None,
             )
-            self.on_event(Event("retry", d.email, d.name, error, d.attempts))
+            self.on_event(Event("retry", d.email, d.name, error, d.attempts, retry_in=delay))
         if too_many:
             self.request_stop(
                 "paused",

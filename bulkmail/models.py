@@ -52,6 +52,16 @@ class Message:
     # RFC 5322 Date ("Fri, 27 Nov 2026 19:24:35 +0000"), set when the message is built;
     # unlike the Message-ID it is not stable across resends
     date: str = ""
+    # (display name, address) pairs: Reply-To and Cc are headers; Bcc only goes into the
+    # envelope (SMTP RCPT, Mailtrap's ``bcc``), never into the message
+    reply_to: tuple[tuple[str, str], ...] = ()
+    cc: tuple[tuple[str, str], ...] = ()
+    bcc: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def envelope_copies(self) -> tuple[str, ...]:
+        """The addresses that get a copy of this message besides ``to_email`` (Cc, Bcc)."""
+        return tuple(address for _, address in (*self.cc, *self.bcc))
 
     def to_email_message(self) -> EmailMessage:
         """The standards-correct MIME message (policy=SMTP: CRLF line ends)."""

@@ -85,3 +85,20 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def check(settings: OutboxSettings, default_dir: Path) -> str:
+    """The pre-flight check: the folder exists (or is created, mode 0700) and a file can be
+    written into it and removed. ``PreflightError`` (exit 3) naming the folder otherwise."""
+    from bulkmail.errors import PreflightError
+
+    directory = Path(settings.dir).expanduser() if settings.dir else default_dir
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".check-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PreflightError(f"outbox {directory}: not writable ({reason})") from None
+    return f"outbox {directory} (writable)"

@@ -22,6 +22,7 @@ from bulkmail.store.records import (
     Counts,
     DeliveryRecord,
     DeliveryState,
+    HistoryRecord,
     JobRecord,
     JobState,
     JobView,
@@ -77,6 +78,14 @@ SQL_TAKEN_AT_CLAIM = (
     _SQL_TAKEN.format(taken=DEDUPE_TAKEN_AT_CLAIM)
     + " AND d.email_key = :email AND d.job_id <> :job ORDER BY d.state DESC LIMIT 1"
 )  # 'sent' sorts after 'sending': DESC puts a sent one first
+# every delivery to one address across jobs (the (email_key, state) index), oldest job first
+SQL_HISTORY = (
+    "SELECT d.job_id AS job_id, j.name AS job_name, j.subject AS subject, "
+    "j.dedupe_key AS dedupe_key, d.email AS email, d.state AS state, d.attempts AS attempts, "
+    "d.last_error AS last_error, d.sent_at AS sent_at, j.created_at AS created_at "
+    "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.email_key = :email "
+    "ORDER BY d.job_id, d.position"
+)
 SQL_DELIVERIES = (
     "SELECT * FROM deliveries WHERE job_id = :job AND position > :after{states} "
     "ORDER BY position LIMIT :batch"
@@ -125,6 +134,13 @@ class StoreReads:
         with self._reading() as query:
             rows = query(SQL_TAKEN_UNDER, {"key": dedupe_key})
         return pick_dedupe((row["email_key"], row["job"], row["state"]) for row in rows)
+
+    def history(self, email: str) -> list[HistoryRecord]:
+        """Every delivery to ``email`` (matched case-insensitively) in every job, oldest job
+        first."""
+        with self._reading() as query:
+            rows = query(SQL_HISTORY, {"email": email.strip().lower()})
+        return [HistoryRecord(**row) for row in rows]
 
     def deliveries(
         self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000

@@ -22,6 +22,7 @@ __all__ = [
     "Counts",
     "DeliveryRecord",
     "DeliveryState",
+    "HistoryRecord",
     "JobRecord",
     "JobState",
     "JobView",
@@ -46,7 +47,8 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 3  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id
+SCHEMA_VERSION = 4  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+# 4: jobs.name
 
 
 class JobState(StrEnum):
@@ -104,6 +106,9 @@ class NewJob:
     max_retries: int
     backoff: float
     dedupe_key: str | None
+    # the job's label (--name; default: the source and the subject); None for a job made
+    # before schema 4
+    name: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +161,22 @@ class DeliveryRecord:
     sent_at: float | None
     worker_id: str | None
     in_doubt: bool
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One delivery to an address, with the job it belongs to (``bulkmail history``)."""
+
+    job_id: int
+    job_name: str | None
+    subject: str  # the job's subject template
+    dedupe_key: str | None
+    email: str
+    state: str  # a DeliveryState value
+    attempts: int
+    last_error: str | None
+    sent_at: float | None
+    created_at: float  # the job's
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ jobs = sa.Table(
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("error", sa.Text, nullable=True),  # why the job stopped (aborted / paused)
     sa.Column("log_path", sa.Text, nullable=True),
+    sa.Column("name", sa.Text, nullable=True),  # the job's label (--name)
 )
 
 workers = sa.Table(
@@ -168,10 +169,19 @@ def _worker_host_id(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE workers ADD COLUMN host_id VARCHAR(64)"))
 
 
+def _job_name(conn: Connection) -> None:
+    """Schema 4: ``jobs.name``, the job's label (--name); older jobs have none (NULL) and
+    are shown by their subject, as before."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    if "name" not in columns:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN name TEXT"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     0: _record_version,
     1: _index_in_doubt,
     2: _worker_host_id,
+    3: _job_name,
 }
 
 

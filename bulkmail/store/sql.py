@@ -335,6 +335,7 @@ class Store(StoreReads):
                     max_retries=new.max_retries,
                     backoff=new.backoff,
                     dedupe_key=new.dedupe_key,
+                    name=new.name,
                     total=0,
                     created_at=now,
                 )
