@@ -318,7 +318,7 @@ MAX_NAME_LENGTH = 200
 
 def job_name(plan: Plan) -> str:
     """The job's label: ``--name``, else the source's file (or database) name and the
-    subject template ("instructors.csv: Reminder: {{ course }}")."""
+    subject template ("Reminder: {{ course }} (instructors.csv)")."""
     given = plan.send.name
     if given is not None:
         name = " ".join(given.split())
@@ -327,7 +327,7 @@ def job_name(plan: Plan) -> str:
         if len(name) > MAX_NAME_LENGTH or not name.isprintable():
             raise InputError(f"--name: at most {MAX_NAME_LENGTH} printable characters")
         return name
-    return f"{plan.source_label}: {plan.templates.subject}"
+    return f"{plan.templates.subject} ({plan.source_label})"
 
 
 def _source_label(opts: SourceOptions) -> str:

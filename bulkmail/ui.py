@@ -105,8 +105,8 @@ class _BarWithNote(Progress):
     rendered again at every refresh so that a countdown counts down."""
 
     def __init__(self, *columns: Any, note: Callable[[], RenderableType | None], **kw: Any):
+        self._note = note  # first: the base class may render while it is set up
         super().__init__(*columns, **kw)
-        self._note = note
 
     def get_renderables(self) -> Iterable[RenderableType]:
         yield from super().get_renderables()

@@ -31,7 +31,7 @@ def setup_files(html: bool = True) -> None:
 
 def send(sink: SmtpSink, *extra: str) -> Any:
     return bulkmail(
-        "send-reminders", "--csv", "people.csv", "--template", "t.txt",
+        "send-reminders", "--yes", "--csv", "people.csv", "--template", "t.txt",
         "--subject", "{{ course }}: {{ name }}", *smtp_args(), "--json", *extra,
         env=smtp_env(sink),
     )  # fmt: skip

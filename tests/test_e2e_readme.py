@@ -64,6 +64,10 @@ def test_readme_section_runs_as_written(httpserver: HTTPServer, tmp_path: Path) 
         return Response(json.dumps(answer), 200, mimetype="application/json")
 
     httpserver.expect_request("/api/send", method="POST").respond_with_handler(api)
+    # the pre-flight check's empty batch: a valid token, an empty batch refused
+    httpserver.expect_request("/api/batch", method="POST").respond_with_json(
+        {"success": False, "errors": ["requests must not be empty"]}, status=400
+    )
     shutil.copytree(EXAMPLES, tmp_path / "examples")
     script = "\n".join(f'{c}\necho "@@ exit $?"' for c in commands)
     env = {

@@ -350,12 +350,12 @@ def send_reminders(
     jobs.job_name(plan)  # a bad --name is refused before anything else happens
     _warn_about_source(env, plan)
     interactive = env.stdin_isatty
+    if select and not interactive:
+        raise InputError("--select needs a terminal; use --only/--exclude in scripts")
     if not (interactive or yes or dry_run or test_to is not None):
         # nothing is ever sent by accident from a script (as gh does)
         fail(CONFIRMATION_REQUIRED)
     if select:
-        if not interactive:
-            raise InputError("--select needs a terminal; use --only/--exclude in scripts")
         plan.chosen = ui.select_rows(env.stderr, list(plan.recipients()), ask=env.prompt)
     if test_to is not None:
         checked = jobs.preflight_plan(plan, timeout=timeout)
@@ -498,10 +498,10 @@ def retry(
     from bulkmail import jobs
 
     env = environment()
-    if not (yes or env.stdin_isatty):
-        fail(CONFIRMATION_REQUIRED)  # a new send: never by accident from a script
     settings = load_config(config)
     db = open_store_for(store, settings)
+    if not (yes or env.stdin_isatty):
+        fail(CONFIRMATION_REQUIRED)  # a new send: never by accident from a script
     count = jobs.prepare_retry(db, job_id)
     if not isinstance(count, int):
         _nothing_to_do(env, count, as_json=as_json)

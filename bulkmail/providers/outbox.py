@@ -88,13 +88,22 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
 
 
 def check(settings: OutboxSettings, default_dir: Path) -> str:
-    """The pre-flight check: the folder exists (or is created, mode 0700) and a file can be
-    written into it and removed. ``PreflightError`` (exit 3) naming the folder otherwise."""
+    """The pre-flight check, creating nothing: a file can be written into the folder and
+    removed again, or, when the folder does not exist yet, its nearest existing parent is a
+    folder this process may create it in. ``PreflightError`` (exit 3) naming the folder."""
     from bulkmail.errors import PreflightError
 
     directory = Path(settings.dir).expanduser() if settings.dir else default_dir
+    if not directory.exists():
+        parent = directory.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise PreflightError(
+                f"outbox {directory}: cannot be created ({parent} is not a writable folder)"
+            )
+        return f"outbox {directory} (to be created)"
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".check-", suffix=".tmp", dir=directory)
         os.close(fd)
         os.unlink(tmp)
