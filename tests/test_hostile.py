@@ -69,6 +69,7 @@ SENT = {"ada@example.edu", "ann@example.org", "jane@example.org", "zoe@example.e
 SENT |= {"tab@example.org", "ida@xn--bcher-kva.example"}
 HEADERS = {"From", "To", "Subject", "Message-ID", "Date", "MIME-Version", "Content-Type"}
 HEADERS |= {"Content-Transfer-Encoding"}
+HEADERS |= {"Auto-Submitted", "X-Auto-Response-Suppress"}  # on every message (issue 14)
 
 
 def write_rows(path: str, rows: list[tuple[str, str, str, str | None]]) -> None:

@@ -374,7 +374,7 @@ def thousand(tmp_path: Path) -> list[str]:
     rows = "".join(f"P{i},p{i}@example.edu\n" for i in range(1000))
     (tmp_path / "list.csv").write_text("name,email\n" + rows, encoding="utf-8")
     (tmp_path / "t.txt").write_text("Hi {{ name }}", encoding="utf-8")
-    return ["send-reminders", "--yes", "--csv", "list.csv", "--template", "t.txt", "--subject", "x",
+    return ["send-reminders", "--csv", "list.csv", "--template", "t.txt", "--subject", "x",
             "--store", str(tmp_path / "s.db")]  # fmt: skip
 
 

@@ -313,6 +313,8 @@ class _Probe(smtplib.SMTP):
     connected = False
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        self._host = host  # STARTTLS checks the certificate against it (smtplib sets it only
+        # when the host is given to the constructor)
         sock = socket.create_connection((host, port), timeout, self.source_address)
         self.connected = True
         return sock
