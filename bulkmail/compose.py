@@ -285,6 +285,66 @@ def _shown_path(path: str) -> str:
     return path
 
 
+DEFAULT_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Auto-Submitted", "auto-generated"),  # RFC 3834: not a reply, no auto-replies to it
+    ("X-Auto-Response-Suppress", "OOF, AutoReply"),  # Exchange: no out-of-office replies
+)
+"""The headers every new job's messages carry (a --header of the same name replaces one)."""
+
+# headers bulkmail writes itself (or has an option for), never taken from --header
+RESERVED_HEADERS = frozenset(
+    {
+        "to",
+        "from",
+        "cc",
+        "bcc",
+        "subject",
+        "message-id",
+        "date",
+        "reply-to",
+        "sender",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "return-path",
+    }
+)
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but the colon
+
+
+def parse_header(spec: str) -> tuple[str, str]:
+    """``--header NAME:VALUE`` as (name, value): a valid field name, not one bulkmail writes
+    itself (To, From, Cc, Bcc, Subject, Message-ID, Date, Reply-To, MIME's own), and a value
+    that is header-safe (no CR, LF or other control character). InputError otherwise."""
+    name, colon, value = spec.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not name:
+        raise InputError(f"--header: expected NAME:VALUE, got {spec!r}")
+    if not _FIELD_NAME.fullmatch(name) or len(name) > 76:
+        raise InputError(f"--header: {name!r} is not a valid header name")
+    if name.lower() in RESERVED_HEADERS:
+        hint = {"reply-to": " (use --reply-to)", "cc": " (use --cc)", "bcc": " (use --bcc)"}
+        raise InputError(
+            f"--header: {name} is set by bulkmail itself and cannot be given"
+            f"{hint.get(name.lower(), '')}"
+        )
+    problem = header_safe_problem(value)
+    if problem is not None:
+        raise InputError(f"--header {name}: the value {problem}")
+    if not value:
+        raise InputError(f"--header {name}: empty value")
+    return name, value
+
+
+def message_headers(extra: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """``DEFAULT_HEADERS`` with ``extra`` (checked ``--header``s) on top: one of the same
+    name (case-insensitive) replaces a default; the others follow in order."""
+    given = {name.lower() for name, _ in extra}
+    kept = [(n, v) for n, v in DEFAULT_HEADERS if n.lower() not in given]
+    return (*kept, *extra)
+
+
 @dataclass(frozen=True)
 class Templates:
     """The template sources of one job: what the job store keeps to render again later."""
@@ -295,6 +355,11 @@ class Templates:
     attachments: tuple[str, ...]  # path patterns (Jinja2 sources), absolute
     text_name: str  # file name for messages, e.g. "examples/reminder.txt"
     html_name: str | None
+    # what every message carries besides its content: (name, address) pairs and headers
+    reply_to: tuple[tuple[str, str], ...] = ()
+    cc: tuple[tuple[str, str], ...] = ()
+    bcc: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def load(
@@ -304,11 +369,17 @@ class Templates:
         text_path: str | Path,
         html_path: str | Path | None = None,
         attach: Sequence[str] = (),
+        reply_to: Sequence[str] = (),
+        cc: Sequence[str] = (),
+        bcc: Sequence[str] = (),
+        headers: Sequence[str] = (),
     ) -> Templates:
         """Read the template files (UTF-8) and check the syntax of every template.
 
         Raises ``InputError`` naming the file (``--subject`` / ``--attach`` for those) and,
-        for a syntax error in a file, the line.
+        for a syntax error in a file, the line. ``reply_to``, ``cc``, ``bcc``: addresses;
+        ``headers``: ``NAME:VALUE`` strings (``parse_header``), on top of
+        ``DEFAULT_HEADERS``.
         """
         env = _environment(html=False)
         _parse(env, subject, "--subject", lines=False)
@@ -331,6 +402,10 @@ class Templates:
             attachments=tuple(patterns),
             text_name=str(text_path),
             html_name=None if html_path is None else str(html_path),
+            reply_to=tuple(parse_address(a, "--reply-to") for a in reply_to),
+            cc=tuple(parse_address(a, "--cc") for a in cc),
+            bcc=tuple(parse_address(a, "--bcc") for a in bcc),
+            headers=message_headers([parse_header(h) for h in headers]),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -341,6 +416,10 @@ class Templates:
             "attachments": list(self.attachments),
             "text_name": self.text_name,
             "html_name": self.html_name,
+            "reply_to": [list(a) for a in self.reply_to],
+            "cc": [list(a) for a in self.cc],
+            "bcc": [list(a) for a in self.bcc],
+            "headers": [list(h) for h in self.headers],
         }
 
     @classmethod
@@ -353,7 +432,16 @@ class Templates:
             attachments=tuple(data.get("attachments", ())),
             text_name=data.get("text_name", "template"),
             html_name=data.get("html_name"),
+            # a job made before these existed has none
+            reply_to=_pairs(data.get("reply_to", ())),
+            cc=_pairs(data.get("cc", ())),
+            bcc=_pairs(data.get("bcc", ())),
+            headers=_pairs(data.get("headers", ())),
         )
+
+
+def _pairs(items: Sequence[Sequence[str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((str(a), str(b)) for a, b in items)
 
 
 # --------------------------------------------------------------------------- composer
@@ -602,6 +690,10 @@ class Composer:
             message_id=message_id,
             attachments=tuple(attachments),
             date=format_datetime(datetime.now(UTC)),
+            headers=self.templates.headers,
+            reply_to=self.templates.reply_to,
+            cc=self.templates.cc,
+            bcc=self.templates.bcc,
         )
 
     # -- rendering
@@ -773,15 +865,21 @@ def _unreadable(where: str, shown: str, exc: OSError) -> InputError:
 
 def _parse_sender(sender: str) -> tuple[str, str]:
     """(display name, ASCII address) of ``--from``; InputError when it is not a valid sender."""
+    return parse_address(sender, "--from", "the sender")
+
+
+def parse_address(sender: str, option: str, what: str = "the address") -> tuple[str, str]:
+    """(display name, ASCII address) of an address option (``--from``, ``--reply-to``,
+    ``--cc``...); InputError naming ``option`` when it is not one valid address."""
     problem = header_safe_problem(sender)
     if problem is not None:
-        raise InputError(f"--from: the sender {problem}")
+        raise InputError(f"{option}: {what} {problem}")
     name, address = parseaddr(sender)
     # parseaddr is lenient (it drops spaces, takes the first of two addresses): the address
     # must appear as typed, and only once
     if not address or "@" not in address or sender.count("@") != 1 or address not in sender:
         raise InputError(
-            f"--from: {sender!r} is not an email address "
+            f"{option}: {sender!r} is not an email address "
             "(use 'office@example.edu' or 'Course Office <office@example.edu>')"
         )
     local, _, domain = address.rpartition("@")
@@ -791,7 +889,7 @@ def _parse_sender(sender: str) -> tuple[str, str]:
     try:
         info = validate_email(checked, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
-        raise InputError(f"--from: {address!r} is not a valid address: {exc}") from None
+        raise InputError(f"{option}: {address!r} is not a valid address: {exc}") from None
     if checked != address:
         return name.strip(), f"{info.local_part}@localhost"
     return name.strip(), info.ascii_email or info.normalized

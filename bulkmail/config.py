@@ -56,6 +56,9 @@ class Settings:
     rate: float | None = None  # None: the provider's default
     burst: int = 1
     store: str = ""  # empty: bulkmail.db in the user data directory
+    reply_to: str = ""  # Reply-To of every message (--reply-to)
+    cc: tuple[str, ...] = ()  # a copy of every message to these (--cc)
+    bcc: tuple[str, ...] = ()  # a blind copy of every message to these (--bcc)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     mailtrap: MailtrapSettings = field(default_factory=MailtrapSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
@@ -110,8 +113,11 @@ _DEFAULT_KEYS = {
     "rate": "rate",
     "burst": "burst",
     "store": "store",
+    "reply_to": "reply_to",
+    "cc": "cc",
+    "bcc": "bcc",
 }
-_DEFAULT_TYPES = {"rate": "float", "burst": "int"}
+_DEFAULT_TYPES = {"rate": "float", "burst": "int", "cc": "list", "bcc": "list"}
 # config sections that are not providers: name -> settings class (a Settings attribute)
 _OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings}
 
@@ -140,6 +146,11 @@ def find_config(explicit: str | None, env: Mapping[str, str]) -> Path | None:
 
 def _coerce(where: str, value: Any, to: type | str) -> Any:
     kind = to if isinstance(to, str) else to.__name__
+    if kind == "list":  # addresses: a TOML list of strings, or one comma-separated string
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where}: expected a list of addresses, got {value!r}")
+        return tuple(i.strip() for i in items if i.strip())
     try:
         if "float" in kind:
             number = float(value)
@@ -253,6 +264,9 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
         rate=None if rate is None else _coerce(f"{where} rate", rate, "float"),
         burst=_coerce(f"{where} burst", top.get("burst", 1), "int"),
         store=str(top.get("store", "") or ""),
+        reply_to=str(top.get("reply_to", "") or ""),
+        cc=tuple(top.get("cc", ())),
+        bcc=tuple(top.get("bcc", ())),
         warnings=tuple(warnings),
         config_path=str(path or ""),
     )

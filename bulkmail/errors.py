@@ -62,6 +62,13 @@ class JobStateError(BulkmailError):
     """The job cannot do that in its current state (e.g. resume while a live worker holds it)."""
 
 
+class PreflightError(BulkmailError):
+    """The pre-flight check (``bulkmail check``, and ``send-reminders`` before it creates a
+    job) could not reach, secure or log in to the provider: nothing sent, no job, exit 3."""
+
+    exit_code = ExitCode.STOPPED
+
+
 class StoreError(BulkmailError):
     """The job store cannot be opened or is not a bulkmail store."""
 

@@ -25,6 +25,7 @@ from bulkmail.providers import (
     account_key,
     check_provider,
     make_provider,
+    preflight,
     with_defaults,
 )
 from bulkmail.schedule import Calendar, Timing, plan_calendar, timing, zone_name
@@ -71,6 +72,11 @@ class SourceOptions:
     sender: str | None = None
     only: Sequence[str] = ()
     exclude: Sequence[str] = ()
+    # what every message carries; None: [defaults] reply_to / cc / bcc of the config
+    reply_to: str | None = None
+    cc: Sequence[str] | None = None
+    bcc: Sequence[str] | None = None
+    headers: Sequence[str] = ()  # --header NAME:VALUE, on top of the default headers
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class SendOptions:
     per_hour: int | None = None  # None: the provider section's per_hour (0 there: none)
     per_day: int | None = None
     include_suppressed: bool = False  # send to addresses on the suppression list too
+    name: str | None = None  # --name; None: the source's file or database and the subject
 
 
 @dataclass
@@ -113,6 +120,7 @@ class Plan:
     printed: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     # windows, zone, --not-before/--not-after (POSIX seconds) and the caps, checked
     timing: Timing = field(default_factory=Timing)
+    source_label: str = "recipients"  # the file or database name (the default job name)
 
     def _rows(self) -> Iterator[Recipient]:
         rows = select(self.source, self.only, self.exclude)
@@ -271,6 +279,10 @@ def plan(
         text_path=opts.template,
         html_path=opts.html_template,
         attach=opts.attach,
+        reply_to=_given(opts.reply_to, settings.reply_to),
+        cc=opts.cc if opts.cc is not None else settings.cc,
+        bcc=opts.bcc if opts.bcc is not None else settings.bcc,
+        headers=opts.headers,
     )
     composer = Composer(templates, sender=sender)
     source = open_source(opts)
@@ -294,7 +306,44 @@ def plan(
         on_empty=opts.on_empty,
         printed=composer.printed_columns(source.columns),
         timing=when,
+        source_label=_source_label(opts),
     )
+
+
+def _given(flag: str | None, configured: str) -> tuple[str, ...]:
+    value = configured if flag is None else flag
+    return (value,) if value.strip() else ()
+
+
+MAX_NAME_LENGTH = 200
+
+
+def job_name(plan: Plan) -> str:
+    """The job's label: ``--name``, else the source's file (or database) name and the
+    subject template ("Reminder: {{ course }} (instructors.csv)")."""
+    given = plan.send.name
+    if given is not None:
+        name = " ".join(given.split())
+        if not name:
+            raise InputError("--name: empty")
+        if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise InputError(f"--name: at most {MAX_NAME_LENGTH} printable characters")
+        return name
+    return f"{plan.templates.subject} ({plan.source_label})"
+
+
+def _source_label(opts: SourceOptions) -> str:
+    """The source as a job's default name shows it: the file's name, or the database's."""
+    path = opts.xlsx or opts.csv
+    if path:
+        return Path(path).name
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(opts.db or "")
+    except Exception:  # an unparsable URL was refused when the source was opened
+        return "database"
+    return Path(url.database).name if url.database else url.get_backend_name()
 
 
 def _vetted(plan: Plan) -> Iterator[Screened]:
@@ -391,6 +440,7 @@ def create_job(
         dedupe_key=plan.send.dedupe_key,
         **job_timing(plan.timing),
         created_by=created_by,
+        name=job_name(plan),
     )
     rows = (NewDelivery(r.row, r.email, r.name, r.fields, r.skip_reason) for r in _checked(plan))
     domain = parseaddr(plan.sender)[1].rpartition("@")[2] or "bulkmail.local"
@@ -711,3 +761,109 @@ def run_due(
                 continue
             result.errors.append((job_id, str(exc)))
     return result
+
+
+# --------------------------------------------------------------------------- first run
+
+
+def check(settings: Settings, provider: str | None = None, *, timeout: float | None = None) -> str:
+    """``bulkmail check``: prove the provider can send (``providers.preflight``) and return
+    what was proved, one line. ConfigError (exit 2) or PreflightError (exit 3)."""
+    name = provider or settings.provider_name
+    if name not in PROVIDERS:
+        raise InputError(f"--provider: must be one of {', '.join(PROVIDERS)}, got {name!r}")
+    settings = with_defaults(name, settings, data_dir=data_dir())
+    check_provider(name, settings)
+    return preflight(name, settings, data_dir=data_dir(), timeout=timeout)
+
+
+def preflight_plan(plan: Plan, *, timeout: float | None = None) -> str:
+    """The pre-flight check of the plan's provider, before any job exists."""
+    return preflight(plan.provider, plan.settings, data_dir=data_dir(), timeout=timeout)
+
+
+def already_reminded(plan: Plan, taken: Mapping[str, tuple[int, str]] | None) -> int:
+    """How many recipients there are when every one the plan would send to is already
+    taken under its --dedupe-key (a cron re-run with nothing new: no job is created); 0 when
+    at least one is not (or there is no key, or nobody to send to at all)."""
+    key = plan.send.dedupe_key
+    if not key or not taken:
+        return 0
+    count = 0
+    for s in plan.screened():
+        r = s.recipient
+        if s.fatal is not None:
+            return 0  # the normal path reports it
+        if r.skip_reason is not None:
+            continue
+        if r.email.lower() not in taken:
+            return 0
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class TrialSent:
+    """What ``--test-to`` sent: the source row it rendered and where it went."""
+
+    row: int
+    email: str  # the recipient whose message it is
+    to: str  # where it went
+    subject: str
+    provider_id: str | None
+
+
+TEST_PREFIX = "[TEST] "
+
+
+def send_test(plan: Plan, to: str, *, row: int | None = None) -> TrialSent:
+    """Send the first sendable recipient's message (or row ``row``'s) to ``to`` instead,
+    subject prefixed "[TEST] ", without Cc or Bcc (the office gets no copy of a test), and
+    record it nowhere: no job, no delivery. ``--test-to`` runs the pre-flight check first.
+    InputError for a bad address or row, PreflightError (exit 3) when the provider refuses
+    the message."""
+    import secrets
+
+    from bulkmail.compose import parse_address
+    from bulkmail.errors import PreflightError
+    from bulkmail.providers import ProviderError
+
+    name, address = parse_address(to, "--test-to")
+    chosen: Recipient | None = None
+    for s in _vetted(plan):
+        r = s.recipient
+        if row is not None and r.row != row:
+            continue
+        if s.fatal is not None:
+            raise InputError(s.fatal)
+        if r.skip_reason is not None:
+            if row is not None:
+                raise InputError(
+                    f"--test-row {row}: {r.email} is skipped ({r.skip_reason}); pick another row"
+                )
+            continue
+        chosen = r
+        break
+    where = plan.source.description
+    if chosen is None:
+        if row is not None:
+            raise InputError(f"--test-row {row}: {where} has no such row")
+        raise InputError(f"{where}: no recipient to send a test for")
+    domain = plan.composer.domain or "bulkmail.local"
+    message = plan.composer.build(chosen, f"<test.{secrets.token_hex(8)}@{domain}>", origin=where)
+    message = replace(
+        message,
+        to_email=address,
+        to_name=name,
+        subject=TEST_PREFIX + message.subject,
+        cc=(),
+        bcc=(),
+    )
+    provider = make_provider(plan.provider, plan.settings, data_dir=data_dir())
+    try:
+        sent_id = provider.send(message)
+    except ProviderError as exc:
+        raise PreflightError(f"the test message to {address} was not sent: {exc}") from None
+    finally:
+        provider.close()
+    return TrialSent(chosen.row, chosen.email, address, message.subject, sent_id)

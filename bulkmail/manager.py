@@ -89,6 +89,7 @@ class Event:
     error: str = ""
     attempts: int = 0
     until: float = 0.0  # "waiting": until when (POSIX seconds); ``error`` says why
+    retry_in: float = 0.0  # "retry": seconds until the next attempt
 
 
 @dataclass(frozen=True)
@@ -887,7 +888,7 @@ class EmailManager:
                 exc.outcome_unknown,
                 attempts=attempts if exc.untried else None,
             )
-            self.on_event(Event("retry", d.email, d.name, error, d.attempts))
+            self.on_event(Event("retry", d.email, d.name, error, d.attempts, retry_in=delay))
         return outcome
 
 

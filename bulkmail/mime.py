@@ -36,6 +36,10 @@ def to_email_message(message: Message, *, seven_bit: bool = False) -> EmailMessa
     msg = EmailMessage(policy=_SMTP_7BIT if seven_bit else SMTP)
     msg["From"] = _address(message.from_name, message.from_email)
     msg["To"] = _address(message.to_name, message.to_email)
+    if message.cc:
+        msg["Cc"] = tuple(_address(name, address) for name, address in message.cc)
+    if message.reply_to:
+        msg["Reply-To"] = tuple(_address(name, address) for name, address in message.reply_to)
     msg["Subject"] = message.subject
     msg["Message-ID"] = message.message_id
     if message.date:
@@ -286,7 +290,7 @@ def to_bytes_fast(message: Message, *, seven_bit: bool = False) -> bytes:
         # for it) and its headers are UTF-8 as they are; EmailMessage's SMTP policy would put
         # an encoded word inside the address, which no reader may decode there.
         return to_email_message(message).as_bytes(policy=SMTPUTF8)
-    if message.attachments or message.headers:
+    if message.attachments:
         return to_bytes(message, seven_bit=seven_bit)
     head = _fast_headers(message)
     if head is None:
@@ -323,6 +327,32 @@ def to_bytes_fast(message: Message, *, seven_bit: bool = False) -> bytes:
     )
 
 
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+# headers EmailMessage parses (addresses, dates, ids, MIME): left to it
+_STRUCTURED = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "sender",
+        "resent-from",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+        "resent-sender",
+        "date",
+        "resent-date",
+        "orig-date",
+        "message-id",
+        "subject",
+        "mime-version",
+        "content-type",
+        "content-disposition",
+        "content-transfer-encoding",
+    }
+)
 _DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} (GMT|[+-]\d{4})")
 
 
@@ -334,16 +364,41 @@ def _fast_headers(message: Message) -> bytes | None:
     to = _address_lines("To", message.to_name, message.to_email)
     if to is None:
         return None
+    copies: list[str] = []
+    for field, pairs in (("Cc", message.cc), ("Reply-To", message.reply_to)):
+        if len(pairs) > 1:  # a list of addresses: EmailMessage folds it
+            return None
+        for name, address in pairs:
+            lines = _address_lines(field, name, address)
+            if lines is None:
+                return None
+            copies += lines
     subject = _subject_lines(message.subject)
     if subject is None:
         return None
     mid = message.message_id
     if not _MSG_ID.fullmatch(mid) or len("Message-ID: ") + len(mid) > _MAX_LINE:
         return None
-    lines = [*sender, *to, *subject, f"Message-ID: {mid}"]
+    lines = [*sender, *to, *copies, *subject, f"Message-ID: {mid}"]
     if message.date:
         if not _DATE.fullmatch(message.date):
             return None
         lines.append(f"Date: {message.date}")
+    for key, value in message.headers:
+        # a short ASCII header as it is (EmailMessage writes it unchanged); anything that
+        # would be folded, encoded or parsed as structured goes through EmailMessage
+        line = f"{key}: {value}"
+        if (
+            not line.isascii()
+            or not _plain_value(line)
+            or len(line) > _MAX_LINE
+            or key.lower() in _STRUCTURED
+            or not _HEADER_NAME.fullmatch(key)
+            or value != value.strip(" ")
+            or "  " in value
+            or not value
+        ):
+            return None
+        lines.append(line)
     lines.append("")
     return "\r\n".join(lines).encode("ascii")

@@ -55,6 +55,16 @@ class Message:
     # values the provider carries with the message and echoes in its events (Mailtrap's
     # custom_variables): the job and delivery ids, so an event finds its delivery
     variables: tuple[tuple[str, str], ...] = ()
+    # (display name, address) pairs: Reply-To and Cc are headers; Bcc only goes into the
+    # envelope (SMTP RCPT, Mailtrap's ``bcc``), never into the message
+    reply_to: tuple[tuple[str, str], ...] = ()
+    cc: tuple[tuple[str, str], ...] = ()
+    bcc: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def envelope_copies(self) -> tuple[str, ...]:
+        """The addresses that get a copy of this message besides ``to_email`` (Cc, Bcc)."""
+        return tuple(address for _, address in (*self.cc, *self.bcc))
 
     def to_email_message(self) -> EmailMessage:
         """The standards-correct MIME message (policy=SMTP: CRLF line ends)."""

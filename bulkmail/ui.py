@@ -7,11 +7,12 @@ documents (``jobs.job_document``) and events (``manager.Event``).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -30,6 +31,7 @@ from rich.text import Text
 from bulkmail.views import (
     BounceDocument,
     FailureDocument,
+    HistoryDocument,
     JobDocument,
     SkipDocument,
     job_document,
@@ -100,8 +102,31 @@ def rate(per_second: float) -> str:
     return f"{per_second:g}/s (one every {1 / per_second:g} s)"
 
 
-def new_progress(console: Console) -> Progress:
-    return Progress(
+class _BarWithNote(Progress):
+    """A progress bar with one line under it (the last error, the retry countdown),
+    rendered again at every refresh so that a countdown counts down."""
+
+    def __init__(self, *columns: Any, note: Callable[[], RenderableType | None], **kw: Any):
+        self._note = note  # first: the base class may render while it is set up
+        super().__init__(*columns, **kw)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield from super().get_renderables()
+        note = self._note()
+        if note is not None:
+            yield note
+
+
+def new_progress(
+    console: Console, note: Callable[[], RenderableType | None] | None = None
+) -> Progress:
+    if note is not None:
+        return _BarWithNote(*_columns(), note=note, console=console, transient=False)
+    return Progress(*_columns(), console=console, transient=False)
+
+
+def _columns() -> tuple[Any, ...]:
+    return (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -109,8 +134,6 @@ def new_progress(console: Console) -> Progress:
         TextColumn("{task.fields[speed]}"),
         TimeRemainingColumn(),
         TextColumn("[dim]{task.fields[current]}"),
-        console=console,
-        transient=False,
     )
 
 
@@ -123,9 +146,20 @@ class RunDisplay:
     """
 
     def __init__(
-        self, console: Console, *, job_id: int, total: int, done: int, failed: int, live: bool
+        self,
+        console: Console,
+        *,
+        job_id: int,
+        total: int,
+        done: int,
+        failed: int,
+        live: bool,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.console = console
+        self.clock = clock
+        # the last error under the bar: (kind, email, error, when to retry by ``clock``)
+        self._last: tuple[str, str, str, float | None] | None = None
         self.job_id = job_id
         self.total = total
         self.done = done
@@ -144,7 +178,7 @@ class RunDisplay:
         if not self.live:
             yield self
             return
-        self._progress = new_progress(self.console)
+        self._progress = new_progress(self.console, note=self.note)
         self._task = self._progress.add_task(
             f"job {self.job_id}",
             total=self.total,
@@ -184,11 +218,32 @@ class RunDisplay:
                 soft_wrap=True,
             )
 
+    def note(self) -> Text | None:
+        """The line under the live bar: the last error, and for a retry the countdown
+        ("retrying ada@example.org in 10 s: 451 4.3.0 try later")."""
+        last = self._last
+        if last is None:
+            return None
+        kind, email, error, retry_at = last
+        if kind == "retry" and retry_at is not None:
+            left = retry_at - self.clock()
+            when = f"in {math.ceil(left):.0f} s" if left > 0 else "now"
+            text = f"retrying {email} {when}: {error}"
+        else:
+            text = f"last error: {email}: {error}"
+        return Text(text, style="yellow", no_wrap=True, overflow="ellipsis")
+
     def handle(self, event: Event) -> None:
         if event.kind == "waiting":
             self._waiting(event)
             return
         with self._lock:
+            if event.kind in ("retry", "failed") and event.error:
+                retry_at = self.clock() + event.retry_in if event.kind == "retry" else None
+                self._last = (event.kind, event.email, event.error, retry_at)
+            elif event.kind == "sent" and self._last is not None and self._last[1] == event.email:
+                # the retried message went out: what stays is the error, not the countdown
+                self._last = ("error", *self._last[1:3], None)
             if event.kind == "sent":
                 self.done += 1
                 self.sent_now += 1
@@ -209,6 +264,8 @@ class RunDisplay:
                 return
         if event.kind in ("sent", "failed", "retry"):
             line = f"[{self.done}/{self.total}] {event.kind} {event.email}"
+            if event.kind == "retry" and event.retry_in > 0:
+                line += f" (again in {math.ceil(event.retry_in):.0f} s)"
             if event.error:
                 line += f": {event.error}"
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -230,6 +287,8 @@ def status_panel(doc: JobDocument) -> Panel:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("state", _state(doc["state"]))
+    if doc.get("name") and doc["name"] != doc["subject"]:
+        table.add_row("name", shown(doc["name"]))
     table.add_row("provider", shown(_transport(doc)))
     table.add_row("source", shown(str(doc.get("source") or "")))
     table.add_row("subject", shown(doc["subject"]))
@@ -416,8 +475,8 @@ def recent_table(docs: Sequence[JobDocument]) -> Table:
     width = max((len(str(d["total"])) for d in docs), default=1)
     table.add_column("id", justify="right", no_wrap=True, min_width=len(str(docs[0]["id"])))
     table.add_column("state", no_wrap=True, min_width=9)
-    # the subject is the one column that gives way on a narrow terminal
-    table.add_column("subject", max_width=40)
+    # the name is the one column that gives way on a narrow terminal
+    table.add_column("name", max_width=40)
     table.add_column("sent", justify="right", no_wrap=True, min_width=2 * width + 1)
     table.add_column("failed", justify="right", no_wrap=True, min_width=6)
     table.add_column("pending", justify="right", no_wrap=True, min_width=7)
@@ -427,11 +486,32 @@ def recent_table(docs: Sequence[JobDocument]) -> Table:
         table.add_row(
             str(d["id"]),
             _state(d["state"]),
-            shown(d["subject"], no_wrap=True, overflow="ellipsis"),
+            shown(d["name"], no_wrap=True, overflow="ellipsis"),
             f"{d['sent']}/{d['total']}",
             str(d["failed"]) + (f" +{d['expired']} expired" if d.get("expired") else ""),
             str(d["pending"]),
             created,
+        )
+    return table
+
+
+def history_table(address: str, docs: Sequence[HistoryDocument]) -> Table:
+    from rich import box
+
+    table = Table(title=f"deliveries to {address}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("job", justify="right", no_wrap=True)
+    table.add_column("name", max_width=40)
+    table.add_column("dedupe key")
+    table.add_column("state", no_wrap=True)
+    table.add_column("time (UTC)", no_wrap=True, min_width=16)
+    for d in docs:
+        when = (d["sent_at"] or d["job_created_at"] or "").replace("T", " ")[:16]
+        table.add_row(
+            str(d["job"]),
+            shown(d["name"], no_wrap=True, overflow="ellipsis"),
+            shown(d["dedupe_key"] or ""),
+            _state(d["state"]),
+            when,
         )
     return table
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import itertools
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import IO, NotRequired, TypedDict
 
@@ -19,6 +19,7 @@ from bulkmail.store.records import (
     DeliveryRecord,
     EventKind,
     EventView,
+    HistoryRecord,
     JobState,
     JobView,
 )
@@ -67,6 +68,7 @@ class JobDocument(TypedDict):
     state: str
     provider: str
     provider_settings: dict[str, object]  # never a secret
+    name: str  # the job's label (--name); a job made before names: its subject
     subject: str
     source: str
     total: int
@@ -155,6 +157,7 @@ def job_document(
         "state": state,
         "provider": job.provider,
         "provider_settings": dict(job.provider_settings),  # never a secret
+        "name": job.name or job.subject,
         "subject": job.subject,
         "source": job.source,
         "total": job.total,
@@ -343,3 +346,34 @@ def _cell(text: str) -> str:
     """A value from a CSV or a server, made inert for spreadsheets: a cell starting with
     = + - @ (or a tab/CR) would run as a formula when the report is opened in one."""
     return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+class HistoryDocument(TypedDict):
+    """One delivery to an address as ``history --json`` prints it."""
+
+    job: int
+    name: str  # the job's name (its subject for a job made before names)
+    dedupe_key: str | None
+    email: str
+    state: str
+    attempts: int
+    error: str | None
+    sent_at: str | None
+    job_created_at: str | None
+
+
+def history_documents(records: Sequence[HistoryRecord]) -> list[HistoryDocument]:
+    return [
+        {
+            "job": r.job_id,
+            "name": r.job_name or r.subject,
+            "dedupe_key": r.dedupe_key,
+            "email": r.email,
+            "state": r.state,
+            "attempts": r.attempts,
+            "error": r.last_error,
+            "sent_at": iso(r.sent_at),
+            "job_created_at": iso(r.created_at),
+        }
+        for r in records
+    ]

@@ -97,6 +97,7 @@ def test_send_through_real_smtp_server(smtp_sink: SmtpSink, tmp_path: Path) -> N
     store = tmp_path / "jobs.db"
     result = bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         str(EXAMPLES / "instructors.csv"),
         "--template",
@@ -154,6 +155,7 @@ def test_rate_limit_at_the_server(smtp_sink: SmtpSink, tmp_path: Path) -> None:
     never more than rate*t + burst in any window (loose bounds: a real clock)."""
     result = bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         str(EXAMPLES / "instructors.csv"),
         "--template",
@@ -215,6 +217,7 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_job(case: str, tmp_path:
     store = tmp_path / "jobs.db"
     result = bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         csv_name,
         "--template",
@@ -240,6 +243,7 @@ def test_missing_variable_in_one_row_names_the_row(tmp_path: Path) -> None:
     store = tmp_path / "jobs.db"
     result = bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         "list.csv",
         "--template",
@@ -258,6 +262,7 @@ def test_missing_template(tmp_path: Path) -> None:
     write("list.csv", "name,email\nAda,ada@example.edu\n")
     result = bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         "list.csv",
         "--template",
@@ -286,6 +291,7 @@ def test_smtp_without_sender_is_a_clear_error(tmp_path: Path, smtp_sink: SmtpSin
     write("t.txt", "Hi")
     result = bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         "list.csv",
         "--template",
@@ -308,6 +314,7 @@ def test_recent_and_status_views(tmp_path: Path) -> None:
     for subject in ("First {{ course }}", "Second"):
         r = bulkmail(
             "send-reminders",
+            "--yes",
             "--csv",
             str(EXAMPLES / "instructors.csv"),
             "--template",
@@ -335,6 +342,7 @@ def test_dry_run_sends_nothing_and_creates_nothing(tmp_path: Path) -> None:
     store = tmp_path / "s.db"
     result = bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         "list.csv",
         "--template",
@@ -394,7 +402,7 @@ def test_failed_deliveries_listed_then_retried(smtp_sink: SmtpSink, tmp_path: Pa
     smtp_sink.replies["chen.wei@example.edu"] = "550 5.1.1 mailbox unavailable"
     args = ["--template", str(EXAMPLES / "reminder.txt"), "--subject", SUBJECT]
     first = bulkmail(
-        "send-reminders", "--csv", str(EXAMPLES / "instructors.csv"), *args,
+        "send-reminders", "--yes", "--csv", str(EXAMPLES / "instructors.csv"), *args,
         "--provider", "smtp", "--from", "office@example.edu", "--rate", "0", "--store", store,
         env=smtp_env(smtp_sink),
     )  # fmt: skip
@@ -413,7 +421,7 @@ def test_failed_deliveries_listed_then_retried(smtp_sink: SmtpSink, tmp_path: Pa
     table = bulkmail("status", "1", "--failed", "--store", store)
     assert "chen.wei@example.edu" in table.stdout and "550 5.1.1" in table.stdout
     del smtp_sink.replies["chen.wei@example.edu"]
-    retried = bulkmail("retry", "1", "--json", "--store", store, env=smtp_env(smtp_sink))
+    retried = bulkmail("retry", "1", "--yes", "--json", "--store", store, env=smtp_env(smtp_sink))
     assert retried.exit_code == 0, retried.output
     assert json.loads(retried.stdout)["sent"] == 12
     assert [m.rcpt_tos[0] for m in smtp_sink.messages].count("chen.wei@example.edu") == 1
@@ -442,7 +450,7 @@ def test_bad_settings_are_refused_before_a_job_exists(
 ) -> None:
     store = tmp_path / "s.db"
     result = bulkmail(
-        "send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
+        "send-reminders", "--yes", "--csv", str(EXAMPLES / "instructors.csv"),
         "--template", str(EXAMPLES / "reminder.txt"), "--subject", SUBJECT,
         "--from", "office@example.edu", "--store", str(store), *args,
         env=env,
@@ -457,14 +465,14 @@ def test_a_list_with_no_valid_recipient_creates_no_job(tmp_path: Path) -> None:
     write("bad.csv", "name,email\nAda,not-an-address\nBen,also bad\n")
     write("t.txt", "Hi {{ name }}")
     store = tmp_path / "s.db"
-    result = bulkmail("send-reminders", "--csv", "bad.csv", "--template", "t.txt",
+    result = bulkmail("send-reminders", "--yes", "--csv", "bad.csv", "--template", "t.txt",
                       "--subject", "x", "--store", str(store))  # fmt: skip
     assert result.exit_code == 2
     assert "bad.csv: no valid recipient: all 2 rows are skipped (row 2: invalid address" in (
         result.stderr
     )
     assert job_count(store) == 0
-    dry = bulkmail("send-reminders", "--csv", "bad.csv", "--template", "t.txt",
+    dry = bulkmail("send-reminders", "--yes", "--csv", "bad.csv", "--template", "t.txt",
                    "--subject", "x", "--store", str(store), "--dry-run")  # fmt: skip
     assert dry.exit_code == 2 and "not-an-address" in dry.stdout
 
@@ -482,7 +490,7 @@ def test_a_course_database_is_never_used_as_a_job_store(tmp_path: Path) -> None:
 
 def test_dry_run_shows_the_skips_of_the_dedupe_key(tmp_path: Path) -> None:
     store = str(tmp_path / "s.db")
-    args = ["send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
+    args = ["send-reminders", "--yes", "--csv", str(EXAMPLES / "instructors.csv"),
             "--template", str(EXAMPLES / "reminder.txt"), "--subject", SUBJECT,
             "--store", store, "--dedupe-key", "autumn"]  # fmt: skip
     assert bulkmail(*args, "--only", "chen.wei@example.edu", "--new-store").exit_code == 0
@@ -496,7 +504,7 @@ def test_dry_run_shows_the_skips_of_the_dedupe_key(tmp_path: Path) -> None:
 def test_cancel_and_status_use_the_store_of_the_config_file(tmp_path: Path) -> None:
     other = tmp_path / "other.db"
     write("bulkmail.toml", f'[defaults]\nstore = "{other}"\n')
-    sent = bulkmail("send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
+    sent = bulkmail("send-reminders", "--yes", "--csv", str(EXAMPLES / "instructors.csv"),
                     "--template", str(EXAMPLES / "reminder.txt"), "--subject", "x",
                     "--config", "bulkmail.toml")  # fmt: skip
     assert sent.exit_code == 0, sent.output
@@ -504,5 +512,5 @@ def test_cancel_and_status_use_the_store_of_the_config_file(tmp_path: Path) -> N
     assert bulkmail("status", "1", "--config", "bulkmail.toml").exit_code == 0
     cancel = bulkmail("cancel", "1", "--config", "bulkmail.toml")
     assert cancel.exit_code == 2 and "job 1 is already completed" in cancel.stderr
-    again = bulkmail("retry", "1", "--config", "bulkmail.toml")
+    again = bulkmail("retry", "1", "--yes", "--config", "bulkmail.toml")
     assert again.exit_code == 0 and "nothing to retry" in again.stdout

@@ -333,6 +333,13 @@ def test_templates_round_trip_through_their_json_form(tmp_path: Path) -> None:
         "html": "<p>{{ name }}</p>\n",
         "attachments": [str(tmp_path / "a.pdf")],
         "text_name": "reminder.txt",
+        "reply_to": [],
+        "cc": [],
+        "bcc": [],
+        "headers": [
+            ["Auto-Submitted", "auto-generated"],
+            ["X-Auto-Response-Suppress", "OOF, AutoReply"],
+        ],
         "html_name": "reminder.html",
     }
     bare = Templates.from_json("Hi", {"text": "x"})  # a job recorded before the names were

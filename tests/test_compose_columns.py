@@ -177,6 +177,7 @@ def send(*args: str, subject: str = "Grades due {{ due_date }}", text: str = "")
     )
     return bulkmail(
         "send-reminders",
+        "--yes",
         "--csv",
         "list.csv",
         "--template",

@@ -56,7 +56,7 @@ def bulkmail(
 
 
 def send_args(csv: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["send-reminders", "--csv", str(csv), "--template", str(tmp_path / "t.txt"),
+    return ["send-reminders", "--yes", "--csv", str(csv), "--template", str(tmp_path / "t.txt"),
             "--subject", "Reminder for {{ name }}", *extra]  # fmt: skip
 
 
@@ -254,7 +254,16 @@ def test_cron_rerun_with_the_same_dedupe_key_sends_nothing(tmp_path: Path, sink:
     second = bulkmail(env, *args)
     assert second.returncode == 0, second.stderr
     doc = json.loads(second.stdout)
-    assert (doc["sent"], doc["skipped"], doc["state"]) == (0, 5, "completed")
+    # everyone already reminded: no job at all (issue 14)
+    assert (doc["id"], doc["already_reminded"], doc["dedupe_key"]) == (None, 5, "grades-2026")
+    assert sorted(r["recipient"] for r in sink.received()) == emails
+    assert bulkmail(env, "report", "2").returncode == 2  # no job 2
+    # one new name on the list: a job for it, the five others skipped with the reason
+    csv, emails = write_recipients(tmp_path, 6)
+    third = bulkmail(env, *args)
+    assert third.returncode == 0, third.stderr
+    doc = json.loads(third.stdout)
+    assert (doc["id"], doc["sent"], doc["skipped"], doc["state"]) == (2, 1, 5, "completed")
     assert sorted(r["recipient"] for r in sink.received()) == emails
     report = bulkmail(env, "report", "2")
     assert report.stdout.count("already sent under dedupe key 'grades-2026' (job 1)") == 5

@@ -31,7 +31,7 @@ def setup_files(html: bool = True) -> None:
 
 def send(sink: SmtpSink, *extra: str) -> Any:
     return bulkmail(
-        "send-reminders", "--csv", "people.csv", "--template", "t.txt",
+        "send-reminders", "--yes", "--csv", "people.csv", "--template", "t.txt",
         "--subject", "{{ course }}: {{ name }}", *smtp_args(), "--json", *extra,
         env=smtp_env(sink),
     )  # fmt: skip
@@ -108,7 +108,9 @@ def test_a_missing_attachment_for_one_row_sends_nothing(smtp_sink: SmtpSink) -> 
     assert_refused(
         result, "people.csv: row 3: attachment 'sheets/CS102.pdf' not found", sink=smtp_sink
     )
-    assert smtp_sink.connections == 0
+    # one connection: the pre-flight check (greeting, EHLO, QUIT) before the rows are
+    # rendered; no message, no job
+    assert smtp_sink.connections == 1 and smtp_sink.messages == []
 
 
 def test_an_attachment_over_the_limit_sends_nothing(smtp_sink: SmtpSink) -> None:

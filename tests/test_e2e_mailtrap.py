@@ -17,7 +17,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from bulkmail import __version__
-from tests.e2e import SENDER, bulkmail, data_dir
+from tests.e2e import SENDER, bulkmail, data_dir, recent_jobs
 from tests.mailtrap_schema import batch_problems, send_problems
 
 TOKEN = "mt-e2e-token-7f3a9c0d5e1b2468"
@@ -44,10 +44,29 @@ class Api:
         self.plan: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self.batches: list[dict[str, Any]] = []  # /api/batch documents, as received
         self.entry_errors: dict[str, list[str]] = {}  # address -> its entry's errors, once
+        # the pre-flight check's empty batch: the token it accepts (the one sends need,
+        # unless a test revokes it between the check and the sends)
+        self.checked_token = token
+        self.checks = 0
         httpserver.expect_request("/api/send", method="POST").respond_with_handler(self.handle)
-        httpserver.expect_request("/api/batch", method="POST").respond_with_handler(
-            self.handle_batch
-        )
+        httpserver.expect_request("/api/batch", method="POST").respond_with_handler(self.batch)
+
+    def batch(self, request: Request) -> Response:
+        """A batch with requests is sent (``handle_batch``); an empty one is the pre-flight
+        check (nothing to send): 401 for a wrong token, else 400 for the empty batch, as
+        the API validates after authenticating."""
+        body = json.loads(request.get_data())
+        if body.get("requests"):
+            return self.handle_batch(request)
+        with self.lock:
+            self.checks += 1
+            if body != {"base": {}, "requests": []}:
+                self.problems.append(f"the check sent a batch with content: {body}")
+        if request.headers.get("Authorization") != f"Bearer {self.checked_token}":
+            errors = {"success": False, "errors": ["Unauthorized"]}
+            return Response(json.dumps(errors), 401, mimetype="application/json")
+        errors = {"success": False, "errors": ["'requests' must not be empty"]}
+        return Response(json.dumps(errors), 400, mimetype="application/json")
 
     def check(self, request: Request, body: dict[str, Any]) -> None:
         def expect(ok: bool, what: str) -> None:
@@ -62,7 +81,12 @@ class Api:
         expect(isinstance(to, list) and len(to) == 1 and set(to[0]) == {"email", "name"}, "to")
         for key in ("subject", "text", "html"):
             expect(isinstance(body.get(key), str) and bool(body[key]), key)
-        expect(set(body.get("headers", {})) == {"Message-ID"}, "headers")
+        expect(
+            set(body.get("headers", {}))
+            == {"Message-ID", "Auto-Submitted", "X-Auto-Response-Suppress"},
+            "headers",
+        )
+        expect(body["headers"].get("Auto-Submitted") == "auto-generated", "auto-submitted")
         [attachment] = body.get("attachments") or [{}]
         expect(attachment.get("type") == "application/pdf", "attachment type")
         expect(attachment.get("disposition") == "attachment", "disposition")
@@ -138,7 +162,7 @@ def mailtrap_env(httpserver: HTTPServer, token: str = TOKEN, batch_size: int = 1
 
 def send(httpserver: HTTPServer, *extra: str, token: str = TOKEN, batch_size: int = 1) -> Any:
     return bulkmail(
-        "send-reminders", "--csv", "people.csv", "--template", "t.txt",
+        "send-reminders", "--yes", "--csv", "people.csv", "--template", "t.txt",
         "--html-template", "t.html", "--attach", "sheets/{{ course }}.pdf",
         "--subject", "Grades: {{ course }}", "--provider", "mailtrap", "--from", SENDER,
         "--rate", "0", "--backoff", "0", "--json", *extra,
@@ -202,6 +226,16 @@ def test_rejected_token_aborts_with_every_delivery_pending_then_resume(
 ) -> None:
     setup_files()
     api = Api(httpserver, token="the-right-token")
+    # a wrong token is refused by the pre-flight check, in one line: no job, nothing sent
+    refused = send(httpserver, token="a-wrong-token")
+    assert refused.exit_code == 3, refused.output
+    assert refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "token rejected (401" in refused.stderr
+    assert "127.0.0.1" in refused.stderr or "localhost" in refused.stderr
+    assert (api.checks, api.seen) == (1, []) and recent_jobs() == []
+
+    # a token that passes the check but is rejected at the first send (revoked meanwhile)
+    api.checked_token = "a-wrong-token"
     api.plan["ada@example.edu"] = [(401, {})]
     result = send(httpserver, token="a-wrong-token")
     assert result.exit_code == 3, result.output

@@ -64,8 +64,12 @@ def test_readme_section_runs_as_written(httpserver: HTTPServer, tmp_path: Path) 
         return Response(json.dumps(answer), 200, mimetype="application/json")
 
     def batch(request: Request) -> Response:  # issue 13: batches are the default
+        entries = json.loads(request.get_data())["requests"]
+        if not entries:  # the pre-flight check's empty batch: a valid token, nothing sent
+            answer = {"success": False, "errors": ["requests must not be empty"]}
+            return Response(json.dumps(answer), 400, mimetype="application/json")
         results = []
-        for entry in json.loads(request.get_data())["requests"]:
+        for entry in entries:
             requests.append(entry)
             results.append({"success": True, "message_ids": [f"id-{len(requests)}"]})
         answer = {"success": True, "responses": results}

@@ -57,7 +57,7 @@ def test_default_query_sends_every_instructor_into_the_outbox() -> None:
     before = db.read_bytes()
     Path("t.txt").write_text("Dear {{ name }},\nplease submit your grades.\n", encoding="utf-8")
     result = bulkmail(
-        "send-reminders", "--db", "sqlite:///course.db", "--template", "t.txt",
+        "send-reminders", "--yes", "--db", "sqlite:///course.db", "--template", "t.txt",
         "--subject", "Grades, {{ name }}", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -82,7 +82,7 @@ def test_readme_join_query_columns_are_template_variables(smtp_sink: SmtpSink) -
     db = build_course_db()
     query = readme_join_query()
     result = bulkmail(
-        "send-reminders", "--db", "sqlite:///course.db", "--query", query,
+        "send-reminders", "--yes", "--db", "sqlite:///course.db", "--query", query,
         "--template", REMINDER, "--subject", SUBJECT, *smtp_args(), "--json",
         env=smtp_env(smtp_sink),
     )  # fmt: skip
@@ -109,7 +109,7 @@ def test_readme_join_query_columns_are_template_variables(smtp_sink: SmtpSink) -
 def test_query_without_an_email_column_is_refused() -> None:
     build_course_db()
     result = bulkmail(
-        "send-reminders", "--db", "sqlite:///course.db", "--query",
+        "send-reminders", "--yes", "--db", "sqlite:///course.db", "--query",
         "SELECT name, id FROM instructors", "--template", REMINDER, "--subject", "x", "--yes",
     )  # fmt: skip
     assert_refused(result, "sqlite:///course.db: no 'email' column (found: name, id)", "AS email")
@@ -135,7 +135,7 @@ def test_a_query_that_writes_is_refused_and_changes_nothing(query: str) -> None:
     db = build_course_db()
     before = db.read_bytes()
     result = bulkmail(
-        "send-reminders", "--db", "sqlite:///course.db", "--query", query,
+        "send-reminders", "--yes", "--db", "sqlite:///course.db", "--query", query,
         "--template", REMINDER, "--subject", "x", "--yes",
     )  # fmt: skip
     line = assert_refused(result)
@@ -190,7 +190,16 @@ def write_list() -> Path:
 
 def test_dry_run_lists_skips_and_estimates_the_duration(smtp_sink: SmtpSink) -> None:
     write_list()
-    args = ["send-reminders", "--csv", "list.csv", "--template", REMINDER, "--subject", SUBJECT]
+    args = [
+        "send-reminders",
+        "--yes",
+        "--csv",
+        "list.csv",
+        "--template",
+        REMINDER,
+        "--subject",
+        SUBJECT,
+    ]
     args += ["--provider", "smtp", "--from", SENDER, "--rate", "0.05", "--dry-run"]
     text = bulkmail(*args, env={**WIDE, **smtp_env(smtp_sink)})
     assert text.exit_code == 0, text.output
@@ -226,7 +235,7 @@ def sent_to(result: object) -> set[str]:
 
 def test_only_and_exclude_are_repeatable_and_case_insensitive() -> None:
     build_course_db()
-    base = ["send-reminders", "--db", "sqlite:///course.db", "--template", REMINDER]
+    base = ["send-reminders", "--yes", "--db", "sqlite:///course.db", "--template", REMINDER]
     base += ["--query", readme_join_query(), "--subject", SUBJECT, "--json"]
     only = bulkmail(*base, "--only", "ADA.WHITFIELD@example.edu", "--only", "b.okafor@EXAMPLE.EDU")
     assert only.exit_code == 0, only.output
@@ -257,7 +266,7 @@ def test_only_and_exclude_are_repeatable_and_case_insensitive() -> None:
 def test_only_with_an_address_not_in_the_list_is_refused() -> None:
     build_course_db()
     result = bulkmail(
-        "send-reminders", "--db", "sqlite:///course.db", "--template", REMINDER,
+        "send-reminders", "--yes", "--db", "sqlite:///course.db", "--template", REMINDER,
         "--query", readme_join_query(), "--subject", SUBJECT, "--yes",
         "--only", "ada.whitfield@example.edu", "--only", "typo@x",
     )  # fmt: skip
@@ -276,7 +285,7 @@ def test_report_has_one_row_per_delivery(smtp_sink: SmtpSink) -> None:
     smtp_sink.replies["dan@example.edu"] = "550 5.1.1 mailbox unavailable"
     sent = bulkmail(
         "send-reminders", "--csv", "list.csv", "--template", REMINDER, "--subject", SUBJECT,
-        *smtp_args(), env=smtp_env(smtp_sink),
+        "--yes", *smtp_args(), env=smtp_env(smtp_sink),
     )  # fmt: skip
     assert sent.exit_code == 1, sent.output  # one failed delivery
 
@@ -334,7 +343,7 @@ def test_report_errors_are_one_line() -> None:
 
     write_list()
     done = bulkmail(
-        "send-reminders", "--csv", "list.csv", "--template", REMINDER, "--subject", SUBJECT
+        "send-reminders", "--yes", "--csv", "list.csv", "--template", REMINDER, "--subject", SUBJECT
     )
     assert done.exit_code == 0, done.output
     for target, problem in (
@@ -415,7 +424,7 @@ def test_line_breaks_are_kept_in_a_body_only_column_and_refused_in_headers(
     write_notes_list()
     Path("t.txt").write_text("Dear {{ name }},\n{{ notes }}\n", encoding="utf-8")
     result = bulkmail(
-        "send-reminders", "--csv", "notes.csv", "--template", "t.txt",
+        "send-reminders", "--yes", "--csv", "notes.csv", "--template", "t.txt",
         "--subject", "Reminder: {{ course }}", *smtp_args(), "--json",
         env=smtp_env(smtp_sink),
     )  # fmt: skip

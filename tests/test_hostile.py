@@ -69,6 +69,7 @@ SENT = {"ada@example.edu", "ann@example.org", "jane@example.org", "zoe@example.e
 SENT |= {"tab@example.org", "ida@xn--bcher-kva.example"}
 HEADERS = {"From", "To", "Subject", "Message-ID", "Date", "MIME-Version", "Content-Type"}
 HEADERS |= {"Content-Transfer-Encoding"}
+HEADERS |= {"Auto-Submitted", "X-Auto-Response-Suppress"}  # on every message (issue 14)
 
 
 def write_rows(path: str, rows: list[tuple[str, str, str, str | None]]) -> None:
@@ -100,7 +101,7 @@ def test_hostile_csv_injects_nothing_and_every_bad_row_is_skipped_visibly(
     write_rows("hostile.csv", ROWS)
     Path("t.txt").write_text("Dear {{ name }}, about {{ course }}.\n", encoding="utf-8")
     result = bulkmail(
-        "send-reminders", "--csv", "hostile.csv", "--template", "t.txt",
+        "send-reminders", "--yes", "--csv", "hostile.csv", "--template", "t.txt",
         "--subject", "Reminder: {{ course }} for {{ name }}", *smtp_args(), "--json",
         env=smtp_env(smtp_sink),
     )  # fmt: skip
@@ -157,7 +158,7 @@ def test_hostile_values_from_the_course_database_are_skipped_too(
     conn.close()
     Path("t.txt").write_text("Dear {{ name }}, about {{ course }}.\n", encoding="utf-8")
     result = bulkmail(
-        "send-reminders", "--db", "sqlite:///hostile.db", "--template", "t.txt",
+        "send-reminders", "--yes", "--db", "sqlite:///hostile.db", "--template", "t.txt",
         "--query", "SELECT name, email, course FROM instructors",
         "--subject", "Reminder: {{ course }} for {{ name }}", *smtp_args(), "--json",
         env=smtp_env(smtp_sink),
@@ -171,7 +172,7 @@ def test_dry_run_and_preview_of_a_hostile_list_escape_what_they_show() -> None:
     write_rows("hostile.csv", ROWS)
     Path("t.txt").write_text("Dear {{ name }}\n", encoding="utf-8")
     args = ["--csv", "hostile.csv", "--template", "t.txt", "--subject", "Hi {{ course }}"]
-    dry = bulkmail("send-reminders", *args, "--dry-run", env=WIDE)
+    dry = bulkmail("send-reminders", "--yes", *args, "--dry-run", env=WIDE)
     assert dry.exit_code == 0, dry.output
     assert f"{len(SENT)} to send, {len(ROWS) - len(SENT)} skipped" in dry.stdout
     for raw in ("\x1b", "\x00", "\x85", "\u2028", "\x0b", "\x0c", "\x7f"):
@@ -348,7 +349,7 @@ def test_a_hostile_query_through_dry_run_and_preview_changes_nothing(
     before = table_contents(pg_url)
     Path("t.txt").write_text("Dear {{ name }}\n", encoding="utf-8")
     args = ["--db", pg_url, "--query", query, "--template", "t.txt", "--subject", "Hi"]
-    for command in (["send-reminders", *args, "--dry-run"], ["preview", *args]):
+    for command in (["send-reminders", "--yes", *args, "--dry-run"], ["preview", *args]):
         result = bulkmail(*command)
         assert result.exit_code == 2, result.output
         assert "--query: only a single SELECT" in result.stderr

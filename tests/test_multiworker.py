@@ -127,7 +127,8 @@ def test_four_workers_send_each_of_2000_recipients_exactly_once(
     env = env_for(tmp_path, sink, store)
     started = subprocess.run(
         [BULKMAIL, "send-reminders", "--csv", str(csv), "--template", str(tmp_path / "t.txt"),
-         "--subject", "Reminder for {{ name }}", "--rate", "0", "--workers", "4", "--json"],
+         "--subject", "Reminder for {{ name }}", "--rate", "0", "--workers", "4", "--json",
+         "--yes"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr

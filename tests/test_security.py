@@ -155,7 +155,7 @@ def test_attaching_through_a_link_refuses_the_job(smtp_sink: SmtpSink, files: Pa
     (files / "Link.pdf").symlink_to(files.parent / "hostname")
     Path("t.txt").write_text("Hi {{ name }}\n", encoding="utf-8")
     result = bulkmail(
-        "send-reminders", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
+        "send-reminders", "--yes", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
         "--attach", "files/{{ name }}.pdf", *smtp_args(), "--yes", env=smtp_env(smtp_sink),
     )  # fmt: skip
     assert_refused(
@@ -270,7 +270,7 @@ def test_plain_http_mailtrap_refuses_the_job_before_it_exists(tmp_path: Path) ->
     Path("t.txt").write_text("Hi {{ name }}\n", encoding="utf-8")
     env = {"BULKMAIL_MAILTRAP_TOKEN": "tok-123", "BULKMAIL_MAILTRAP_API_URL": "http://192.0.2.10"}
     result = bulkmail(
-        "send-reminders", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
+        "send-reminders", "--yes", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
         "--provider", "mailtrap", "--from", "office@example.edu", "--yes", env=env,
     )  # fmt: skip
     line = assert_refused(
@@ -394,7 +394,7 @@ def test_smtp_ca_file_from_the_environment_end_to_end(
         "BULKMAIL_SMTP_CA_FILE": str(private_ca.ca),
     }
     result = bulkmail(
-        "send-reminders", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
+        "send-reminders", "--yes", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
         *smtp_args(), "--yes", env=env,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -500,7 +500,7 @@ def make_outbox_job() -> None:
     Path("people.csv").write_text("name,email\nAda,ada@example.edu\n", encoding="utf-8")
     Path("t.txt").write_text("Hi {{ name }}\n", encoding="utf-8")
     result = bulkmail(
-        "send-reminders", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
+        "send-reminders", "--yes", "--csv", "people.csv", "--template", "t.txt", "--subject", "Hi",
         "--yes",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -222,7 +222,7 @@ def held_sink(tmp_path: Path) -> Iterator[SinkProcess]:
 
 
 def send_args(csv: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["send-reminders", "--csv", str(csv), "--template", str(tmp_path / "t.txt"),
+    return ["send-reminders", "--yes", "--csv", str(csv), "--template", str(tmp_path / "t.txt"),
             "--subject", "Reminder for {{ name }}", *extra]  # fmt: skip
 
 

@@ -272,6 +272,7 @@ def send(*args: str) -> Any:
     )
     return bulkmail(
         "send-reminders",
+        "--yes",
         *args,
         "--template",
         "t.txt",

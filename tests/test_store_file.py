@@ -27,7 +27,7 @@ from bulkmail.store import open_store
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HINT = "(a mistyped --store or BULKMAIL_STORE?)"
-SEND = ["send-reminders", "--csv", str(EXAMPLES / "instructors.csv"),
+SEND = ["send-reminders", "--yes", "--csv", str(EXAMPLES / "instructors.csv"),
         "--template", str(EXAMPLES / "reminder.txt"), "--subject", "Reminder: {{ course }}",
         "--from", "office@example.edu", "--rate", "0"]  # fmt: skip
 # every command but send-reminders, with the arguments it needs
@@ -224,9 +224,13 @@ def test_dedupe_key_on_a_new_store_needs_new_store(tmp_path: Path) -> None:
     second = bulkmail(*cron, "--json")  # the next cron run: the store exists now
     assert second.exit_code == 0, second.output
     doc = json.loads(second.stdout)
-    assert (doc["sent"], doc["skipped"]) == (0, 12)
+    # everyone already reminded under the key: no job at all (issue 14)
+    assert (doc["id"], doc["already_reminded"], doc["dedupe_key"]) == (None, 12, "autumn")
     assert bulkmail(*cron, "--new-store").exit_code == 0  # harmless on an existing store
     assert sent_messages() == 12
+    assert [
+        d["id"] for d in json.loads(bulkmail("recent", "--json", "--store", str(path)).stdout)
+    ] == [1]
 
 
 def test_postgresql_store_without_schema(pg_url: str) -> None:
@@ -258,7 +262,9 @@ def test_postgresql_store_without_schema(pg_url: str) -> None:
     second = bulkmail(*cron, "--json")
     assert second.exit_code == 0, second.output
     assert "new job store" not in second.stderr
-    assert json.loads(second.stdout)["skipped"] == 12
+    doc = json.loads(second.stdout)
+    assert (doc["id"], doc["already_reminded"]) == (None, 12)  # no second job (issue 14)
+    assert len(json.loads(bulkmail("recent", "--json", "--store", pg_url).stdout)) == 1
 
 
 # -- creating a store

@@ -87,7 +87,7 @@ def test_yes_on_a_terminal_sends_with_a_live_bar(store: Path) -> None:
 
 
 def test_without_a_terminal_nothing_is_asked_and_progress_is_plain_lines(store: Path) -> None:
-    result = run(terminal(stdin=False, stderr=False), *SEND, "--store", str(store))
+    result = run(terminal(stdin=False, stderr=False), *SEND, "--yes", "--store", str(store))
     assert result.exit_code == 0, result.output
     assert "Continue?" not in result.stderr
     assert "\x1b[" not in result.stderr  # no escape codes in a log file
@@ -126,7 +126,10 @@ def test_select_needs_a_terminal(store: Path) -> None:
 
 
 def test_status_watch_is_a_bar_on_a_terminal_and_a_line_elsewhere(store: Path) -> None:
-    assert run(terminal(stdin=False, stderr=False), *SEND, "--store", str(store)).exit_code == 0
+    assert (
+        run(terminal(stdin=False, stderr=False), *SEND, "--yes", "--store", str(store)).exit_code
+        == 0
+    )
     live = run(terminal(), "status", "1", "--watch", "--store", str(store))
     assert live.exit_code == 0, live.output
     assert "12/12" in live.stderr and "completed" in live.stdout

@@ -157,6 +157,46 @@ ExcludeOpt = Annotated[
     typer.Option("--exclude", metavar="EMAIL", help="Leave this address out (repeatable)."),
 ]
 
+ReplyToOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reply-to",
+        metavar="ADDR",
+        help="Reply-To of every message (default: reply_to under [defaults]).",
+        show_default=False,
+    ),
+]
+CcOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--cc",
+        metavar="ADDR",
+        help="A copy of every message to ADDR, e.g. the office (repeatable; default: cc "
+        "under [defaults]).",
+        show_default=False,
+    ),
+]
+BccOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--bcc",
+        metavar="ADDR",
+        help="A blind copy of every message to ADDR (repeatable; default: bcc under [defaults]).",
+        show_default=False,
+    ),
+]
+HeaderOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--header",
+        metavar="NAME:VALUE",
+        help="An extra header on every message (repeatable). Every message carries "
+        "Auto-Submitted: auto-generated and X-Auto-Response-Suppress: OOF, AutoReply "
+        "unless a --header of that name replaces it.",
+        show_default=False,
+    ),
+]
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -176,6 +216,10 @@ def source_options(
     sheet: SheetOpt = None,
     encoding: EncodingOpt = None,
     on_empty: OnEmptyOpt = None,
+    reply_to: ReplyToOpt = None,
+    cc: CcOpt = None,
+    bcc: BccOpt = None,
+    header: HeaderOpt = None,
 ) -> SourceOptions:
     """The source and template options of send-reminders and preview, defined once: this
     signature is spliced into each command's by ``with_source_options``."""
@@ -196,6 +240,10 @@ def source_options(
         sheet=sheet,
         encoding=encoding,
         on_empty=on_empty,
+        reply_to=reply_to,
+        cc=cc or None,
+        bcc=bcc or None,
+        headers=header or (),
     )
 
 

@@ -142,6 +142,20 @@ def _warn_about_source(env: Environment, plan: Plan) -> None:
         say(f"warning: {warning}")
 
 
+CONFIRMATION_REQUIRED = "confirmation required: pass --yes (or --dry-run)"
+
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Seconds the pre-flight check waits to connect, for the greeting, TLS and "
+        "login (default: the provider's timeout setting, at most 10).",
+        show_default=False,
+    ),
+]
+
+
 def _confirm(env: Environment, plan: Plan, summary: DryRun) -> bool:
     """Ask on a terminal only; --yes and non-terminals never ask."""
     from bulkmail import ui
@@ -288,6 +302,36 @@ def send_reminders(
             "unsubscribed; see `bulkmail suppress list`).",
         ),
     ] = False,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            metavar="TEXT",
+            help="A label for the job, shown by `recent` and `status` (default: the source's "
+            "file or database name and the subject).",
+            show_default=False,
+        ),
+    ] = None,
+    test_to: Annotated[
+        str | None,
+        typer.Option(
+            "--test-to",
+            metavar="ADDR",
+            help="Send the first recipient's message to ADDR instead, subject prefixed "
+            "[TEST]; no job, nothing recorded.",
+            show_default=False,
+        ),
+    ] = None,
+    test_row: Annotated[
+        int | None,
+        typer.Option(
+            "--test-row",
+            metavar="N",
+            help="With --test-to: the message of source row N (as --dry-run numbers rows).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: TimeoutOpt = None,
     new_store: Annotated[
         bool,
         typer.Option(
@@ -336,22 +380,69 @@ def send_reminders(
             per_hour=per_hour,
             per_day=per_day,
             include_suppressed=include_suppressed,
+            name=name,
         ),
         settings,
     )
+    if test_row is not None and test_to is None:
+        raise InputError("--test-row needs --test-to ADDR")
+    if test_to is not None and (dry_run or detach or workers > 1):
+        raise InputError(
+            "--test-to sends one message now: not with --dry-run, --detach or --workers"
+        )
+    jobs.job_name(plan)  # a bad --name is refused before anything else happens
     _warn_about_source(env, plan)
     interactive = env.stdin_isatty
+    if select and not interactive:
+        raise InputError("--select needs a terminal; use --only/--exclude in scripts")
+    if not (interactive or yes or dry_run or test_to is not None):
+        # nothing is ever sent by accident from a script (as gh does)
+        fail(CONFIRMATION_REQUIRED)
     if select:
-        if not interactive:
-            raise InputError("--select needs a terminal; use --only/--exclude in scripts")
         plan.chosen = ui.select_rows(env.stderr, list(plan.recipients()), ask=env.prompt)
+    if test_to is not None:
+        checked = jobs.preflight_plan(plan, timeout=timeout)
+        sent = jobs.send_test(plan, test_to, row=test_row)
+        env.stdout.print(
+            f"test message sent to {sent.to} via {checked}: row {sent.row} ({sent.email}'s "
+            f"message), subject {sent.subject!r}; no job created, nothing recorded",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(0)
+    taken = None
+    reader = open_reader_for(store, config, missing_ok=True)
+    if plan.send.dedupe_key:
+        if isinstance(reader, NoStore) and not new_store:
+            raise no_dedupe_history(reader.location, plan.send.dedupe_key)
+        taken = reader.taken_under(plan.send.dedupe_key)
+    if not dry_run:
+        reminded = jobs.already_reminded(plan, taken)
+        if reminded:
+            line = (
+                f"nothing to send: all {reminded} recipients already reminded under dedupe "
+                f"key {plan.send.dedupe_key!r}; no job created"
+            )
+            if as_json:
+                print_json(
+                    {
+                        "id": None,
+                        "state": "nothing to send",
+                        "dedupe_key": plan.send.dedupe_key,
+                        "already_reminded": reminded,
+                        "message": line,
+                    }
+                )
+            else:
+                env.stdout.print(line, markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(0)
+        # the server, TLS and login (or the token, or the folder) proved within seconds,
+        # before any job exists: a wrong server is one line and exit 3, not minutes
+        checked = jobs.preflight_plan(plan, timeout=timeout)
+        if not as_json and interactive and not yes:
+            env.note(f"checked: {checked}")
     if dry_run or (interactive and not yes):
-        taken = None
-        reader = open_reader_for(store, config, missing_ok=True)
-        if plan.send.dedupe_key:
-            if isinstance(reader, NoStore) and not new_store:
-                raise no_dedupe_history(reader.location, plan.send.dedupe_key)
-            taken = reader.taken_under(plan.send.dedupe_key)
         suppressed = None
         if not include_suppressed:
             suppressed = {s.email.lower(): s for s in reader.suppressions()}
@@ -458,6 +549,10 @@ def cancel(
 def retry(
     job_id: JobArg,
     detach: DetachOpt = False,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", "-y", help="Do not ask (required when stdin is not a terminal)."),
+    ] = False,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -467,13 +562,15 @@ def retry(
     Example:
 
     \b
-      bulkmail retry 3
+      bulkmail retry 3 --yes
     """
     from bulkmail import jobs
 
     env = environment()
     settings = load_config(config)
     db = open_store_for(store, settings)
+    if not (yes or env.stdin_isatty):
+        fail(CONFIRMATION_REQUIRED)  # a new send: never by accident from a script
     count = jobs.prepare_retry(db, job_id)
     if not isinstance(count, int):
         _nothing_to_do(env, count, as_json=as_json)
@@ -601,3 +698,26 @@ def run_due(
                 f"bulkmail: job {job_id} not started: {error}", markup=False, highlight=False
             )
     raise typer.Exit(int(ExitCode.SOME_FAILED if result.errors else ExitCode.OK))
+
+
+@app.command()
+@handles_errors
+def check(
+    provider: Annotated[
+        str | None,
+        typer.Option(
+            "--provider",
+            metavar="NAME",
+            help="smtp | mailtrap | outbox (default: config, else outbox).",
+        ),
+    ] = None,
+    timeout: TimeoutOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Prove the provider can send, in seconds, sending nothing: SMTP connect, greeting,
+    TLS and login; Mailtrap the token; outbox the folder. Exit 3 naming host, port and what
+    went wrong, 2 for bad settings.  Example: bulkmail check --timeout 5"""
+    from bulkmail import jobs
+
+    checked = jobs.check(load_config(config), provider, timeout=timeout)
+    environment().stdout.print(f"ok: {checked}", markup=False, highlight=False, soft_wrap=True)

@@ -1,4 +1,4 @@
-"""The commands that read: status, recent, report. They use the light store reader and
+"""The commands that read: status, recent, history, report. They use the light store reader and
 do not import the send machinery (see the start-up benchmark)."""
 
 from __future__ import annotations
@@ -78,6 +78,28 @@ def status(
         out.print(ui.skips_table(doc["skips"]))
     if bounced:
         out.print(ui.bounces_table(doc["bounces"]))
+
+
+@app.command()
+@handles_errors
+def history(
+    address: Annotated[str, typer.Argument(metavar="ADDR", help="The email address (any case).")],
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Every delivery to an address across jobs: job, name, dedupe key, state, time.
+    Example: bulkmail history ada@example.edu"""
+    from bulkmail import ui, views
+
+    docs = views.history_documents(open_reader_for(store, config).history(address))
+    out = environment().stdout
+    if as_json:
+        print_json(docs)
+    elif not docs:
+        out.print(f"no deliveries to {address}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(ui.history_table(address, docs))
 
 
 @app.command()

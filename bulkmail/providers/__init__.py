@@ -19,6 +19,7 @@ from bulkmail.providers.registry import (
     check_provider,
     describe,
     make_provider,
+    preflight,
     with_defaults,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "check_provider",
     "describe",
     "make_provider",
+    "preflight",
     "with_defaults",
 ]

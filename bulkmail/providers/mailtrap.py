@@ -308,6 +308,13 @@ class MailtrapProvider:
         }
         if message.html:
             body["html"] = message.html
+        if message.cc:
+            body["cc"] = [_address(address, name) for name, address in message.cc]
+        if message.bcc:
+            body["bcc"] = [_address(address, name) for name, address in message.bcc]
+        if message.reply_to:
+            name, address = message.reply_to[0]
+            body["reply_to"] = _address(address, name)
         # Message-ID always wins: it is what makes a retry recognisable as the same message.
         # Extra headers are merged case-insensitively, the last value of a name wins.
         extra: dict[str, tuple[str, str]] = {}
@@ -621,3 +628,75 @@ def _describe(exc: BaseException) -> str:
 def _one_line(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
+
+
+# --------------------------------------------------------------------------- pre-flight
+
+
+def check(
+    settings: MailtrapSettings, timeout: float, *, session: requests.Session | None = None
+) -> str:
+    """Prove the token without sending anything and return what was proved.
+
+    The sending hosts offer only ``/api/send`` and ``/api/batch`` (mailtrap-openapi:
+    email-sending-transactional, -bulk, sandbox-sending); no read-only endpoint takes a
+    sending token. So the check posts an *empty* batch (``{"base": {}, "requests": []}``)
+    to ``/api/batch`` (``/api/batch/{inbox_id}`` for the sandbox): it names no recipient, so
+    nothing can be sent, and the API authenticates it before validating it. 401 or 403 is a
+    rejected token (exit 3); a 2xx, 400 or 422 (the empty batch refused as invalid) proves
+    the token was accepted; anything else (a redirect, 5xx, no connection) is exit 3 too.
+    ``ConfigError`` (exit 2) for settings that could not work at all."""
+    from bulkmail.errors import ConfigError, PreflightError
+
+    token = settings.token.strip()
+    problem = _config_problem(settings, token)
+    if problem is not None:
+        raise ConfigError(problem)
+    base = settings.api_url.strip().rstrip("/")
+    inbox = settings.inbox_id.strip()
+    url = f"{base}/api/batch/{quote(inbox, safe='')}" if inbox else f"{base}/api/batch"
+    host = urlsplit(url).netloc
+    own = session is None
+    http = requests.Session() if session is None else session
+    try:
+        if settings.ca_file:
+            http.mount("https://", _CaAdapter(client_context(settings.ca_file)))
+        response = http.post(
+            url,
+            data=b'{"base": {}, "requests": []}',
+            headers={
+                "Authorization": f"Bearer {token}",
+                "User-Agent": f"bulkmail/{__version__}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+            timeout=(timeout, timeout),
+            allow_redirects=False,
+        )
+    except requests.exceptions.Timeout:
+        raise PreflightError(f"mailtrap {host}: no answer within {timeout:g} s") from None
+    except requests.exceptions.SSLError as exc:
+        raise PreflightError(f"mailtrap {host}: TLS failed: {_describe(exc)}") from None
+    except requests.exceptions.RequestException as exc:
+        raise PreflightError(f"mailtrap {host}: cannot connect: {_describe(exc)}") from None
+    finally:
+        if own:
+            http.close()
+    with response:
+        status = response.status_code
+        if status in (401, 403):
+            raise PreflightError(
+                f"mailtrap {host}: token rejected ({status} {_error_detail(response)}): check "
+                "BULKMAIL_MAILTRAP_TOKEN or `token` under [mailtrap]"
+            )
+        if not (200 <= status < 300 or status in (400, 422)):
+            raise PreflightError(
+                f"mailtrap {host}: unexpected answer {status} {_error_detail(response)} "
+                "(check api_url)"
+            )
+    where = f"sandbox inbox {inbox} at {host}" if inbox else host
+    return (
+        f"mailtrap {where} (HTTPS, token accepted)"
+        if url.startswith("https")
+        else (f"mailtrap {where} (token accepted)")
+    )

@@ -85,3 +85,29 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def check(settings: OutboxSettings, default_dir: Path) -> str:
+    """The pre-flight check, creating nothing: a file can be written into the folder and
+    removed again, or, when the folder does not exist yet, its nearest existing parent is a
+    folder this process may create it in. ``PreflightError`` (exit 3) naming the folder."""
+    from bulkmail.errors import PreflightError
+
+    directory = Path(settings.dir).expanduser() if settings.dir else default_dir
+    if not directory.exists():
+        parent = directory.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise PreflightError(
+                f"outbox {directory}: cannot be created ({parent} is not a writable folder)"
+            )
+        return f"outbox {directory} (to be created)"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".check-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PreflightError(f"outbox {directory}: not writable ({reason})") from None
+    return f"outbox {directory} (writable)"

@@ -51,6 +51,9 @@ class ProviderSpec(Generic[S]):
     problem: Callable[[S], str | None] = _no_problem
     # the settings with defaults that depend on the user data directory filled in
     with_defaults: Callable[[S, Path], S] = _as_is
+    # the pre-flight check (settings, user data directory, timeout in seconds): what was
+    # proved, one line; raises ConfigError (exit 2) or PreflightError (exit 3)
+    check: Callable[[S, Path, float], str] | None = None
 
 
 # --------------------------------------------------------------------------- smtp
@@ -66,6 +69,12 @@ def _smtp_problem(s: SmtpSettings) -> str | None:
     from bulkmail.providers.smtp import config_problem
 
     return config_problem(s)
+
+
+def _smtp_check(s: SmtpSettings, data_dir: Path, timeout: float) -> str:
+    from bulkmail.providers.smtp import check
+
+    return check(s, timeout)
 
 
 def _smtp_account(s: SmtpSettings) -> str:
@@ -94,6 +103,12 @@ def _mailtrap_problem(s: MailtrapSettings) -> str | None:
     return config_problem(s)
 
 
+def _mailtrap_check(s: MailtrapSettings, data_dir: Path, timeout: float) -> str:
+    from bulkmail.providers.mailtrap import check
+
+    return check(s, timeout)
+
+
 def _mailtrap_account(s: MailtrapSettings) -> str:
     digest = hashlib.sha256(s.token.encode()).hexdigest()[:12]
     return f"mailtrap:{s.api_url.rstrip('/')}/{s.inbox_id}:{digest}"
@@ -113,6 +128,12 @@ def _outbox(s: OutboxSettings, data_dir: Path) -> Provider:
     from bulkmail.providers.outbox import OutboxProvider
 
     return OutboxProvider(s, default_dir=data_dir / "outbox")
+
+
+def _outbox_check(s: OutboxSettings, data_dir: Path, timeout: float) -> str:
+    from bulkmail.providers.outbox import check
+
+    return check(s, data_dir / "outbox")
 
 
 def _outbox_account(s: OutboxSettings) -> str:
@@ -142,6 +163,7 @@ SPECS: Mapping[str, ProviderSpec[Any]] = {
             account_key=_smtp_account,
             describe=_smtp_describe,
             problem=_smtp_problem,
+            check=_smtp_check,
         ),
         ProviderSpec(
             name="mailtrap",
@@ -152,6 +174,7 @@ SPECS: Mapping[str, ProviderSpec[Any]] = {
             account_key=_mailtrap_account,
             describe=_mailtrap_describe,
             problem=_mailtrap_problem,
+            check=_mailtrap_check,
         ),
         ProviderSpec(
             name="outbox",  # the default: a fresh install runs a whole job into files
@@ -162,6 +185,7 @@ SPECS: Mapping[str, ProviderSpec[Any]] = {
             account_key=_outbox_account,
             describe=_outbox_describe,
             with_defaults=_outbox_defaults,
+            check=_outbox_check,
         ),
     )
 }
@@ -188,6 +212,35 @@ def check_provider(provider: str, settings: Settings) -> None:
     problem = SPECS[provider].problem(_section(provider, settings))
     if problem is not None:
         raise ConfigError(problem)
+
+
+DEFAULT_CHECK_TIMEOUT = 10.0
+"""Seconds the pre-flight check waits for each step (connect, greeting, TLS, login)."""
+
+
+def preflight(
+    provider: str, settings: Settings, *, data_dir: Path, timeout: float | None = None
+) -> str:
+    """Prove that ``provider`` can send with ``settings`` without sending anything (SMTP:
+    connect, greeting, EHLO, TLS, login, QUIT; Mailtrap: the token; outbox: the folder is
+    writable) and return what was proved, one line. Each step waits at most ``timeout``
+    seconds (default: the provider's ``timeout`` setting, at most 10 s). Raises
+    ``ConfigError`` (exit 2) for unusable settings, ``PreflightError`` (exit 3) when the
+    provider cannot be reached, secured or logged in to."""
+    from bulkmail.errors import ConfigError
+
+    spec = SPECS.get(provider)
+    if spec is None:
+        raise ConfigError(f"unknown provider {provider!r}")
+    section = spec.with_defaults(_section(provider, settings), data_dir)
+    if timeout is None:
+        configured = getattr(section, "timeout", DEFAULT_CHECK_TIMEOUT)
+        timeout = min(float(configured), DEFAULT_CHECK_TIMEOUT)
+    if not timeout > 0:
+        raise ConfigError(f"--timeout: must be a positive number of seconds, got {timeout:g}")
+    if spec.check is None:
+        return provider
+    return spec.check(section, data_dir, timeout)
 
 
 def with_defaults(provider: str, settings: Settings, *, data_dir: Path) -> Settings:

@@ -15,8 +15,10 @@ advertised SIZE refused before anything of it is sent, and one AUTH mechanism pe
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -32,7 +34,7 @@ from bulkmail.providers.base import (
 from bulkmail.providers.settings import SMTP_SECURITY, SmtpSettings
 from bulkmail.providers.tls import ca_file_problem, client_context, is_loopback, plaintext_problem
 
-__all__ = ["SmtpFactory", "SmtpProvider", "config_problem", "is_loopback"]
+__all__ = ["SmtpFactory", "SmtpProvider", "check", "config_problem", "is_loopback"]
 
 CA_FILE_SETTING = "ca_file under [smtp] (BULKMAIL_SMTP_CA_FILE)"
 AUTH_METHOD_SETTING = "auth_method under [smtp] (BULKMAIL_SMTP_AUTH_METHOD)"
@@ -128,6 +130,9 @@ class SmtpProvider:
             code, resp = conn.rcpt(message.to_email)
             if code not in (250, 251):
                 raise self._rejected(conn, code, resp, step)
+            for copy in message.envelope_copies:
+                # the office's copy (Cc, Bcc): one refused does not hold up the reminder
+                conn.rcpt(copy)
             step = "DATA"
             code, resp = conn.docmd("DATA")
             if code != 354:
@@ -372,3 +377,152 @@ def _exc_text(exc: BaseException) -> str:
     if isinstance(exc, smtplib.SMTPResponseException):
         return _reply_text(exc.smtp_code, exc.smtp_error)
     return _decode(str(exc)) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- pre-flight
+
+
+class _Probe(smtplib.SMTP):
+    """An SMTP connection that remembers whether its TCP connection was made, so that a
+    timeout waiting for the greeting ("not SMTP") is told apart from one connecting."""
+
+    connected = False
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        self._host = host  # STARTTLS checks the certificate against it (smtplib sets it only
+        # when the host is given to the constructor)
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        self.connected = True
+        return sock
+
+
+class _ProbeTls(smtplib.SMTP_SSL):
+    """``_Probe`` for implicit TLS: ``tls_failed`` tells the handshake's failure apart."""
+
+    connected = False
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        raw = socket.create_connection((host, port), timeout, self.source_address)
+        self.connected = True
+        try:
+            return self.context.wrap_socket(raw, server_hostname=host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+def check(settings: SmtpSettings, timeout: float) -> str:
+    """Connect, read the greeting, EHLO, STARTTLS (or implicit TLS), log in and QUIT, each
+    step within ``timeout`` seconds; return what was proved ("office@smtp.example.edu:587
+    (STARTTLS, login ok)"). Raises ``ConfigError`` (exit 2) for unusable settings and
+    ``PreflightError`` (exit 3) naming host, port and the step that failed."""
+    from bulkmail.errors import ConfigError, PreflightError
+
+    problem = config_problem(settings)
+    if problem is not None:
+        raise ConfigError(problem)
+    s = settings
+    where = f"{s.host}:{s.port}"
+
+    def failed(what: str) -> PreflightError:
+        return PreflightError(f"smtp {where}: {what}")
+
+    probe: _Probe | _ProbeTls
+    try:
+        context = client_context(s.ca_file) if s.security != "none" else None
+    except (OSError, ssl.SSLError) as exc:  # the CA file vanished since it was checked
+        raise ConfigError(f"{CA_FILE_SETTING}: {_exc_text(exc)}") from None
+    if s.security == "tls":
+        probe = _ProbeTls(timeout=timeout, context=context)
+    else:
+        probe = _Probe(timeout=timeout)
+    step = "connect"
+    try:
+        try:
+            code, reply = probe.connect(s.host, s.port)
+        except ConnectionRefusedError:
+            raise failed(
+                "connection refused (nothing listens there: check host and port)"
+            ) from None
+        except socket.gaierror as exc:
+            raise failed(f"host not found ({_exc_text(exc)})") from None
+        except ssl.SSLError as exc:
+            raise failed(f"TLS failed: {_exc_text(exc)}{_tls_hint(s, exc)}") from None
+        except (TimeoutError, smtplib.SMTPServerDisconnected) as exc:
+            if not _timed_out(exc):
+                raise failed(
+                    f"not SMTP: the server closed or garbled the greeting ({_exc_text(exc)})"
+                ) from None
+            if not probe.connected:
+                raise failed(f"timed out connecting after {timeout:g} s") from None
+            if isinstance(probe, _ProbeTls):
+                raise failed(
+                    f"timed out after {timeout:g} s in the TLS handshake or waiting for the "
+                    "greeting: check that this port expects TLS from the start"
+                ) from None
+            raise failed(
+                f"not SMTP: no 220 greeting within {timeout:g} s (check the port; a TLS port "
+                "such as 465 needs security 'tls')"
+            ) from None
+        except UnicodeError as exc:
+            raise failed(f"not SMTP: a garbled greeting ({_exc_text(exc)})") from None
+        except OSError as exc:
+            raise failed(f"cannot connect: {_exc_text(exc)}") from None
+        if code != 220:
+            if code == -1 or not 200 <= code <= 599:
+                raise failed(f"not SMTP: no 220 greeting ({_reply_text(code, reply)})")
+            raise failed(
+                f"the server refuses this connection: {_reply_text(code, reply)}"
+            ) from None
+        step = "EHLO"
+        probe.ehlo_or_helo_if_needed()
+        secured = {"tls": "TLS", "starttls": "STARTTLS", "none": "no TLS"}[s.security]
+        if s.security == "starttls":
+            if not probe.has_extn("starttls"):
+                raise failed(
+                    "the server does not offer STARTTLS: set security to 'tls' if it expects "
+                    "TLS from the start, or check host and port"
+                ) from None
+            step = "STARTTLS"
+            try:
+                probe.starttls(context=context)
+            except ssl.SSLError as exc:
+                raise failed(f"TLS failed: {_exc_text(exc)}{_tls_hint(s, exc)}") from None
+            probe.ehlo_or_helo_if_needed()
+        login = "no login"
+        if s.username:
+            step = "login"
+            try:
+                probe.login(s.username, s.password)
+            except smtplib.SMTPAuthenticationError as exc:
+                raise failed(f"login rejected for user {s.username}: {_exc_text(exc)}") from None
+            except smtplib.SMTPNotSupportedError:
+                raise failed(
+                    "the server offers no login (AUTH) here: leave the username empty, or "
+                    "use security 'starttls' or 'tls'"
+                ) from None
+            login = "login ok"
+        step = "QUIT"
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            probe.quit()  # everything that matters was proved
+    except PreflightError:
+        probe.close()
+        raise
+    except (smtplib.SMTPException, OSError) as exc:
+        probe.close()
+        if _timed_out(exc):
+            raise failed(f"no answer to {step} within {timeout:g} s") from None
+        raise failed(f"{step} failed: {_exc_text(exc)}") from None
+    user = f"{s.username}@" if s.username else ""
+    return f"smtp {user}{where} ({secured}, {login})"
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A timeout, also as smtplib reports one while reading a reply (a disconnect)."""
+    return isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError)
+
+
+def _tls_hint(s: SmtpSettings, exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and not s.ca_file:
+        return f"; a private CA: set {CA_FILE_SETTING}"
+    return ""

@@ -27,6 +27,7 @@ from bulkmail.store.records import (
     DeliveryRecord,
     EventSummary,
     EventView,
+    HistoryRecord,
     JobRecord,
     JobView,
     NewDelivery,
@@ -70,6 +71,12 @@ class StoreReader(Protocol):
     def taken_under(self, dedupe_key: str) -> dict[str, tuple[int, str]]:
         """The addresses (lower-cased) a new job under ``dedupe_key`` would skip, each with
         the job and the delivery state that hold it (``records.dedupe_reason``)."""
+        ...
+
+    def history(self, email: str) -> list[HistoryRecord]:
+        """Every delivery to ``email`` (matched case-insensitively, as dedupe matches) in
+        every job, with the job's name, subject and dedupe key; oldest job first, then in
+        the job's order."""
         ...
 
     def deliveries(

@@ -24,6 +24,7 @@ from bulkmail.store.records import (
     DeliveryState,
     EventKind,
     EventView,
+    HistoryRecord,
     JobRecord,
     JobState,
     JobView,
@@ -109,6 +110,15 @@ SQL_JOB_EVENTS = (
 )
 SQL_SUPPRESSIONS = "SELECT * FROM suppressions ORDER BY at, email_key"
 SQL_SUPPRESSION = "SELECT * FROM suppressions WHERE email_key = :key"
+
+# every delivery to one address across jobs (the (email_key, state) index), oldest job first
+SQL_HISTORY = (
+    "SELECT d.job_id AS job_id, j.name AS job_name, j.subject AS subject, "
+    "j.dedupe_key AS dedupe_key, d.email AS email, d.state AS state, d.attempts AS attempts, "
+    "d.last_error AS last_error, d.sent_at AS sent_at, j.created_at AS created_at "
+    "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.email_key = :email "
+    "ORDER BY d.job_id, d.position"
+)
 SQL_DELIVERIES = (
     "SELECT * FROM deliveries WHERE job_id = :job AND position > :after{states} "
     "ORDER BY position LIMIT :batch"
@@ -196,6 +206,13 @@ class StoreReads:
         with self._reading() as query:
             rows = query(SQL_SUPPRESSION, {"key": email.strip().lower()})
         return suppression_from_row(rows[0]) if rows else None
+
+    def history(self, email: str) -> list[HistoryRecord]:
+        """Every delivery to ``email`` (matched case-insensitively) in every job, oldest job
+        first."""
+        with self._reading() as query:
+            rows = query(SQL_HISTORY, {"email": email.strip().lower()})
+        return [HistoryRecord(**row) for row in rows]
 
     def deliveries(
         self, job_id: int, *, states: Sequence[str] | None = None, batch: int = 1000

@@ -28,6 +28,7 @@ __all__ = [
     "EventKind",
     "EventSummary",
     "EventView",
+    "HistoryRecord",
     "JobRecord",
     "JobState",
     "JobView",
@@ -57,11 +58,10 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 6  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+SCHEMA_VERSION = 7  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
 # 4: the job's calendar, caps and waiting columns, the per-account ``sends`` log, throttling
 # columns on ``rate_buckets``; 5: events, suppressions, processed (delivery events, bounces,
-# the suppression list); 6: jobs.created_by and
-# the api_tokens table
+# the suppression list); 6: jobs.created_by and the api_tokens table; 7: jobs.name
 
 
 class JobState(StrEnum):
@@ -162,6 +162,9 @@ class NewJob:
     recheck_url: str | None = None
     recheck_query: str | None = None
     created_by: str | None = None  # an API token's name; None: the command line
+    # the job's label (--name; default: the source and the subject); None for a job made
+    # before schema 4
+    name: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +235,22 @@ class DeliveryRecord:
     sent_at: float | None
     worker_id: str | None
     in_doubt: bool
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One delivery to an address, with the job it belongs to (``bulkmail history``)."""
+
+    job_id: int
+    job_name: str | None
+    subject: str  # the job's subject template
+    dedupe_key: str | None
+    email: str
+    state: str  # a DeliveryState value
+    attempts: int
+    last_error: str | None
+    sent_at: float | None
+    created_at: float  # the job's
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ jobs = sa.Table(
     sa.Column("waiting_until", sa.Float, nullable=True),
     # who created the job: an API token's name (the dashboard, the HTTP API); None: the CLI
     sa.Column("created_by", _text(255), nullable=True),
+    sa.Column("name", sa.Text, nullable=True),  # the job's label (--name)
 )
 
 workers = sa.Table(
@@ -303,6 +304,14 @@ def _api_tokens(conn: Connection) -> None:
     api_tokens.create(conn, checkfirst=True)
 
 
+def _job_name(conn: Connection) -> None:
+    """Schema 7: ``jobs.name``, the job's label (--name); older jobs have none (NULL) and
+    are shown by their subject, as before."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    if "name" not in columns:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN name TEXT"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     0: _record_version,
     1: _index_in_doubt,
@@ -310,6 +319,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _timing,
     4: _events_and_suppressions,
     5: _api_tokens,
+    6: _job_name,
 }
 
 

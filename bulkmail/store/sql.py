@@ -428,6 +428,7 @@ class Store(StoreReads):
                     backoff=new.backoff,
                     dedupe_key=new.dedupe_key,
                     created_by=new.created_by,
+                    name=new.name,
                     total=0,
                     created_at=now,
                     windows=_json(list(new.windows)) if new.windows else None,
