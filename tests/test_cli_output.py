@@ -29,6 +29,7 @@ SEND = [
     str(EXAMPLES / "reminder.txt"),
     "--subject",
     "Reminder: {{ course }}",
+    "--yes",  # off a terminal nothing is sent without it
 ]
 LONG = "ada.lovelace.the.countess.of.lovelace@analytical-engine.example.edu"
 
@@ -117,7 +118,9 @@ def test_off_a_terminal_nothing_is_wrapped_or_cut(tmp_path: Path) -> None:
     )
     store = tmp_path / ("deep-folder-name-" * 4) / "jobs.db"
     store.parent.mkdir()
-    sent = bulkmail("send-reminders", *args, "--subject", "Hi", "--store", str(store), env=narrow)
+    sent = bulkmail(
+        "send-reminders", *args, "--subject", "Hi", "--yes", "--store", str(store), env=narrow
+    )
     assert f"bulkmail: new job store at {store}\n" in sent.stderr
 
 

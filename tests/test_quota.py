@@ -419,6 +419,7 @@ def test_a_store_of_schema_3_is_upgraded(tmp_path: Path) -> None:
         db.execute("DROP INDEX ix_deliveries_provider_message_id")
         db.execute("DROP TABLE api_tokens")  # schema 6's
         db.execute("ALTER TABLE jobs DROP COLUMN created_by")
+        db.execute("ALTER TABLE jobs DROP COLUMN name")  # schema 7's
         db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     store = open_store(path, create=False)
     job = store.create_job(
@@ -430,6 +431,6 @@ def test_a_store_of_schema_3_is_upgraded(tmp_path: Path) -> None:
     record = store.get_job(job)
     assert (record.per_day, record.windows, record.tz) == (9, ("Mon 08:00-09:00",), "UTC")
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta").fetchone() == ("6",)
+        assert db.execute("SELECT value FROM meta").fetchone() == ("7",)
         assert db.execute("SELECT count(*) FROM sends").fetchone() == (0,)
     store.close()

@@ -29,13 +29,13 @@ if TYPE_CHECKING:
 
 events_app = typer.Typer(
     help="Delivery events (Mailtrap webhooks) recorded against deliveries.\n\n"
-    "Example: bulkmail events import events.jsonl",
+    "Example:\n\n\b\n  bulkmail events import events.jsonl",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
 suppress_app = typer.Typer(
     help="The suppression list: addresses every later job skips.\n\n"
-    "Example: bulkmail suppress add someone@example.edu --reason 'left the university'",
+    "Example:\n\n\b\n  bulkmail suppress add someone@example.edu --reason 'left the university'",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -93,8 +93,10 @@ def serve(
     BULKMAIL_MAILTRAP_WEBHOOK_SECRET) and serve the dashboard at / and its API at
     /api/bulk-email/ (log in with a token from `bulkmail serve token add`).
 
+    Example:
+
     \b
-    Example: bulkmail serve --source instructors=examples/instructors.csv --templates examples
+      bulkmail serve --source instructors=examples/instructors.csv --templates examples
     """
     if ctx.invoked_subcommand is not None:
         return  # `bulkmail serve token ...`
@@ -145,7 +147,11 @@ def import_(
     config: ConfigOpt = None,
 ) -> None:
     """Record Mailtrap events from a file (as a webhook would post them).
-    Example: bulkmail events import events.jsonl"""
+    Example:
+
+    \b
+      bulkmail events import events.jsonl
+    """
     from bulkmail import events
 
     db = open_store_for(store, load_config(config))
@@ -186,7 +192,13 @@ def bounces(
     config: ConfigOpt = None,
 ) -> None:
     """Record RFC 3464 bounces from a Maildir or an IMAP mailbox; a second run adds
-    nothing.  Example: bulkmail bounces --maildir ~/Maildir/.bounces"""
+    nothing.
+
+    Example:
+
+    \b
+      bulkmail bounces --maildir ~/Maildir/.bounces
+    """
     from bulkmail import bounces as core
 
     if (maildir is None) == (imap is None):
@@ -239,7 +251,13 @@ def _suppression_doc(s: Suppression) -> dict[str, Any]:
 def suppress_list(
     as_json: JsonOpt = False, store: StoreOpt = None, config: ConfigOpt = None
 ) -> None:
-    """List suppressed addresses and why.  Example: bulkmail suppress list --json"""
+    """List suppressed addresses and why.
+
+    Example:
+
+    \b
+      bulkmail suppress list --json
+    """
     from bulkmail import ui
 
     db = open_store_for(store, load_config(config))
@@ -266,7 +284,13 @@ def suppress_add(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Suppress an address for every later job.  Example: bulkmail suppress add a@b.edu"""
+    """Suppress an address for every later job.
+
+    Example:
+
+    \b
+      bulkmail suppress add a@b.edu
+    """
     text = address.strip()
     if "@" not in text or any(c.isspace() for c in text):
         raise InputError(f"{address!r}: not an email address")
@@ -297,7 +321,13 @@ def suppress_remove(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Take an address off the suppression list.  Example: bulkmail suppress remove a@b.edu"""
+    """Take an address off the suppression list.
+
+    Example:
+
+    \b
+      bulkmail suppress remove a@b.edu
+    """
     db = open_store_for(store, load_config(config))
     try:
         removed = db.remove_suppression(address)

@@ -670,7 +670,11 @@ def run_due(
     """Start a background worker for every job whose time has come and that no live worker
     holds (scheduled with --not-before passed, queued, or stalled). For cron or a systemd
     timer: quiet when nothing is due, safe every minute and from several hosts.
-    Example (crontab): * * * * * bulkmail run-due --store /srv/bulkmail/jobs.db"""
+    Example (a crontab line runs it every minute):
+
+    \b
+      bulkmail run-due --store /srv/bulkmail/jobs.db
+    """
     from bulkmail import jobs
 
     env = environment()
@@ -716,7 +720,13 @@ def check(
 ) -> None:
     """Prove the provider can send, in seconds, sending nothing: SMTP connect, greeting,
     TLS and login; Mailtrap the token; outbox the folder. Exit 3 naming host, port and what
-    went wrong, 2 for bad settings.  Example: bulkmail check --timeout 5"""
+    went wrong, 2 for bad settings.
+
+    Example:
+
+    \b
+      bulkmail check --timeout 5
+    """
     from bulkmail import jobs
 
     checked = jobs.check(load_config(config), provider, timeout=timeout)

@@ -89,7 +89,11 @@ def history(
     config: ConfigOpt = None,
 ) -> None:
     """Every delivery to an address across jobs: job, name, dedupe key, state, time.
-    Example: bulkmail history ada@example.edu"""
+    Example:
+
+    \b
+      bulkmail history ada@example.edu
+    """
     from bulkmail import ui, views
 
     docs = views.history_documents(open_reader_for(store, config).history(address))

@@ -50,7 +50,7 @@ def add(
     config: ConfigOpt = None,
 ) -> None:
     """Make a token and print it once (only its hash is kept).
-    Example: bulkmail token add office --role sender"""
+    Example: bulkmail serve token add office --role sender"""
     from bulkmail.web.auth import add_token
 
     settings = load_config(config)
@@ -73,7 +73,7 @@ def remove(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Revoke a token (its page sessions end too).  Example: bulkmail token remove office"""
+    """Revoke a token (its page sessions end too).  Example: bulkmail serve token remove office"""
     from bulkmail.web.auth import remove_token
 
     remove_token(open_store_for(store, load_config(config)), name)
@@ -83,7 +83,7 @@ def remove(
 @tokens.command("list")
 @handles_errors
 def list_(as_json: JsonOpt = False, store: StoreOpt = None, config: ConfigOpt = None) -> None:
-    """List the tokens' names and roles (never the tokens).  Example: bulkmail token list"""
+    """List the tokens' names and roles (never the tokens).  Example: bulkmail serve token list"""
     from bulkmail.views import iso
     from bulkmail.web.auth import list_tokens
 
