@@ -697,7 +697,7 @@ def prepare_retry(store: JobStore, job_id: int, *, now: float | None = None) -> 
     """Put the job's failed deliveries back to pending and return how many, for ``retry``
     to run the job. A job a live worker runs is refused (JobStateError, exit 2); a
     completed job without failures has nothing to retry (exit 0)."""
-    from bulkmail.views import effective_state
+    from bulkmail.documents import effective_state
 
     view = store.view(job_id)
     if effective_state(view, now=time.time() if now is None else now) == JobState.RUNNING:
@@ -743,7 +743,7 @@ def run_due(
     no live worker holds. Safe to run every minute from several hosts: the worker
     registers exclusively, so of two started at once on one job the second is refused,
     and that job is skipped here, not reported."""
-    from bulkmail.views import effective_state
+    from bulkmail.documents import effective_state
 
     at = time.time() if now is None else now
     launch = start or (lambda job_id: start_detached(store, job_id, config=config))

@@ -38,8 +38,8 @@ from typing import Literal
 
 from bulkmail.compose import Composer, Templates
 from bulkmail.errors import BulkmailError, ExitCode, StoreError, Terminated, exit_code_for
+from bulkmail.liveness import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, this_host_id, worker_alive
 from bulkmail.models import Message, Recipient
-from bulkmail.procs import HEARTBEAT_INTERVAL, STALE_AFTER, this_host, this_host_id, worker_alive
 from bulkmail.providers.base import (
     BatchProvider,
     FatalError,

@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from bulkmail.views import (
+from bulkmail.documents import (
     BounceDocument,
     FailureDocument,
     HistoryDocument,
@@ -665,8 +665,8 @@ def empty_values_note(summary: DryRun) -> str:
 def calendar_document(cal: Calendar) -> dict[str, object]:
     """The calendar in JSON: per local day how many go out, when the first and the last
     go (ISO UTC) and how many would expire at --not-after."""
+    from bulkmail.documents import iso
     from bulkmail.schedule import zone_name
-    from bulkmail.views import iso
 
     return {
         "tz": zone_name(cal.tz),

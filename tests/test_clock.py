@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bulkmail.procs import worker_alive
+from bulkmail.liveness import worker_alive
 from bulkmail.ratelimit import RateLimiter
 from bulkmail.store import Store, open_store
 from tests.smtp_sink import start_sink_process

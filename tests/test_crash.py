@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bulkmail.procs import pid_running
+from bulkmail.liveness import pid_running
 from tests.e2e import process_env, write_recipients
 from tests.smtp_sink import SinkProcess, start_sink_process
 

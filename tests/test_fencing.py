@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from bulkmail.liveness import on_this_host, this_host, this_host_id, worker_alive
 from bulkmail.manager import EmailManager
-from bulkmail.procs import on_this_host, this_host, this_host_id, worker_alive
 from bulkmail.providers.base import Provider
 from bulkmail.store import Claimed, JobRecord, Outcome, Store, WorkerRecord, open_store
 from bulkmail.store.schema import SCHEMA_VERSION, schema_version

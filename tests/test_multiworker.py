@@ -25,7 +25,7 @@ import pytest
 
 from bulkmail import jobs
 from bulkmail.config import Settings, SmtpSettings
-from bulkmail.procs import pid_running, this_host
+from bulkmail.liveness import pid_running, this_host
 from bulkmail.store import Store, open_store
 from tests.e2e import process_env, write_recipients
 from tests.smtp_sink import SinkProcess, start_sink_process

@@ -21,7 +21,7 @@ from bulkmail.errors import (
     exit_code_for,
     exit_code_of,
 )
-from bulkmail.procs import this_host
+from bulkmail.liveness import this_host
 from bulkmail.store import Counts, Store, open_store
 
 

@@ -23,11 +23,11 @@ from werkzeug import Request, Response
 
 from bulkmail import jobs
 from bulkmail.config import MailtrapSettings, Settings
+from bulkmail.documents import job_document
 from bulkmail.errors import ExitCode
 from bulkmail.manager import EmailManager, Event
 from bulkmail.store import Store, open_store
 from bulkmail.store.records import ClaimedBatch, NewDelivery, NewJob, Stop, Wait
-from bulkmail.views import job_document
 from tests.e2e import bulkmail
 from tests.smtp_sink import SmtpSink, free_port
 from tests.test_manager import FakeClock, settings_for

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bulkmail.store import Claimed, Outcome, open_reader, open_store
-from bulkmail.store.lite import LiteReader, NoStore
+from bulkmail.store.readonly import LiteReader, NoStore
 from bulkmail.store.records import SCHEMA_VERSION
 from tests.test_store import new_job, people, start
 
@@ -87,8 +87,8 @@ def test_report_cells_cannot_run_as_spreadsheet_formulas(tmp_path: Path) -> None
     import csv
     import io
 
+    from bulkmail.documents import write_report
     from bulkmail.store import NewDelivery
-    from bulkmail.views import write_report
 
     store = open_store(tmp_path / "jobs.db")
     rows = [

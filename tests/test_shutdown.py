@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from bulkmail import jobs, views
+from bulkmail import documents, jobs
 from bulkmail.config import Settings, SmtpSettings
 from bulkmail.errors import ExitCode, Terminated, exit_code_for, exit_code_of
+from bulkmail.liveness import this_host
 from bulkmail.manager import EmailManager
-from bulkmail.procs import this_host
 from bulkmail.store import Claimed, Counts, JobState, Outcome, Store, open_store
 from tests.e2e import process_env, write_recipients
 from tests.smtp_sink import SinkProcess, free_port, start_sink_process
@@ -133,7 +133,7 @@ def test_a_stalled_jobs_messages_in_flight_are_in_doubt_before_any_resume(
     for _ in range(2):
         assert isinstance(store.claim(job_id, "w1", now=100.0), Claimed)
     # w1 heart-beats (this process runs): running, its two messages in flight are pending
-    doc = views.job_document(store.view(job_id), now=101.0)
+    doc = documents.job_document(store.view(job_id), now=101.0)
     assert (doc["state"], doc["pending"], doc["sending"], doc["in_doubt"]) == (
         "running",
         4,
@@ -141,7 +141,7 @@ def test_a_stalled_jobs_messages_in_flight_are_in_doubt_before_any_resume(
         0,
     )
     # its heartbeat is stale: stalled, the two may have been delivered
-    doc = views.job_document(store.view(job_id), now=1000.0)
+    doc = documents.job_document(store.view(job_id), now=1000.0)
     assert (doc["state"], doc["pending"], doc["sending"], doc["in_doubt"]) == (
         "stalled",
         2,
@@ -149,13 +149,13 @@ def test_a_stalled_jobs_messages_in_flight_are_in_doubt_before_any_resume(
         2,
     )
     # a run that ended without recording it (a store error) is gone too: stalled
-    doc = views.job_document(store.view(job_id), now=101.0, gone=["w1"])
+    doc = documents.job_document(store.view(job_id), now=101.0, gone=["w1"])
     assert (doc["state"], doc["in_doubt"]) == ("stalled", 2)
     # resumed: they are marked in doubt (counted once, even when in flight once more)
     store.register_worker(job_id, worker_id="w2", host="h", pid=1, now=2000.0, alive=never_alive)
     assert store.counts(job_id).in_doubt == 2
     store.claim(job_id, "w2", now=2000.0)
-    doc = views.job_document(store.view(job_id), now=9000.0)
+    doc = documents.job_document(store.view(job_id), now=9000.0)
     assert (doc["state"], doc["sending"], doc["in_doubt"]) == ("stalled", 1, 2)
 
 

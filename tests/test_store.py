@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bulkmail.errors import StoreError
-from bulkmail.procs import STALE_AFTER, worker_alive
+from bulkmail.liveness import STALE_AFTER, worker_alive
 from bulkmail.store import JobStore, NewDelivery, NewJob, WorkerRecord, open_store
 
 

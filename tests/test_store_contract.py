@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from bulkmail.errors import InputError, JobNotFound, JobStateError, StoreError
-from bulkmail.procs import STALE_AFTER
+from bulkmail.liveness import STALE_AFTER
 from bulkmail.store import (
     Claimed,
     DeliveryState,
@@ -37,7 +37,7 @@ from bulkmail.store import (
     open_store,
 )
 from bulkmail.store import schema as schema_module
-from bulkmail.store.lite import LiteReader
+from bulkmail.store.readonly import LiteReader
 from bulkmail.store.schema import schema_version
 from tests.test_store import alive_at, always_alive, join, never_alive, new_job, people, start
 

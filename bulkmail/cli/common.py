@@ -372,7 +372,7 @@ def open_reader_for(
     light read-only reader that never imports SQLAlchemy. It creates nothing: a missing
     store is exit 2 naming the path (``NoJobStore``), or an empty ``NoStore`` when
     ``missing_ok`` (send-reminders reading the history of a store it may create)."""
-    from bulkmail.store.lite import open_reader
+    from bulkmail.store.readonly import open_reader
 
     if not store:
         from bulkmail.config import load_settings

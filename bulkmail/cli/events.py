@@ -233,8 +233,8 @@ def bounces(
 
 
 def _suppression_doc(s: Suppression) -> dict[str, Any]:
+    from bulkmail.documents import iso
     from bulkmail.store.records import suppression_reason
-    from bulkmail.views import iso
 
     return {
         "email": s.email,

@@ -54,7 +54,7 @@ def _run_job(
     workers: int = 1,
 ) -> None:
     """Run (or detach) a job and report the outcome with its exit code."""
-    from bulkmail import jobs, ui, views
+    from bulkmail import documents, jobs, ui
 
     job = store.get_job(job_id)
     if job.state == "scheduled" and not detach:
@@ -64,7 +64,7 @@ def _run_job(
         when = job.not_before or time.time()
         local = datetime.fromtimestamp(when, parse_zone(job.tz))
         if as_json:
-            print_json(views.job_document(store.view(job_id)))
+            print_json(documents.job_document(store.view(job_id)))
         else:
             env.stdout.print(
                 f"job {job_id} scheduled for {local:%Y-%m-%d %H:%M} {local.tzname()}; "
@@ -83,7 +83,7 @@ def _run_job(
         ]
         pids = ", ".join(str(s.pid) for s in started)
         if as_json:
-            doc = views.job_document(store.view(job_id))
+            doc = documents.job_document(store.view(job_id))
             doc["worker_pid"], doc["log_path"] = started[0].pid, started[0].log_path
             print_json(doc)
         else:
@@ -115,7 +115,7 @@ def _run_job(
     # a run that could not record its end (a store error) left the job `running` under
     # this very process: the summary says stalled, as the run's own line does
     gone = [mgr.worker_id] if result.state == "stalled" else []
-    doc = views.job_document(store.view(job_id), gone=gone)
+    doc = documents.job_document(store.view(job_id), gone=gone)
     if as_json:
         print_json(doc)
     else:
@@ -127,10 +127,10 @@ def _run_job(
 
 def _nothing_to_do(env: Environment, nothing: NothingToDo, *, as_json: bool) -> None:
     """Report a job a command found nothing to run in: its document or the line why."""
-    from bulkmail import views
+    from bulkmail import documents
 
     if as_json:
-        print_json(views.job_document(nothing.view))
+        print_json(documents.job_document(nothing.view))
     else:
         env.stdout.print(nothing.message, markup=False)
     raise typer.Exit(int(nothing.exit_code))
@@ -359,7 +359,7 @@ def send_reminders(
         --template examples/reminder.txt --subject "Reminder: {{ course }}" --yes
     """
     from bulkmail import jobs, ui
-    from bulkmail.store.lite import NoStore
+    from bulkmail.store.readonly import NoStore
 
     env = environment()
     settings = load_config(config)
@@ -527,15 +527,15 @@ def cancel(
     \b
       bulkmail cancel 3
     """
-    from bulkmail.procs import this_host, worker_alive
+    from bulkmail.liveness import this_host, worker_alive
 
     now, host = time.time(), this_host()
     db = open_store_for(store, load_config(config))
     count = db.cancel(job_id, now=now, alive=lambda w: worker_alive(w, now=now, host=host))
     if as_json:
-        from bulkmail import views
+        from bulkmail import documents
 
-        print_json(views.job_document(db.view(job_id)))
+        print_json(documents.job_document(db.view(job_id)))
         return
     environment().stdout.print(
         f"job {job_id} cancelled: {count} pending deliveries will not be sent",

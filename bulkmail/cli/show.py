@@ -51,19 +51,19 @@ def status(
     \b
       bulkmail status 1 --failed
     """
-    from bulkmail import ui, views
+    from bulkmail import documents, ui
 
     env = environment()
     db = open_reader_for(store, config)
-    doc = views.job_document(db.view(job_id))
+    doc = documents.job_document(db.view(job_id))
     if watch:
         doc = ui.watch(env.stderr, lambda: db.view(job_id), live=env.stderr_is_terminal)
     if failed:
-        doc["failures"] = views.failures(db, job_id)
+        doc["failures"] = documents.failures(db, job_id)
     if skipped:
-        doc["skips"] = views.skips(db, job_id)
+        doc["skips"] = documents.skips(db, job_id)
     if bounced:
-        doc["bounces"] = views.bounces(db, job_id)
+        doc["bounces"] = documents.bounces(db, job_id)
     if as_json:
         print_json(doc)
         return
@@ -94,9 +94,9 @@ def history(
     \b
       bulkmail history ada@example.edu
     """
-    from bulkmail import ui, views
+    from bulkmail import documents, ui
 
-    docs = views.history_documents(open_reader_for(store, config).history(address))
+    docs = documents.history_documents(open_reader_for(store, config).history(address))
     out = environment().stdout
     if as_json:
         print_json(docs)
@@ -121,9 +121,9 @@ def recent(
     \b
       bulkmail recent --limit 5
     """
-    from bulkmail import ui, views
+    from bulkmail import documents, ui
 
-    docs = [views.job_document(v) for v in open_reader_for(store, config).recent(limit)]
+    docs = [documents.job_document(v) for v in open_reader_for(store, config).recent(limit)]
     out = environment().stdout
     if as_json:
         print_json(docs)
@@ -155,18 +155,18 @@ def report(
     \b
       bulkmail report 3 --output job3.csv
     """
-    from bulkmail import views
+    from bulkmail import documents
 
     env = environment()
     db = open_reader_for(store, config)
     if as_json:
         if output is not None:
             raise InputError("--json prints on stdout: leave out --output")
-        print_json(views.report_rows(db, job_id))
+        print_json(documents.report_rows(db, job_id))
         return
     if output is None:
         try:
-            views.write_report(db, job_id, env.stdout.file)
+            documents.write_report(db, job_id, env.stdout.file)
             env.stdout.file.flush()
         except BrokenPipeError:
             raise  # `bulkmail report 1 | head`: click exits quietly
@@ -176,7 +176,7 @@ def report(
     db.get_job(job_id)  # an unknown job is exit 2 before an empty file is left behind
     try:
         with _private_file(output) as f:
-            rows = views.write_report(db, job_id, f)
+            rows = documents.write_report(db, job_id, f)
     except OSError as exc:
         raise InputError(f"{output}: cannot write: {exc.strerror}") from None
     noun = "row" if rows == 1 else "rows"

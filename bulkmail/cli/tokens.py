@@ -84,7 +84,7 @@ def remove(
 @handles_errors
 def list_(as_json: JsonOpt = False, store: StoreOpt = None, config: ConfigOpt = None) -> None:
     """List the tokens' names and roles (never the tokens).  Example: bulkmail serve token list"""
-    from bulkmail.views import iso
+    from bulkmail.documents import iso
     from bulkmail.web.auth import list_tokens
 
     records = list_tokens(open_store_for(store, load_config(config)))

@@ -11,7 +11,7 @@
 - :mod:`bulkmail.store.engine`: opening a SQLite file (checks, WAL) or a PostgreSQL server.
 - :mod:`bulkmail.store.sql`: the store itself on SQLAlchemy 2 Core (SQLite or PostgreSQL):
   all writes, the send loop's claims and outcomes, workers, the rate-limit rows.
-- :mod:`bulkmail.store.lite`: a read-only SQLite reader for ``status``, ``recent`` and
+- :mod:`bulkmail.store.readonly`: a read-only SQLite reader for ``status``, ``recent`` and
   ``report``, so those commands start without importing SQLAlchemy.
 
 The records and the contract are imported from here directly; ``Store``, ``open_store`` and
@@ -27,7 +27,7 @@ from bulkmail.store.records import *  # noqa: F403
 from bulkmail.store.records import __all__ as _records
 
 if TYPE_CHECKING:
-    from bulkmail.store.lite import open_reader as open_reader
+    from bulkmail.store.readonly import open_reader as open_reader
     from bulkmail.store.schema import MIGRATIONS as MIGRATIONS
     from bulkmail.store.schema import deliveries as deliveries
     from bulkmail.store.schema import jobs as jobs
@@ -48,7 +48,7 @@ _LAZY = {
     "open_store": "sql",
     "rate_buckets": "schema",
     "workers": "schema",
-    "open_reader": "lite",
+    "open_reader": "readonly",
 }
 
 __all__ = ["JobStore", "StoreReader", *_records, *_LAZY]

@@ -1,7 +1,7 @@
 """The job store's contract: what every backend guarantees, as typed Protocols.
 
 ``StoreReader`` is the read subset (``status``, ``recent``, ``report``), served by the full
-store and by the light SQLite reader of :mod:`bulkmail.store.lite`. ``JobStore`` is the whole
+store and by the light SQLite reader of :mod:`bulkmail.store.readonly`. ``JobStore`` is the whole
 store the send loop, the jobs and the commands are typed against; :class:`bulkmail.store.sql.
 Store` implements it on SQLite and PostgreSQL, and ``tests/test_store_contract.py`` is the
 one test suite every backend passes.

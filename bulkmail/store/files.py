@@ -7,7 +7,7 @@ without tables is not one bulkmail made (a new store appears at its path whole, 
 :mod:`bulkmail.store.engine`), and a database with other tables is someone else's: all
 three are refused, not silently made a new, empty store whose dedupe history would be gone.
 
-Standard library only (``sqlite3``): the light reader of :mod:`bulkmail.store.lite` uses it
+Standard library only (``sqlite3``): the light reader of :mod:`bulkmail.store.readonly` uses it
 without importing SQLAlchemy.
 """
 

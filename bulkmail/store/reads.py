@@ -3,7 +3,7 @@
 ``StoreReads`` implements every read that ``status``, ``recent`` and ``report`` need on top
 of one primitive, ``_reading()``: a read transaction that runs SQL with ``:name`` parameters.
 The SQLAlchemy store (:mod:`bulkmail.store.sql`) and the light SQLite reader
-(:mod:`bulkmail.store.lite`) both provide it, so the queries exist only here.
+(:mod:`bulkmail.store.readonly`) both provide it, so the queries exist only here.
 
 The store's writes use the same definitions inside their own transactions: the job read
 (with its ``FOR UPDATE`` variant), the worker read (all, or only those not stopped) and the

@@ -1,7 +1,7 @@
 """The job store's plain records, shared by every backend and by the views.
 
 Nothing here imports SQLAlchemy: ``bulkmail status`` and ``bulkmail recent`` read a SQLite
-store through :mod:`bulkmail.store.lite` without paying for it.
+store through :mod:`bulkmail.store.readonly` without paying for it.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class JobState(StrEnum):
     ``running -> paused`` (Ctrl-C, too many transient failures), ``running -> aborted``
     (fatal provider error), ``* -> cancelled``. ``paused``
     and ``aborted`` jobs resume. ``STALLED`` is never stored: it is how a ``running`` job
-    whose workers are all gone is shown (``views.effective_state``).
+    whose workers are all gone is shown (``documents.effective_state``).
     """
 
     CREATING = "creating"
@@ -210,7 +210,7 @@ class WorkerRecord:
     heartbeat_at: float
     stopped_at: float | None
     sent: int
-    # who "this host" is for pid checks (``procs.this_host_id``); None: an older bulkmail's
+    # who "this host" is for pid checks (``liveness.this_host_id``); None: an older bulkmail's
     host_id: str | None = None
     # the store's time when it read this record to judge it (the database's clock on
     # PostgreSQL); None from plain reads. Liveness measures the heartbeat's age against it.

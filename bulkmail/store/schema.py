@@ -108,7 +108,7 @@ workers = sa.Table(
     sa.Column("heartbeat_at", sa.Float, nullable=False),
     sa.Column("stopped_at", sa.Float, nullable=True),
     sa.Column("sent", sa.Integer, nullable=False, default=0),
-    # machine + boot + pid namespace (procs.this_host_id): a pid is judged only on its host
+    # machine + boot + pid namespace (liveness.this_host_id): a pid is judged only on its host
     sa.Column("host_id", sa.String(64), nullable=True),
 )
 

@@ -602,7 +602,7 @@ class Store(StoreReads):
         read_at: float | None = None,
     ) -> list[WorkerRecord]:
         """The job's workers; ``read_at``: the store's time of this read, which liveness
-        then measures their heartbeats against (``procs.worker_alive``)."""
+        then measures their heartbeats against (``liveness.worker_alive``)."""
         found = read_workers(_query(conn), job_id, live_only=live_only)
         if read_at is None:
             return found

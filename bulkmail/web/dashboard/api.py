@@ -1,5 +1,5 @@
 """The HTTP API, JSON under ``/api/bulk-email/``: every answer in the shape of the CLI's
-``--json`` (``bulkmail.views.job_document``); errors as ``{"error": "one line"}`` with the
+``--json`` (``bulkmail.documents.job_document``); errors as ``{"error": "one line"}`` with the
 CLI's messages (400 bad input, 401/403 permissions, 404 unknown job, 409 the job's state
 forbids it, 413 body too large). Described in ``openapi.json`` (``bulkmail.web.dashboard.
 openapi``)."""
@@ -146,10 +146,10 @@ def retry(job_id: int) -> Any:
 @blueprint.get(f"{PREFIX}/jobs/<int:job_id>/report")
 @api("viewer")
 def report(job_id: int) -> Any:
-    from bulkmail import views
+    from bulkmail import documents
 
     out = io.StringIO()
-    views.write_report(config().store, job_id, out)
+    documents.write_report(config().store, job_id, out)
     return Response(
         out.getvalue(),
         mimetype="text/csv",

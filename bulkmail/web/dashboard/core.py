@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bulkmail import jobs, views
+from bulkmail import documents, jobs
 from bulkmail.config import Settings, load_settings
 from bulkmail.errors import BulkmailError, InputError
 from bulkmail.jobs import Plan, SendOptions, SourceOptions
@@ -238,7 +238,7 @@ def _checked_summary(store: JobStore, plan: Plan) -> jobs.DryRun:
 @dataclass(frozen=True)
 class Started:
     job_id: int
-    document: views.JobDocument
+    document: documents.JobDocument
 
 
 def send(cfg: DashboardConfig, form: Form, upload: Upload | None, who: Identity) -> Started:
@@ -251,9 +251,9 @@ def send(cfg: DashboardConfig, form: Form, upload: Upload | None, who: Identity)
     return Started(job_id, _detached_document(cfg.store, started))
 
 
-def _detached_document(store: JobStore, started: jobs.Detached) -> views.JobDocument:
+def _detached_document(store: JobStore, started: jobs.Detached) -> documents.JobDocument:
     """As ``send-reminders --detach --json`` prints it."""
-    doc = views.job_document(store.view(started.job_id))
+    doc = documents.job_document(store.view(started.job_id))
     doc["worker_pid"], doc["log_path"] = started.pid, started.log_path
     return doc
 
@@ -333,38 +333,38 @@ def preview(cfg: DashboardConfig, form: Form, upload: Upload | None) -> dict[str
     }
 
 
-def status(store: JobStore, job_id: int, *, failed: bool = False) -> views.JobDocument:
+def status(store: JobStore, job_id: int, *, failed: bool = False) -> documents.JobDocument:
     """``status --json`` (``--failed``: with the failures, the last one last)."""
-    doc = views.job_document(store.view(job_id))
+    doc = documents.job_document(store.view(job_id))
     if failed:
-        doc["failures"] = views.failures(store, job_id)
+        doc["failures"] = documents.failures(store, job_id)
     return doc
 
 
-def recent(store: JobStore, limit: int) -> list[views.JobDocument]:
-    return [views.job_document(v) for v in store.recent(limit)]
+def recent(store: JobStore, limit: int) -> list[documents.JobDocument]:
+    return [documents.job_document(v) for v in store.recent(limit)]
 
 
-def cancel(store: JobStore, job_id: int) -> views.JobDocument:
-    from bulkmail.procs import this_host, worker_alive
+def cancel(store: JobStore, job_id: int) -> documents.JobDocument:
+    from bulkmail.liveness import this_host, worker_alive
 
     now, host = time.time(), this_host()
     store.cancel(job_id, now=now, alive=lambda w: worker_alive(w, now=now, host=host))
-    return views.job_document(store.view(job_id))
+    return documents.job_document(store.view(job_id))
 
 
-def resume(cfg: DashboardConfig, job_id: int) -> tuple[bool, views.JobDocument]:
+def resume(cfg: DashboardConfig, job_id: int) -> tuple[bool, documents.JobDocument]:
     """(started, document): a finished job has nothing to resume (its document as is)."""
     nothing = jobs.check_resume(cfg.store, job_id)
     if nothing is not None:
-        return False, views.job_document(nothing.view)
+        return False, documents.job_document(nothing.view)
     started = jobs.start_detached(cfg.store, job_id, config=cfg.config_path)
     return True, _detached_document(cfg.store, started)
 
 
-def retry(cfg: DashboardConfig, job_id: int) -> tuple[bool, views.JobDocument]:
+def retry(cfg: DashboardConfig, job_id: int) -> tuple[bool, documents.JobDocument]:
     count = jobs.prepare_retry(cfg.store, job_id)
     if not isinstance(count, int):
-        return False, views.job_document(count.view)
+        return False, documents.job_document(count.view)
     started = jobs.start_detached(cfg.store, job_id, config=cfg.config_path)
     return True, _detached_document(cfg.store, started)

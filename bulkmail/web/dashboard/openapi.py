@@ -1,5 +1,5 @@
 """The OpenAPI 3.1 description of the HTTP API, built from the same types the answers are
-made of (``views.JobDocument``): a key added to the job document appears here too."""
+made of (``documents.JobDocument``): a key added to the job document appears here too."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Any
 
-from bulkmail import __version__, views
+from bulkmail import __version__, documents
 
 _JSON_TYPES: dict[Any, str] = {
     int: "integer",
@@ -114,7 +114,7 @@ def document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "JobDocument": _typeddict(views.JobDocument),
+                "JobDocument": _typeddict(documents.JobDocument),
                 "Error": {
                     "type": "object",
                     "required": ["error"],

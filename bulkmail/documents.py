@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import IO, NotRequired, TypedDict
 
-from bulkmail.procs import STALE_AFTER, this_host, worker_alive
+from bulkmail.liveness import STALE_AFTER, this_host, worker_alive
 from bulkmail.store.contract import StoreReader
 from bulkmail.store.records import (
     HARD_BOUNCES,

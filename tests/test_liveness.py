@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-from bulkmail.procs import STALE_AFTER, pid_running, this_host, worker_alive
+from bulkmail.documents import effective_state
+from bulkmail.liveness import STALE_AFTER, pid_running, this_host, worker_alive
 from bulkmail.store import Counts, JobView, WorkerRecord
-from bulkmail.views import effective_state
 from tests.test_store import new_job
 
 NOW = 1_800_000_000.0
