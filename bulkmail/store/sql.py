@@ -66,6 +66,7 @@ from bulkmail.store.records import (
     Claimed,
     ClaimedBatch,
     ClaimResult,
+    DeliveryRecord,
     DeliveryState,
     EventKind,
     EventSummary,
@@ -153,24 +154,9 @@ def _stmt_claim_context() -> sa.Select[Any]:
 
 
 @functools.cache
-def _stmt_next_due_row() -> sa.Select[Any]:
-    return (
-        sa.select(deliveries)
-        .where(
-            deliveries.c.job_id == sa.bindparam("b_job"),
-            deliveries.c.state == _PENDING,
-            deliveries.c.next_attempt_at <= sa.bindparam("b_now"),
-        )
-        .order_by(deliveries.c.next_attempt_at, deliveries.c.position)
-        .limit(1)
-        # other workers' claims in progress are skipped, not waited for (PostgreSQL)
-        .with_for_update(skip_locked=True)
-    )
-
-
-@functools.cache
 def _stmt_next_due_rows() -> sa.Select[Any]:
-    """Up to ``b_limit`` due pending rows in claim order (``_stmt_next_due_row``'s)."""
+    """Up to ``b_limit`` due pending rows in claim order; other workers' claims in progress
+    are skipped, not waited for (PostgreSQL)."""
     return (
         sa.select(deliveries)
         .where(
@@ -870,47 +856,8 @@ class Store(StoreReads):
         with self._write() as conn:
             if settle is not None:
                 self._settle(conn, settle, worker_id)
-            job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
-            state, dedupe_key, stopped_at, account, per_hour, per_day, waiting = job.one()
-            if state != JobState.RUNNING:
-                return Stop(str(state))
-            if stopped_at is not None:
-                # other workers took this one for gone (its heartbeat had gone stale) and
-                # took over its deliveries: it must not claim more
-                return Stop(WORKER_STOPPED)
-            # the account's time: the database's clock on PostgreSQL (every host counts the
-            # caps on one clock), the caller's on SQLite
-            at = self._time(conn, None if self.server else now)
-            held = self._account_hold(conn, account, per_hour, per_day, at)
-            if held is not None:
-                return held
-            while True:
-                row = conn.execute(_stmt_next_due_row(), {"b_job": job_id, "b_now": now}).first()
-                if row is None:
-                    break
-                values = row._asdict()
-                if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
-                    continue  # skipped: another job under the key sent it or is sending it
-                attempts = values["attempts"] + 1
-                conn.execute(
-                    _stmt_mark_sending(),
-                    {"b_id": values["id"], "b_attempts": attempts, "b_worker": worker_id},
-                )
-                values.update(state=_SENDING, attempts=attempts, worker_id=worker_id)
-                # the caps count this message from now on, whatever becomes of it
-                conn.execute(_stmt_send_log(), {"b_account": account, "b_at": at})
-                conn.execute(_stmt_send_prune(), {"b_account": account, "b_before": at - DAY})
-                if waiting is not None:
-                    conn.execute(
-                        jobs.update()
-                        .where(jobs.c.id == job_id)
-                        .values(waiting_for=None, waiting_until=None)
-                    )
-                return Claimed(delivery_from_row(values))
-            due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
-            if due is not None:
-                return Wait(max(0.0, float(due) - now))
-            return Stop(JobState.RUNNING, finished=True)
+            got = self._claim_due(conn, job_id, worker_id, now=now, limit=1)
+        return Claimed(got[0]) if isinstance(got, list) else got
 
     def _account_hold(
         self,
@@ -1088,61 +1035,73 @@ class Store(StoreReads):
         with self._write() as conn:
             if settle:
                 self._settle_many(conn, settle, worker_id)
-            job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
-            state, dedupe_key, stopped_at, account, per_hour, per_day, waiting = job.one()
-            if state != JobState.RUNNING:
-                return Stop(str(state))
-            if stopped_at is not None:
-                return Stop(WORKER_STOPPED)
-            # the caps hold for a batch as for one message: never more claimed than the
-            # account's rolling hour and day have room for (see ``claim``)
-            at = self._time(conn, None if self.server else now)
-            held = self._account_hold(conn, account, per_hour, per_day, at)
-            if held is not None:
-                return held
+            got = self._claim_due(conn, job_id, worker_id, now=now, limit=limit)
+        return ClaimedBatch(tuple(got)) if isinstance(got, list) else got
+
+    def _claim_due(
+        self, conn: Connection, job_id: int, worker_id: str, *, now: float, limit: int
+    ) -> list[DeliveryRecord] | Wait | Stop:
+        """The claim, in the caller's write transaction: up to ``limit`` due pending
+        deliveries become ``sending`` under ``worker_id`` (attempt counted), never more
+        than the account's caps leave room for, each logged in the account's ``sends``; a
+        delivery another job under the dedupe key has sent or holds is skipped instead.
+        ``Stop`` when the job no longer runs or this worker was taken for gone; ``Wait``
+        when a cap, a throttling pause or the next retry holds it back."""
+        job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
+        state, dedupe_key, stopped_at, account, per_hour, per_day, waiting = job.one()
+        if state != JobState.RUNNING:
+            return Stop(str(state))
+        if stopped_at is not None:
+            # other workers took this one for gone (its heartbeat had gone stale) and took
+            # over its deliveries: it must not claim more
+            return Stop(WORKER_STOPPED)
+        # the account's time: the database's clock on PostgreSQL (every host counts the caps
+        # on one clock), the caller's on SQLite
+        at = self._time(conn, None if self.server else now)
+        held = self._account_hold(conn, account, per_hour, per_day, at)
+        if held is not None:
+            return held
+        if limit > 1 and (per_hour or per_day):  # (one message: _account_hold made room)
             limit = min(limit, self._cap_room(conn, account, per_hour, per_day, at))
-            claimed: list[dict[str, Any]] = []
-            while len(claimed) < limit:
-                wanted = limit - len(claimed)
-                rows = conn.execute(
-                    _stmt_next_due_rows(), {"b_job": job_id, "b_now": now, "b_limit": wanted}
-                ).all()
-                fresh: list[dict[str, Any]] = []
-                for row in rows:
-                    values = row._asdict()
-                    if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
-                        continue  # skipped: another job under the key sent it or is sending it
-                    values.update(
-                        state=_SENDING, attempts=values["attempts"] + 1, worker_id=worker_id
-                    )
-                    fresh.append(values)
-                if fresh:
-                    conn.execute(
-                        _stmt_mark_sending(),
-                        [
-                            {"b_id": v["id"], "b_attempts": v["attempts"], "b_worker": worker_id}
-                            for v in fresh
-                        ],
-                    )
-                    claimed.extend(fresh)
-                if len(rows) < wanted or len(fresh) == len(rows):
-                    break  # no more due, or all taken: the next select would find nothing new
-            if claimed:
+        claimed: list[dict[str, Any]] = []
+        while len(claimed) < limit:
+            wanted = limit - len(claimed)
+            rows = conn.execute(
+                _stmt_next_due_rows(), {"b_job": job_id, "b_now": now, "b_limit": wanted}
+            ).all()
+            fresh: list[dict[str, Any]] = []
+            for row in rows:
+                values = row._asdict()
+                if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
+                    continue  # skipped: another job under the key sent it or is sending it
+                values.update(state=_SENDING, attempts=values["attempts"] + 1, worker_id=worker_id)
+                fresh.append(values)
+            if fresh:
                 conn.execute(
-                    _stmt_send_log(), [{"b_account": account, "b_at": at} for _ in claimed]
+                    _stmt_mark_sending(),
+                    [
+                        {"b_id": v["id"], "b_attempts": v["attempts"], "b_worker": worker_id}
+                        for v in fresh
+                    ],
                 )
-                conn.execute(_stmt_send_prune(), {"b_account": account, "b_before": at - DAY})
-                if waiting is not None:
-                    conn.execute(
-                        jobs.update()
-                        .where(jobs.c.id == job_id)
-                        .values(waiting_for=None, waiting_until=None)
-                    )
-                return ClaimedBatch(tuple(delivery_from_row(v) for v in claimed))
-            due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
-            if due is not None:
-                return Wait(max(0.0, float(due) - now))
-            return Stop(JobState.RUNNING, finished=True)
+                claimed.extend(fresh)
+            if len(rows) < wanted or len(fresh) == len(rows):
+                break  # no more due, or all taken: the next select would find nothing new
+        if claimed:
+            # the caps count these messages from now on, whatever becomes of them
+            conn.execute(_stmt_send_log(), [{"b_account": account, "b_at": at} for _ in claimed])
+            conn.execute(_stmt_send_prune(), {"b_account": account, "b_before": at - DAY})
+            if waiting is not None:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(waiting_for=None, waiting_until=None)
+                )
+            return [delivery_from_row(v) for v in claimed]
+        due = conn.execute(_stmt_min_due(), {"b_job": job_id}).scalar()
+        if due is not None:
+            return Wait(max(0.0, float(due) - now))
+        return Stop(JobState.RUNNING, finished=True)
 
     def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
         """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
