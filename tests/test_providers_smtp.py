@@ -507,3 +507,45 @@ def test_auth_method_is_read_from_the_environment_and_not_recorded(tmp_path: Pat
     s = load_settings(env={"BULKMAIL_SMTP_AUTH_METHOD": "login"}, config=None).smtp
     assert s.auth_method == "login"
     assert "auth_method" not in public_settings(s)
+
+
+def test_a_verp_return_path_names_the_delivery_and_bounces_find_it(smtp_sink: SmtpSink) -> None:
+    """`[smtp] return_path = "bounces+{token}@example.edu"`: MAIL FROM names the delivery
+    (JOB.POSITION.TOKEN of its Message-ID), and `bulkmail bounces --return-path` reads a
+    DSN sent there back to that delivery, even with no returned headers. A message that is
+    not a delivery's (a --test-to message) keeps the sender's address."""
+    from bulkmail.bounces import events_of, parse_dsn, verp_pattern
+    from bulkmail.store.records import message_id, parse_message_id
+
+    template = "bounces+{token}@example.edu"
+    p = SmtpProvider(settings_for(smtp_sink, return_path=template))
+    try:
+        p.send(make_message(message_id=message_id(3, 7, "ab12cd34", "example.edu")))
+        p.send(make_message(n=2, message_id="<test.1f2e@example.edu>"))
+    finally:
+        p.close()
+    first, test = smtp_sink.messages
+    assert first.mail_from == "bounces+3.7.ab12cd34@example.edu"
+    assert test.mail_from == "office@example.edu"
+    dsn = (
+        b"From: MAILER-DAEMON@mx.example.org\r\nTo: bounces+3.7.ab12cd34@example.edu\r\n"
+        b"Subject: Undelivered Mail\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nIt bounced.\r\n"
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx\r\n\r\n"
+        b"Final-Recipient: rfc822; ada@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n\r\n--b--\r\n"
+    )
+    parsed = parse_dsn(dsn)
+    assert parsed is not None and parsed.original_message_id is None
+    [event] = events_of(parsed, "k1", verp=verp_pattern(template), now=1.0)
+    assert event.message_id is not None
+    assert parse_message_id(event.message_id) == (3, 7, "ab12cd34")
+    assert event.email == "ada@example.org" and "5.1.1" in (event.detail or "")
+
+
+def test_a_return_path_without_its_token_is_refused_before_any_job() -> None:
+    from bulkmail.providers.smtp import config_problem
+
+    problem = config_problem(SmtpSettings(host="mx", return_path="bounces@example.edu"))
+    assert problem is not None and "{token}" in problem

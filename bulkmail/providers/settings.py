@@ -90,6 +90,9 @@ class SmtpSettings:
     per_hour: int = account_cap()
     per_day: int = account_cap()
     auth_method: str = login_setting("auto")  # auto (PLAIN, else LOGIN), plain, login, cram-md5
+    # an opt-in VERP envelope sender, e.g. "bounces+{token}@example.edu": each message's
+    # bounce comes back to an address naming its delivery (``bulkmail bounces --return-path``)
+    return_path: str = ""
 
 
 @dataclass(frozen=True)

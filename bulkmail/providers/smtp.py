@@ -33,6 +33,7 @@ from bulkmail.providers.base import (
 )
 from bulkmail.providers.settings import SMTP_SECURITY, SmtpSettings
 from bulkmail.providers.tls import ca_file_problem, client_context, is_loopback, plaintext_problem
+from bulkmail.store.records import parse_message_id
 
 __all__ = ["SmtpFactory", "SmtpProvider", "check", "config_problem", "is_loopback"]
 
@@ -123,7 +124,8 @@ class SmtpProvider:
     def _transact(self, conn: smtplib.SMTP, message: Message, payload: bytes) -> str:
         step = "MAIL FROM"
         try:
-            code, resp = conn.mail(message.from_email, _mail_options(conn, message, payload))
+            sender = envelope_sender(self._settings.return_path, message)
+            code, resp = conn.mail(sender, _mail_options(conn, message, payload))
             if code != 250:
                 raise self._rejected(conn, code, resp, step)
             step = "RCPT TO"
@@ -299,6 +301,18 @@ class SmtpProvider:
         return TransientError(text, unreachable=True)
 
 
+def envelope_sender(return_path: str, message: Message) -> str:
+    """The MAIL FROM address: the sender's, or with a VERP ``return_path``
+    (``bounces+{token}@example.edu``) that address naming the delivery, JOB.POSITION.TOKEN
+    of its Message-ID, so a bounce finds it even without the returned headers. A message
+    that is not a delivery's (a --test-to message) keeps the sender's address."""
+    parsed = parse_message_id(message.message_id) if return_path else None
+    if parsed is None:
+        return message.from_email
+    job, position, token = parsed
+    return return_path.replace("{token}", f"{job}.{position}.{token}")
+
+
 def config_problem(s: SmtpSettings) -> str | None:
     """What makes these settings unusable before any connection is tried, or None (checked
     when a job is planned, so a bad setting never creates a job, and again at connect)."""
@@ -308,6 +322,11 @@ def config_problem(s: SmtpSettings) -> str | None:
         return f"SMTP port {s.port} is not a TCP port (1-65535): check BULKMAIL_SMTP_PORT"
     if not s.host.strip():
         return "no SMTP host: set BULKMAIL_SMTP_HOST or `host` under [smtp]"
+    if s.return_path and (s.return_path.count("{token}") != 1 or "@" not in s.return_path):
+        return (
+            f"SMTP return_path {s.return_path!r}: must be an address holding {{token}} once, "
+            "e.g. bounces+{token}@example.edu (BULKMAIL_SMTP_RETURN_PATH)"
+        )
     if s.auth_method.strip().lower() not in (*AUTH_METHODS, ""):
         return (
             f"unknown SMTP auth_method {s.auth_method!r}: use one of {', '.join(AUTH_METHODS)} "
