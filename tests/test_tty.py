@@ -42,7 +42,7 @@ class Terminal:
     def finish(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None:
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, f"still running after {timeout} s: {self.seen!r}"
             ready, _, _ = select.select([self.master], [], [], 0.1)
             if ready:
                 try:

@@ -9,6 +9,8 @@ is asked, all without a pseudo-terminal.
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +62,8 @@ class Environment:
     def confirm(self, question: str) -> bool:
         """Ask a yes/no question on stderr (default: no); the answer is read from stdin.
         Ctrl-C (or SIGTERM) while asking raises it (exit 130 or 143), not typer's Abort."""
+        if _real_terminal(sys.stdin):
+            return _ask_on_terminal(question)
         with _interrupt_passes():
             return typer.confirm(question, default=False, err=True)
 
@@ -115,3 +119,33 @@ def use(env: Environment) -> Iterator[Environment]:
         yield env
     finally:
         _installed = previous
+
+
+def _real_terminal(stream: object) -> bool:
+    try:
+        return os.isatty(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False  # a test's stream, a closed descriptor
+
+
+def _ask_on_terminal(question: str) -> bool:
+    """``question [y/N]:`` on stderr, the answer read from the terminal on stdin. The wait
+    is ``select`` with a short timeout, never a bare blocking read: a signal (Ctrl-C,
+    SIGTERM) that lands just before a read would otherwise only be acted on after the next
+    key press, as happens with ``input()``; here its handler runs within a quarter second
+    and the question ends with the interrupt (exit 130 or 143)."""
+    while True:
+        sys.stderr.write(f"{question} [y/N]: ")
+        sys.stderr.flush()
+        while not select.select([sys.stdin], [], [], 0.25)[0]:
+            pass  # the signal handlers run between two waits
+        line = sys.stdin.readline()
+        if not line:  # end of input: as typer does, nothing is confirmed
+            sys.stderr.write("\n")
+            raise typer.Abort()
+        answer = line.strip().lower()
+        if answer in ("y", "yes"):
+            return True
+        if answer in ("", "n", "no"):
+            return False
+        sys.stderr.write("Error: invalid input\n")
