@@ -716,13 +716,8 @@ def dry_run_view(summary: DryRun) -> Group:
         )
         parts.append(Text(f"empty values: {counts} (see --on-empty)", style="yellow"))
     if summary.refused:
-        table = Table(title="refused (the command fails: fill the values in, or --on-empty)")
-        table.add_column("row", justify="right")
-        table.add_column("email")
-        table.add_column("error")
-        for row, email, why in summary.refused:
-            table.add_row(str(row), shown(email), shown(why))
-        parts.append(table)
+        title = "refused (the command fails: fill the values in, or --on-empty)"
+        parts.append(_rows_table(title, "error", summary.refused))
     if summary.calendar is not None:
         line = Text("calendar: ", style="bold")
         line.append(calendar_line(summary.calendar))
@@ -731,15 +726,22 @@ def dry_run_view(summary: DryRun) -> Group:
         if warning:
             parts.append(Text(f"warning: {warning}", style="yellow"))
     if summary.skipped:
-        table = Table(title="skipped (not sent, recorded with the reason)")
-        table.add_column("row", justify="right")
-        table.add_column("email")
-        table.add_column("reason")
-        for row, email, why in summary.skipped:
-            table.add_row(str(row), shown(email), shown(why))
-        parts.append(table)
+        parts.append(
+            _rows_table("skipped (not sent, recorded with the reason)", "reason", summary.skipped)
+        )
     parts.append(Text("nothing was sent and no job was created", style="dim"))
     return Group(*parts)
+
+
+def _rows_table(title: str, why: str, rows: Sequence[tuple[int, str, str]]) -> Table:
+    """The dry run's source rows (row, email, and why: a skip reason or an error)."""
+    table = Table(title=title)
+    table.add_column("row", justify="right")
+    table.add_column("email")
+    table.add_column(why)
+    for row, email, text in rows:
+        table.add_row(str(row), shown(email), shown(text))
+    return table
 
 
 def duration(seconds: float) -> str:
