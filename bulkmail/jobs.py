@@ -798,7 +798,8 @@ def run_due(
     """Start a detached worker for every job whose time has come (``store.due_jobs``) that
     no live worker holds. Safe to run every minute from several hosts: the worker
     registers exclusively, so of two started at once on one job the second is refused,
-    and that job is skipped here, not reported."""
+    and that job is skipped here, not reported. ``env``: more environment for the workers
+    (``worker_env``)."""
     from bulkmail.documents import effective_state
 
     at = time.time() if now is None else now

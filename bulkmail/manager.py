@@ -20,6 +20,9 @@ renewed; others take it for gone only once that heartbeat is ``stale_after`` old
 store's clock. Right before each send it checks that its lease is younger than that by a
 margin (one heartbeat interval); if not (it was stopped with SIGSTOP, the machine froze) it
 renews its heartbeat first, and sends only if nobody took it over meanwhile.
+
+``--recheck``: before each claim the job's database query runs again (at most once a minute,
+``bulkmail.recheck``) and the pending recipients it no longer returns are skipped.
 """
 
 from __future__ import annotations

@@ -270,6 +270,19 @@ def test_the_password_is_never_stored_and_a_worker_without_it_pauses_the_job(
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["sent"] == 12
 
+    # a job for later, which `run-due` starts: said at once when that worker lacks it
+    later = [
+        "send-reminders", "--db", with_password, "--recheck", "--template", "t.txt",
+        "--subject", SUBJECT, "--not-before", "2099-01-01T08:00", "--yes",
+    ]  # fmt: skip
+    warned = bulkmail(*later)
+    assert warned.exit_code == 0, warned.output
+    [line] = [x for x in warned.stderr.splitlines() if "--recheck" in x]
+    assert line.startswith("bulkmail: warning: --recheck:"), line
+    assert "BULKMAIL_DB" in line and "s3cret" not in warned.output
+    quiet = bulkmail(*later, env={"BULKMAIL_DB": with_password})
+    assert quiet.exit_code == 0 and "--recheck" not in quiet.stderr
+
 
 def test_runtime_url_needs_the_same_database_with_a_password() -> None:
     stored = "postgresql://ann:***@db.example.edu:5433/courses"
