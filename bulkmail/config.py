@@ -59,6 +59,12 @@ class Settings:
     reply_to: str = ""  # Reply-To of every message (--reply-to)
     cc: tuple[str, ...] = ()  # a copy of every message to these (--cc)
     bcc: tuple[str, ...] = ()  # a blind copy of every message to these (--bcc)
+    # the course database URL with its password, for a worker's --recheck of a job whose
+    # recorded URL lost it (never a recipient source: that is --db)
+    db: str = ""
+    # seconds of nothing but throttling replies before a worker pauses the job (None: the
+    # manager's default)
+    throttle_pause: float | None = None
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     mailtrap: MailtrapSettings = field(default_factory=MailtrapSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
@@ -116,8 +122,16 @@ _DEFAULT_KEYS = {
     "reply_to": "reply_to",
     "cc": "cc",
     "bcc": "bcc",
+    "db": "db",
+    "throttle_pause": "throttle_pause",
 }
-_DEFAULT_TYPES = {"rate": "float", "burst": "int", "cc": "list", "bcc": "list"}
+_DEFAULT_TYPES = {
+    "rate": "float",
+    "burst": "int",
+    "cc": "list",
+    "bcc": "list",
+    "throttle_pause": "float",
+}
 # config sections that are not providers: name -> settings class (a Settings attribute)
 _OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings}
 
@@ -180,6 +194,16 @@ def _local_path(value: str, base: Path) -> str:
     return str(expanded if expanded.is_absolute() else base / expanded)
 
 
+def _has_password(url: str) -> bool:
+    """Whether a database URL holds a password (user:password@host)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(url) and urlsplit(url).password is not None
+    except ValueError:
+        return False
+
+
 def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults < config file < environment. Flags are applied by the caller on top."""
     env = os.environ if env is None else env
@@ -231,6 +255,8 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
                 value = _local_path(value, path.absolute().parent)
             sections[name][key] = value
             has_secret = has_secret or (is_secret(declared[key]) and bool(value))
+    db_url = str(top.get("db", "") or "")
+    has_secret = has_secret or _has_password(db_url)
     unknown = set(data) - {"defaults", *classes}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")
@@ -258,6 +284,14 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
             f"{where} provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}"
         )
     rate = top.get("rate")
+    pause = top.get("throttle_pause")
+    if pause is not None and pause <= 0:
+        named = (
+            "BULKMAIL_THROTTLE_PAUSE"
+            if env.get("BULKMAIL_THROTTLE_PAUSE")
+            else f"{where} throttle_pause"
+        )
+        raise ConfigError(f"{named}: must be a positive number of seconds, got {pause}")
     settings = Settings(
         provider=provider,
         sender=str(top.get("sender", "") or ""),
@@ -267,6 +301,8 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
         reply_to=str(top.get("reply_to", "") or ""),
         cc=tuple(top.get("cc", ())),
         bcc=tuple(top.get("bcc", ())),
+        db=str(top.get("db", "") or ""),
+        throttle_pause=pause,
         warnings=tuple(warnings),
         config_path=str(path or ""),
     )

@@ -18,7 +18,7 @@ from typing import Any
 from bulkmail.compose import Composer, Templates
 from bulkmail.config import PROVIDERS, Settings
 from bulkmail.errors import BulkmailError, ExitCode, InputError, JobStateError, exit_code_for
-from bulkmail.manager import EmailManager, Event
+from bulkmail.manager import THROTTLE_PAUSE_AFTER, EmailManager, Event
 from bulkmail.models import Message, Recipient
 from bulkmail.providers import (
     Provider,
@@ -29,7 +29,16 @@ from bulkmail.providers import (
     with_defaults,
 )
 from bulkmail.schedule import Calendar, Timing, plan_calendar, timing, zone_name
-from bulkmail.sources import Source, is_xlsx, open_csv, open_db, open_xlsx, select
+from bulkmail.sources import (
+    DEFAULT_QUERY,
+    Source,
+    is_xlsx,
+    open_csv,
+    open_db,
+    open_xlsx,
+    recheck_location,
+    select,
+)
 from bulkmail.store import (
     JobRecord,
     JobState,
@@ -97,6 +106,7 @@ class SendOptions:
     per_day: int | None = None
     include_suppressed: bool = False  # send to addresses on the suppression list too
     name: str | None = None  # --name; None: the source's file or database and the subject
+    recheck: bool = False  # --recheck: run the database query again before each send
 
 
 @dataclass
@@ -121,6 +131,8 @@ class Plan:
     # windows, zone, --not-before/--not-after (POSIX seconds) and the caps, checked
     timing: Timing = field(default_factory=Timing)
     source_label: str = "recipients"  # the file or database name (the default job name)
+    # --recheck: the database URL as given (its password in memory only) and the query
+    recheck: tuple[str, str] | None = None
 
     def _rows(self) -> Iterator[Recipient]:
         rows = select(self.source, self.only, self.exclude)
@@ -270,6 +282,11 @@ def plan(
         raise InputError(f"--backoff: must be a number of seconds, 0 or more, got {send.backoff}")
     if opts.on_empty is not None and opts.on_empty not in ON_EMPTY:
         raise InputError(f"--on-empty: must be skip, fail or send, got {opts.on_empty!r}")
+    if send.recheck and not opts.db:
+        raise InputError(
+            "--recheck runs the course database's query again before each send: it needs "
+            "--db URL (and --query), not a file"
+        )
     when = plan_timing(send, settings, provider, now=time.time() if now is None else now)
     settings = with_defaults(provider, settings, data_dir=data_dir())
     check_provider(provider, settings)
@@ -307,6 +324,7 @@ def plan(
         printed=composer.printed_columns(source.columns),
         timing=when,
         source_label=_source_label(opts),
+        recheck=(opts.db, opts.query or DEFAULT_QUERY) if send.recheck and opts.db else None,
     )
 
 
@@ -417,6 +435,14 @@ def job_timing(t: Timing) -> dict[str, Any]:
     }
 
 
+def job_recheck(plan: Plan) -> dict[str, Any]:
+    """What a job records of --recheck: the query, and the URL without its password."""
+    if plan.recheck is None:
+        return {}
+    url, query = plan.recheck
+    return {"recheck_url": recheck_location(url), "recheck_query": query}
+
+
 def create_job(
     store: JobStore, plan: Plan, *, now: float | None = None, created_by: str | None = None
 ) -> int:
@@ -439,6 +465,7 @@ def create_job(
         backoff=plan.send.backoff,
         dedupe_key=plan.send.dedupe_key,
         **job_timing(plan.timing),
+        **job_recheck(plan),
         created_by=created_by,
         name=job_name(plan),
     )
@@ -584,16 +611,42 @@ def manager(
     *,
     on_event: Callable[[Event], None] | None = None,
     exclusive: bool = True,
+    db_url: str | None = None,
 ) -> EmailManager:
     """``exclusive``: refuse a job that a live worker holds (``resume``); False adds this
-    worker to the job's others (``bulkmail worker``, ``--workers N``)."""
+    worker to the job's others (``bulkmail worker``, ``--workers N``). ``db_url``: the
+    course database URL the job was just made from (--recheck: its password), tried before
+    BULKMAIL_DB / ``db`` of the config."""
     return EmailManager(
         store,
         job_id,
         provider_factory=provider_factory(settings),
         on_event=on_event,
         exclusive=exclusive,
+        throttle_pause=settings.throttle_pause or THROTTLE_PAUSE_AFTER,
+        recheck_urls=[url for url in (db_url, settings.db) if url],
     )
+
+
+def with_throttle_pause(settings: Settings, seconds: float | None) -> Settings:
+    """``--throttle-pause SECONDS`` over BULKMAIL_THROTTLE_PAUSE and the config file."""
+    if seconds is None:
+        return settings
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InputError(f"--throttle-pause: must be a positive number of seconds, got {seconds}")
+    return replace(settings, throttle_pause=seconds)
+
+
+def worker_env(settings: Settings, db_url: str | None = None) -> dict[str, str]:
+    """What a detached worker needs in its environment that a flag gave this command: the
+    throttle pause, and the course database URL (--recheck; with its password, so it goes
+    through the environment, never the command line that every user can read)."""
+    env: dict[str, str] = {}
+    if settings.throttle_pause is not None:
+        env["BULKMAIL_THROTTLE_PAUSE"] = repr(settings.throttle_pause)
+    if db_url:
+        env["BULKMAIL_DB"] = db_url
+    return env
 
 
 @dataclass(frozen=True)
@@ -610,10 +663,12 @@ def start_detached(
     config: str | None,
     timeout: float = 20.0,
     exclusive: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> Detached:
     """Start ``bulkmail worker JOB_ID`` in a new session (stdin closed, output to the job's
     log file, mode 0600) and return once it has registered on the job. ``exclusive``: the
     worker refuses a job that a live worker holds; False adds it to the job's workers.
+    ``env``: more environment for the worker (``worker_env``).
 
     The store reaches the worker through ``BULKMAIL_STORE``, not the command line: a
     PostgreSQL URL may hold a password, and every user can read command lines."""
@@ -631,7 +686,7 @@ def start_detached(
     try:
         proc = subprocess.Popen(
             cmd,
-            env={**os.environ, "BULKMAIL_STORE": store.url},
+            env={**os.environ, **(env or {}), "BULKMAIL_STORE": store.url},
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=subprocess.STDOUT,
@@ -738,15 +793,17 @@ def run_due(
     config: str | None,
     now: float | None = None,
     start: Callable[[int], Detached] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> DueRun:
     """Start a detached worker for every job whose time has come (``store.due_jobs``) that
     no live worker holds. Safe to run every minute from several hosts: the worker
     registers exclusively, so of two started at once on one job the second is refused,
-    and that job is skipped here, not reported."""
+    and that job is skipped here, not reported. ``env``: more environment for the workers
+    (``worker_env``)."""
     from bulkmail.documents import effective_state
 
     at = time.time() if now is None else now
-    launch = start or (lambda job_id: start_detached(store, job_id, config=config))
+    launch = start or (lambda job_id: start_detached(store, job_id, config=config, env=env))
     result = DueRun()
     for job_id in store.due_jobs(now=now):
         if effective_state(store.view(job_id), now=at) == JobState.RUNNING:

@@ -20,6 +20,9 @@ renewed; others take it for gone only once that heartbeat is ``stale_after`` old
 store's clock. Right before each send it checks that its lease is younger than that by a
 margin (one heartbeat interval); if not (it was stopped with SIGSTOP, the machine froze) it
 renews its heartbeat first, and sends only if nobody took it over meanwhile.
+
+``--recheck``: before each claim the job's database query runs again (at most once a minute,
+``bulkmail.recheck``) and the pending recipients it no longer returns are skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from bulkmail.providers.base import (
     TransientError,
 )
 from bulkmail.ratelimit import RateLimiter
+from bulkmail.recheck import RECHECK_INTERVAL, Recheck, RecheckUnavailable, for_job
 from bulkmail.schedule import Schedule, parse_windows, parse_zone
 from bulkmail.store import (
     Claimed,
@@ -200,6 +204,8 @@ class EmailManager:
         monotonic: Callable[[], float] = time.monotonic,
         throttle_pause: float = THROTTLE_PAUSE_AFTER,
         window_margin: float = WINDOW_MARGIN,
+        recheck_urls: Sequence[str] = (),
+        recheck_interval: float = RECHECK_INTERVAL,
     ) -> None:
         # a store error (a restarted server, a lock held too long) is retried for up to the
         # stale window before this worker gives up on the job
@@ -230,6 +236,10 @@ class EmailManager:
         self._throttled_since: float | None = None  # first throttling reply since a success
         self._waiting: tuple[str, float] | None = None  # what the job row says we wait for
         self._schedule: Schedule | None = None
+        # --recheck: the URLs (with passwords) the job's database may be reached by
+        self.recheck_urls = tuple(recheck_urls)
+        self.recheck_interval = recheck_interval
+        self.recheck: Recheck | None = None
 
     # -- control
 
@@ -279,6 +289,13 @@ class EmailManager:
             )
         job = self.store.get_job(self.job_id)
         self._schedule = job_schedule(job)
+        try:
+            self.recheck = for_job(
+                job, urls=self.recheck_urls, clock=self.clock, interval=self.recheck_interval
+            )
+        except RecheckUnavailable as exc:  # sending unchecked would break the promise
+            log.error("job %s: %s", self.job_id, exc)
+            self.request_stop("paused", str(exc))
         limiter = RateLimiter(self.store, job.account, job.rate, job.burst, clock=self.clock)
         composer = composer_for(job)
         heartbeat = threading.Thread(target=self._heartbeat, name="bulkmail-heartbeat", daemon=True)
@@ -297,8 +314,11 @@ class EmailManager:
             )
             for n, finished in enumerate(done)
         ]
-        for t in threads:
-            t.start()
+        for t, finished in zip(threads, done, strict=True):
+            if self._stop.is_set():  # stopped before the first send (--recheck unavailable)
+                finished.set()
+            else:
+                t.start()
         interrupted = terminated = False
         try:
             self._join(done)
@@ -528,6 +548,7 @@ class EmailManager:
                     if not self._wait_until(slot - CLAIM_LEAD) or self._stop.is_set():
                         return
                 self._failpoint.reached("before_claim")
+                self._recheck()
                 claim = self.store.claim(
                     self.job_id, self.worker_id, now=self.clock(), settle=pending
                 )
@@ -560,6 +581,12 @@ class EmailManager:
         finally:
             if pending is not None:
                 self.store.record(pending, self.worker_id)
+
+    def _recheck(self) -> None:
+        """--recheck: the recipients the job's query no longer returns are skipped before
+        the next claim (the query runs at most once a minute; see bulkmail.recheck)."""
+        if self.recheck is not None:
+            self.recheck.check(self.store)
 
     def _wait_for_slot(self, slot: float, limiter: RateLimiter) -> bool:
         """Wait until ``slot``; a slot missed by more than a sliver of the interval (the
@@ -694,6 +721,7 @@ class EmailManager:
         try:
             while not self._stop.is_set():
                 self._failpoint.reached("before_claim")
+                self._recheck()
                 claim = self.store.claim_batch(
                     self.job_id,
                     self.worker_id,
@@ -837,7 +865,7 @@ class EmailManager:
             self.request_stop(
                 "paused",
                 f"throttled by the server: nothing got through for "
-                f"{self.throttle_pause:.0f} s (last: {exc})",
+                f"{self.throttle_pause:g} s (last: {exc})",
             )
         return [
             Outcome.retry(d.id, str(exc), now, exc.outcome_unknown, attempts=max(0, d.attempts - 1))

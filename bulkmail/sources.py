@@ -53,6 +53,8 @@ __all__ = [
     "open_csv",
     "open_db",
     "open_xlsx",
+    "query_addresses",
+    "recheck_location",
     "select",
 ]
 
@@ -1046,6 +1048,45 @@ def open_db(url: str, query: str | None = None, *, timeout: float = QUERY_TIMEOU
             raise InputError(f"{origin}: the query returned no rows")
         warnings = _write_warnings(conn, sql, origin)
     return Source(origin, layout.keys, _cached_rows(layout, result.rows), warnings)
+
+
+def recheck_location(url: str) -> str:
+    """The database URL as a job records it for ``--recheck``: its password replaced by
+    ``***`` (a worker finds the real URL in BULKMAIL_DB or the config then) and a SQLite
+    file's path made absolute (a worker started by cron runs in another directory)."""
+    parsed = _parse_url(url)
+    database = parsed.database or ""
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database not in ("", ":memory:")
+        and not database.startswith("file:")
+    ):
+        parsed = parsed.set(database=str(Path(database).absolute()))
+    return parsed.render_as_string(hide_password=True)
+
+
+def query_addresses(url: str, query: str, *, timeout: float = QUERY_TIMEOUT) -> frozenset[str]:
+    """The addresses ``query`` returns now (``--recheck``), lower-cased as the job store keys
+    them, each normalised as the job's recipients were (a valid address as it is sent, any
+    other as given): read-only and stopped after ``timeout`` seconds, as ``open_db`` runs
+    it. No rows is an answer (nobody is due any more); InputError when the query fails or
+    its result has no email column."""
+    parsed = _parse_url(url)
+    origin = _one_line(parsed.render_as_string(hide_password=True))
+    sql = _check_query(query)
+    with _read_only(parsed, origin, timeout) as conn:
+        result = _run(conn, sql, origin, timeout)
+    layout = _layout(origin, result.labels, "query result", _AS_HINT)
+    column = layout.positions[layout.keys.index("email")]
+    found: set[str] = set()
+    for values in result.rows:
+        address = values[column].strip() if column < len(values) else ""
+        if not address:
+            continue
+        with suppress(EmailNotValidError):
+            address = _deliverable(address)
+        found.add(address.lower())
+    return frozenset(found)
 
 
 # --------------------------------------------------------------------------- selection

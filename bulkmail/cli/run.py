@@ -52,8 +52,10 @@ def _run_job(
     detach: bool,
     config: str | None,
     workers: int = 1,
+    db_url: str | None = None,
 ) -> None:
-    """Run (or detach) a job and report the outcome with its exit code."""
+    """Run (or detach) a job and report the outcome with its exit code. ``db_url``: the
+    course database URL the job was just made from (--recheck, password included)."""
     from bulkmail import documents, jobs, ui
 
     job = store.get_job(job_id)
@@ -78,7 +80,13 @@ def _run_job(
         # the first worker is exclusive (a job a live worker holds is refused, as for a
         # foreground resume); the others join it
         started = [
-            jobs.start_detached(store, job_id, config=config, exclusive=n == 0)
+            jobs.start_detached(
+                store,
+                job_id,
+                config=config,
+                exclusive=n == 0,
+                env=jobs.worker_env(settings, db_url),
+            )
             for n in range(workers)
         ]
         pids = ", ".join(str(s.pid) for s in started)
@@ -106,7 +114,7 @@ def _run_job(
         failed=view.counts.failed,
         live=env.stderr_is_terminal and not as_json,
     )
-    mgr = jobs.manager(store, job_id, settings, on_event=display.handle)
+    mgr = jobs.manager(store, job_id, settings, on_event=display.handle, db_url=db_url)
     with display.running():
         result = mgr.run()
         # deliveries the store settled without an event (skipped at claim time under a
@@ -143,6 +151,18 @@ def _warn_about_source(env: Environment, plan: Plan) -> None:
 
 
 CONFIRMATION_REQUIRED = "confirmation required: pass --yes (or --dry-run)"
+
+ThrottlePauseOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--throttle-pause",
+        metavar="SECONDS",
+        help="Pause the job after this long with nothing but throttling replies from the "
+        "server (default: throttle_pause in the config's [defaults] or "
+        "BULKMAIL_THROTTLE_PAUSE, else 600).",
+        show_default=False,
+    ),
+]
 
 TimeoutOpt = Annotated[
     float | None,
@@ -294,6 +314,15 @@ def send_reminders(
             help="Send nothing after this time; what is left then expires (a date: its end).",
         ),
     ] = None,
+    recheck: Annotated[
+        bool,
+        typer.Option(
+            "--recheck",
+            help="With --db: run the query again before each send (at most once a minute) "
+            "and skip the recipients it no longer returns.",
+        ),
+    ] = False,
+    throttle_pause: ThrottlePauseOpt = None,
     include_suppressed: Annotated[
         bool,
         typer.Option(
@@ -362,7 +391,7 @@ def send_reminders(
     from bulkmail.store.readonly import NoStore
 
     env = environment()
-    settings = load_config(config)
+    settings = jobs.with_throttle_pause(load_config(config), throttle_pause)
     plan = jobs.plan(
         source,
         jobs.SendOptions(
@@ -381,6 +410,7 @@ def send_reminders(
             per_day=per_day,
             include_suppressed=include_suppressed,
             name=name,
+            recheck=recheck,
         ),
         settings,
     )
@@ -473,6 +503,9 @@ def send_reminders(
     job_id = jobs.create_job(db_store, plan)
     if created:
         say_new_store(db_store.location)
+    db_url = plan.recheck[0] if plan.recheck else None
+    if db_url and not detach:
+        _warn_about_recheck(db_store, job_id, settings)
     _run_job(
         env,
         db_store,
@@ -482,7 +515,23 @@ def send_reminders(
         detach=detach,
         config=config,
         workers=workers,
+        db_url=db_url,
     )
+
+
+def _warn_about_recheck(store: JobStore, job_id: int, settings: Settings) -> None:
+    """A job scheduled for later whose --recheck URL lost its password: `run-due` starts it
+    without the password unless BULKMAIL_DB (or db in the config) gives it then."""
+    from bulkmail.recheck import runtime_url
+
+    job = store.get_job(job_id)
+    if job.state != "scheduled" or job.recheck_url is None:
+        return
+    if runtime_url(job.recheck_url, [settings.db]) is None:
+        say(
+            f"warning: --recheck: the worker `run-due` starts for job {job_id} needs the "
+            "database password: set BULKMAIL_DB (or db under [defaults] in the config file)"
+        )
 
 
 @app.command()
@@ -491,6 +540,7 @@ def resume(
     job_id: JobArg,
     detach: DetachOpt = False,
     workers: WorkersOpt = 1,
+    throttle_pause: ThrottlePauseOpt = None,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -505,7 +555,7 @@ def resume(
     from bulkmail import jobs
 
     env = environment()
-    settings = load_config(config)
+    settings = jobs.with_throttle_pause(load_config(config), throttle_pause)
     db = open_store_for(store, settings)
     nothing = jobs.check_resume(db, job_id)
     if nothing is not None:
@@ -553,6 +603,7 @@ def retry(
         bool,
         typer.Option("--yes", "-y", help="Do not ask (required when stdin is not a terminal)."),
     ] = False,
+    throttle_pause: ThrottlePauseOpt = None,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -567,7 +618,7 @@ def retry(
     from bulkmail import jobs
 
     env = environment()
-    settings = load_config(config)
+    settings = jobs.with_throttle_pause(load_config(config), throttle_pause)
     db = open_store_for(store, settings)
     if not (yes or env.stdin_isatty):
         fail(CONFIRMATION_REQUIRED)  # a new send: never by accident from a script
@@ -620,6 +671,7 @@ def worker(
         bool,
         typer.Option("--exclusive", hidden=True, help="Refuse a job a live worker holds."),
     ] = False,
+    throttle_pause: ThrottlePauseOpt = None,
 ) -> None:
     """Run a job's send loop headless: what --detach starts, and how more workers join a
     job, on this host or others sharing a PostgreSQL store.
@@ -634,7 +686,7 @@ def worker(
 
     handle_sigterm()  # (already, when run as `bulkmail`): SIGTERM is handled as Ctrl-C
     env = environment()
-    settings = load_config(config)
+    settings = jobs.with_throttle_pause(load_config(config), throttle_pause)
     db = open_store_for(store, settings)
     setup_logging(timestamps=True)
     log = logging.getLogger("bulkmail")
@@ -663,6 +715,7 @@ def worker(
 @app.command("run-due")
 @handles_errors
 def run_due(
+    throttle_pause: ThrottlePauseOpt = None,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
@@ -678,9 +731,9 @@ def run_due(
     from bulkmail import jobs
 
     env = environment()
-    settings = load_config(config)
+    settings = jobs.with_throttle_pause(load_config(config), throttle_pause)
     db = open_store_for(store, settings)
-    result = jobs.run_due(db, config=config)
+    result = jobs.run_due(db, config=config, env=jobs.worker_env(settings))
     if as_json:
         print_json(
             {
