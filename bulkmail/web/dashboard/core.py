@@ -87,6 +87,43 @@ def _file_names(folder: Path | None) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name[:1] != ".")
 
 
+def from_settings(
+    settings: Settings,
+    store: JobStore,
+    *,
+    config_path: str | None = None,
+    sources: Sequence[str] = (),
+    templates: Path | None = None,
+    attachments: Path | None = None,
+) -> DashboardConfig:
+    """``bulkmail serve``'s dashboard: the config file's ``[dashboard]`` section (and its
+    BULKMAIL_DASHBOARD_* variables), with the command line on top: ``--source NAME=PATH``
+    (repeatable) adds a source or replaces the file's of that name, ``--templates`` and
+    ``--attachments`` replace the file's folders."""
+    section = settings.dashboard
+    named = {name: NamedSource(**keys) for name, keys in section.sources.items()}
+    for item in sources:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--source: expected NAME=PATH, got {item!r}")
+        kind = "xlsx" if path.lower().endswith(".xlsx") else "csv"
+        named[name] = NamedSource(**{kind: str(Path(path).absolute())})
+
+    def folder(flag: Path | None, configured: str) -> Path | None:
+        if flag is not None:
+            return flag.absolute()
+        return Path(configured) if configured else None
+
+    return DashboardConfig(
+        store=store,
+        config_path=config_path,
+        sources=named,
+        templates_dir=folder(templates, section.templates),
+        attachments_dir=folder(attachments, section.attachments),
+        secret_key=section.secret_key or None,
+    )
+
+
 @dataclass(frozen=True)
 class Upload:
     filename: str
