@@ -689,3 +689,18 @@ def test_attachments_are_names_in_the_folder_never_paths(
     )
     assert answer.json == {"error": "attach: no attachments folder is configured on the server"}
     assert site.store.recent(10) == []
+
+
+def test_a_template_from_a_request_cannot_reach_python(site: Site, client: FlaskClient) -> None:
+    """Template text and the subject come from the client: Jinja2 runs them sandboxed, so
+    a sender token is not a shell on the server."""
+    headers = site.bearer(site.sender)
+    for fields in (
+        {"template": None, "template_text": "{{ cycler.__init__.__globals__.os.getpid() }}"},
+        {"subject": "{{ ''.__class__.__mro__[1].__subclasses__() }}"},
+    ):
+        form = {k: v for k, v in send_form(**fields).items() if v is not None}
+        answer = client.post(f"{API}/send-instructor-reminders", json=form, headers=headers)
+        assert answer.status_code == 400, answer.json
+        assert answer.json is not None and "unsafe" in answer.json["error"], answer.json
+    assert site.store.recent(10) == []
