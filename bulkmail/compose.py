@@ -30,6 +30,7 @@ from typing import Any
 
 import jinja2
 import jinja2.nodes
+import jinja2.sandbox
 from email_validator import EmailNotValidError, validate_email
 from jinja2 import meta
 
@@ -201,7 +202,9 @@ def _walk_uses(node: jinja2.nodes.Node, guarded: frozenset[str], found: _Found) 
 
 
 def _environment(*, html: bool) -> jinja2.Environment:
-    return jinja2.Environment(
+    # sandboxed: a template may come from a web request (the dashboard's template_text), and
+    # Jinja2 otherwise lets one reach Python's internals (``cycler.__init__.__globals__``)
+    return jinja2.sandbox.SandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=html,
         keep_trailing_newline=True,

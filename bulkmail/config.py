@@ -29,13 +29,16 @@ from bulkmail.providers.settings import (
     SmtpSettings,
     is_path,
     is_secret,
+    local_path,
     public_settings,
+    secret,
 )
 
 __all__ = [
     "OUTBOX_FALLBACK_SENDER",
     "PROVIDERS",
     "SMTP_SECURITY",
+    "DashboardSettings",
     "MailtrapSettings",
     "OutboxSettings",
     "Settings",
@@ -47,6 +50,25 @@ __all__ = [
 
 OUTBOX_FALLBACK_SENDER = "bulkmail@localhost"
 """The sender of a provider that needs none configured (the outbox) when none is."""
+
+
+SOURCE_KEYS = ("csv", "xlsx", "sheet", "db", "query")
+"""The keys of a ``[dashboard.sources.NAME]`` table (``bulkmail.web.dashboard.NamedSource``)."""
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """``[dashboard]``: what ``bulkmail serve`` offers the dashboard and the HTTP API.
+
+    ``sources``: name -> the source's keys (``csv``, ``xlsx`` and ``sheet``, or ``db`` and
+    ``query``; paths absolute), from ``[dashboard.sources]``, where a plain string is a CSV
+    or .xlsx file. ``templates`` / ``attachments``: the folders whose files a request may
+    name. ``secret_key`` signs the session cookie (env BULKMAIL_DASHBOARD_SECRET_KEY)."""
+
+    sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict, metadata={"table": True})
+    templates: str = local_path()
+    attachments: str = local_path()
+    secret_key: str = secret()
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,7 @@ class Settings:
     mailtrap: MailtrapSettings = field(default_factory=MailtrapSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     imap: ImapSettings = field(default_factory=ImapSettings)  # `bulkmail bounces --imap`
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)  # `bulkmail serve`
     warnings: tuple[str, ...] = ()
     config_path: str = ""
 
@@ -133,7 +156,7 @@ _DEFAULT_TYPES = {
     "throttle_pause": "float",
 }
 # config sections that are not providers: name -> settings class (a Settings attribute)
-_OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings}
+_OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings, "dashboard": DashboardSettings}
 
 
 def user_config_path() -> Path:
@@ -204,6 +227,35 @@ def _has_password(url: str) -> bool:
         return False
 
 
+def _dashboard_sources(where: str, table: Any, base: Path) -> dict[str, dict[str, str]]:
+    """``[dashboard.sources]``: NAME = "file.csv" (or .xlsx), or a table of SOURCE_KEYS
+    (``db`` and ``query``: a course database and the server's query, never a client's)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f'{where}: expected a table of NAME = "path", got {table!r}')
+    sources: dict[str, dict[str, str]] = {}
+    for name, value in table.items():
+        at = f"{where}.{name}" if isinstance(value, dict) else f"{where} {name}"
+        if isinstance(value, str):
+            kind = "xlsx" if value.lower().endswith(".xlsx") else "csv"
+            value = {kind: value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{at}: expected a path or a table, got {value!r}")
+        unknown = set(value) - set(SOURCE_KEYS)
+        if unknown:
+            raise ConfigError(f"{at}: unknown key {sorted(unknown)[0]!r}")
+        keys = {k: _coerce(f"{at} {k}", v, "str") for k, v in value.items()}
+        kinds = [k for k in ("csv", "xlsx", "db") if keys.get(k)]
+        if len(kinds) != 1:
+            raise ConfigError(f"{at}: give exactly one of csv, xlsx or db")
+        if ("query" in keys) != (kinds[0] == "db") or ("sheet" in keys and kinds[0] != "xlsx"):
+            raise ConfigError(f"{at}: query goes with db (and only with it), sheet with xlsx")
+        for k in ("csv", "xlsx"):
+            if k in keys:
+                keys[k] = _local_path(keys[k], base)
+        sources[str(name)] = keys
+    return sources
+
+
 def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults < config file < environment. Flags are applied by the caller on top."""
     env = os.environ if env is None else env
@@ -242,11 +294,18 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
     classes.update(_OTHER_SECTIONS)
     sections: dict[str, dict[str, Any]] = {name: {} for name in classes}
     has_secret = False
+    dashboard = data.get("dashboard", {})
+    if isinstance(dashboard, dict) and "sources" in dashboard:
+        dashboard = dict(dashboard)
+        base = path.absolute().parent if path is not None else Path.cwd()
+        where = f"{path}: [dashboard.sources]"
+        sections["dashboard"]["sources"] = _dashboard_sources(where, dashboard.pop("sources"), base)
+        data = {**data, "dashboard": dashboard}
     for name, cls in classes.items():
         table = data.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
-        declared = {f.name: f for f in fields(cls)}
+        declared = {f.name: f for f in fields(cls) if not f.metadata.get("table")}
         for key, value in table.items():
             if key not in declared:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{name}]")
@@ -272,6 +331,8 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
             top[attr] = _coerce(var, value, _DEFAULT_TYPES.get(attr, "str"))
     for name, cls in classes.items():
         for f in fields(cls):
+            if f.metadata.get("table"):
+                continue  # a table has no variable ([dashboard.sources])
             var = f"BULKMAIL_{name.upper()}_{f.name.upper()}"
             if env.get(var) is not None:
                 value = _coerce(var, env[var], f.type)

@@ -238,6 +238,7 @@ ENDPOINTS = [
     ("POST", f"{API}/preview", "viewer"),
     ("GET", f"{API}/job-status/1", "viewer"),
     ("GET", f"{API}/recent-jobs", "viewer"),
+    ("GET", f"{API}/sources", "viewer"),
     ("POST", f"{API}/jobs/1/cancel", "sender"),
     ("POST", f"{API}/jobs/1/resume", "sender"),
     ("POST", f"{API}/jobs/1/retry", "sender"),
@@ -384,12 +385,15 @@ def test_the_openapi_description_matches_real_answers(site: Site, client: FlaskC
 
     sender, viewer = site.bearer(site.sender), site.bearer(site.viewer)
     answer = client.post(
-        f"{API}/send-instructor-reminders", json=send_form(selected=THREE[:2]), headers=sender
+        f"{API}/send-instructor-reminders",
+        json=send_form(selected=THREE[:2], name="OpenAPI check"),
+        headers=sender,
     )
     path = "/api/bulk-email/send-instructor-reminders"
     check(schema(path, "post", "202"), answer.json, components, "202")
     assert answer.json is not None
     job_id = answer.json["job_id"]
+    assert answer.json["job"]["name"] == "OpenAPI check"
     wait_finished(site.store, job_id)
     bad = client.post(
         f"{API}/send-instructor-reminders", json=send_form(source="x"), headers=sender
@@ -408,6 +412,16 @@ def test_the_openapi_description_matches_real_answers(site: Site, client: FlaskC
     check(schema("/api/bulk-email/recipients", "post", "200"), got.json, components, "recipients")
     got = client.post(f"{API}/preview", json=send_form(email=THREE[0]), headers=viewer)
     check(schema("/api/bulk-email/preview", "post", "200"), got.json, components, "preview")
+    got = client.get(f"{API}/sources", headers=viewer)
+    check(schema("/api/bulk-email/sources", "get", "200"), got.json, components, "sources")
+    # every field a request may give is described (the issue's list and the HTML/attachments)
+    body = paths[path]["post"]["requestBody"]["content"]
+    for media in ("multipart/form-data", "application/json"):
+        assert set(body[media]["schema"]["properties"]) >= {
+            "csv", "source", "template", "template_text", "html_template",
+            "html_template_text", "attach", "subject", "selected", "rate", "name",
+            "dedupe_key", "per_hour", "per_day", "window", "tz", "not_before", "not_after",
+        }  # fmt: skip
     got = client.post(f"{API}/jobs/{job_id}/resume", headers=sender)
     check(schema("/api/bulk-email/jobs/{job_id}/resume", "post", "200"), got.json, components, "r")
     for template in paths:  # every route the blueprint serves is described, and no other
@@ -473,3 +487,220 @@ def test_token_add_prints_the_token_once_list_and_remove(tmp_path: Path) -> None
     gone = runner.invoke(app, ["serve", "token", "remove", "office", "--store", store])
     assert gone.exit_code == 2 and "no token named 'office'" in gone.output
     db.close()
+
+
+# --------------------------------------------------------------------------- every field
+
+
+def _cancel_and_wait(site: Site, client: FlaskClient, job_id: int) -> None:
+    """A job held back (a window, --not-before) is cancelled, so its worker ends."""
+    client.post(f"{API}/jobs/{job_id}/cancel", headers=site.bearer(site.sender))
+    wait_finished(site.store, job_id)
+
+
+FUTURE = {"not_before": "2099-01-05T08:00", "tz": "UTC"}  # the worker waits: cancelled after
+
+
+@pytest.mark.parametrize(
+    ("fields", "document", "record"),
+    [
+        ({"name": "Autumn grades"}, {"name": "Autumn grades"}, {"name": "Autumn grades"}),
+        ({"dedupe_key": "autumn-2025"}, {"dedupe_key": "autumn-2025"}, {}),
+        ({"rate": "2.5", "burst": "4"}, {"rate": 2.5, "burst": 4}, {}),
+        ({"per_hour": "30", **FUTURE}, {}, {"per_hour": 30}),
+        ({"per_day": "100", **FUTURE}, {}, {"per_day": 100}),
+        (
+            {"window": ["Mon-Fri 08:00-18:00", "Sat 09:00-12:00"], **FUTURE},
+            {"tz": "UTC"},
+            {"windows": ("Mon-Fri 08:00-18:00", "Sat 09:00-12:00")},
+        ),
+        (
+            {"tz": "Europe/Berlin", "not_after": "2099-01-01T08:00"},
+            {"tz": "Europe/Berlin", "not_after": "2099-01-01T07:00:00Z"},
+            {},
+        ),
+        (FUTURE, {"not_before": "2099-01-05T08:00:00Z", "tz": "UTC"}, {}),
+        ({"max_retries": "0"}, {}, {"max_retries": 0}),
+        ({"selected": THREE}, {"total": 3}, {}),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, dict) and v and "name" not in v else None,
+)
+def test_every_sending_field_reaches_the_job(
+    site: Site,
+    client: FlaskClient,
+    fields: dict[str, Any],
+    document: dict[str, Any],
+    record: dict[str, Any],
+) -> None:
+    form = send_form(**fields)
+    form.setdefault("selected", THREE[:1])
+    answer = client.post(
+        f"{API}/send-instructor-reminders", json=form, headers=site.bearer(site.sender)
+    )
+    assert answer.status_code == 202, answer.json
+    assert answer.json is not None
+    job_id = answer.json["job_id"]
+    status = client.get(f"{API}/job-status/{job_id}", headers=site.bearer(site.viewer)).json
+    assert status is not None
+    assert {key: status[key] for key in document} == document
+    job = site.store.get_job(job_id)
+    assert {key: getattr(job, key) for key in record} == record
+    if "not_before" in fields or "window" in fields:
+        _cancel_and_wait(site, client, job_id)
+    else:
+        assert wait_finished(site.store, job_id) == "completed"
+
+
+def test_repeated_fields_of_a_multipart_form(site: Site, client: FlaskClient) -> None:
+    data = {
+        **send_form(),
+        "name": "Weekday reminders",
+        "window": ["Mon-Fri 08:00-18:00", "Sat 09:00-12:00"],
+        "selected": THREE[:2],
+        **FUTURE,
+    }
+    answer = client.post(
+        f"{API}/send-instructor-reminders",
+        data=data,
+        content_type="multipart/form-data",
+        headers=site.bearer(site.sender),
+    )
+    assert answer.status_code == 202, answer.json
+    assert answer.json is not None
+    job = site.store.get_job(answer.json["job_id"])
+    assert job.windows == ("Mon-Fri 08:00-18:00", "Sat 09:00-12:00")
+    assert (job.name, answer.json["job"]["name"]) == ("Weekday reminders", "Weekday reminders")
+    assert answer.json["job"]["total"] == 2
+    _cancel_and_wait(site, client, job.id)
+
+
+def test_a_bad_name_gets_the_clis_line(site: Site, client: FlaskClient) -> None:
+    template = site.templates / "reminder.txt"
+    args = ["--csv", str(EXAMPLE_CSV), "--template", str(template), "--subject", SUBJECT]
+    answer = client.post(
+        f"{API}/send-instructor-reminders",
+        json=send_form(name="x" * 201),
+        headers=site.bearer(site.sender),
+    )
+    assert answer.status_code == 400
+    assert answer.json == {"error": cli_error(*args, "--name", "x" * 201)}
+    assert site.store.recent(10) == []
+
+
+# --------------------------------------------------------------------------- HTML, attachments
+
+HTML = "<p>Dear {{ name }},</p><p>grades for <b>{{ course }}</b> please.</p>"
+
+
+@pytest.fixture
+def attachments(site: Site) -> Path:
+    folder = site.templates.parent / "attachments"
+    folder.mkdir()
+    (folder / "policy.pdf").write_bytes(b"%PDF-1.4 grading policy\n")
+    (folder / "CS101.txt").write_text("CS101 rubric\n")
+    (folder / "CHEM110.txt").write_text("CHEM110 rubric\n")
+    site.config.attachments_dir = folder
+    (site.templates / "reminder.html").write_text(HTML)
+    return folder
+
+
+def test_an_html_template_and_attachments_reach_the_message(
+    site: Site, client: FlaskClient, smtp_sink: SmtpSink, attachments: Path
+) -> None:
+    answer = client.post(
+        f"{API}/send-instructor-reminders",
+        json=send_form(
+            html_template="reminder.html",
+            attach=["policy.pdf", "{{ course }}.txt"],
+            selected=["chen.wei@example.edu"],
+        ),
+        headers=site.bearer(site.sender),
+    )
+    assert answer.status_code == 202, answer.json
+    assert answer.json is not None
+    job = site.store.get_job(answer.json["job_id"])
+    assert job.templates["html"] == HTML
+    assert wait_finished(site.store, job.id) == "completed"
+    (received,) = smtp_sink.messages
+    message = received.parse()
+    html = message.get_body(("html",))
+    assert html is not None and "<b>CHEM110</b>" in html.get_content()
+    files = {part.get_filename(): part.get_content() for part in message.iter_attachments()}
+    assert files == {"policy.pdf": b"%PDF-1.4 grading policy\n", "CHEM110.txt": "CHEM110 rubric\n"}
+
+
+def test_the_preview_has_the_html_part_and_the_attachment_names(
+    site: Site, client: FlaskClient, attachments: Path
+) -> None:
+    message = client.post(
+        f"{API}/preview",
+        json=send_form(
+            html_template_text="<p>Hi {{ name }}</p><script>alert(1)</script>",
+            attach=["policy.pdf", "{{ course }}.txt"],
+            email="chen.wei@example.edu",
+        ),
+        headers=site.bearer(site.viewer),
+    ).json
+    assert message is not None
+    assert message["html"] == "<p>Hi Chen Wei</p><script>alert(1)</script>"
+    assert message["attachments"] == ["policy.pdf", "CHEM110.txt"]
+    choices = client.get(f"{API}/sources", headers=site.bearer(site.viewer)).json
+    assert choices == {
+        "sources": ["instructors"],
+        "templates": ["reminder.html", "reminder.txt"],
+        "attachments": ["CHEM110.txt", "CS101.txt", "policy.pdf"],
+    }
+
+
+def test_attachments_are_names_in_the_folder_never_paths(
+    site: Site, client: FlaskClient, attachments: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for mail")
+    headers = site.bearer(site.sender)
+    cases = [
+        (["../secret.txt"], "attach '../secret.txt': no such attachment (known: CHEM110.txt"),
+        ([str(secret)], f"attach {str(secret)!r}: no such attachment"),
+        (
+            ["{{ '../secret' }}.txt"],
+            "instructors.csv: row 2: --attach \"{{ '../secret' }}.txt\" renders "
+            "'../secret.txt', outside the attachments folder;",
+        ),
+        (["missing-{{ course }}.pdf"], "row 2: attachment 'missing-CS101.pdf' not found"),
+    ]
+    for attach, message in cases:
+        answer = client.post(
+            f"{API}/send-instructor-reminders", json=send_form(attach=attach), headers=headers
+        )
+        assert answer.status_code == 400, answer.json
+        assert answer.json is not None
+        assert message in answer.json["error"], answer.json["error"]
+        assert str(attachments) not in answer.json["error"]
+    answer = client.post(
+        f"{API}/send-instructor-reminders",
+        json=send_form(html_template="reminder.html", html_template_text="<p>x</p>"),
+        headers=headers,
+    )
+    assert answer.status_code == 400 and answer.json is not None
+    assert answer.json["error"].startswith("give at most one HTML template")
+    site.config.attachments_dir = None
+    answer = client.post(
+        f"{API}/send-instructor-reminders", json=send_form(attach=["x.pdf"]), headers=headers
+    )
+    assert answer.json == {"error": "attach: no attachments folder is configured on the server"}
+    assert site.store.recent(10) == []
+
+
+def test_a_template_from_a_request_cannot_reach_python(site: Site, client: FlaskClient) -> None:
+    """Template text and the subject come from the client: Jinja2 runs them sandboxed, so
+    a sender token is not a shell on the server."""
+    headers = site.bearer(site.sender)
+    for fields in (
+        {"template": None, "template_text": "{{ cycler.__init__.__globals__.os.getpid() }}"},
+        {"subject": "{{ ''.__class__.__mro__[1].__subclasses__() }}"},
+    ):
+        form = {k: v for k, v in send_form(**fields).items() if v is not None}
+        answer = client.post(f"{API}/send-instructor-reminders", json=form, headers=headers)
+        assert answer.status_code == 400, answer.json
+        assert answer.json is not None and "unsafe" in answer.json["error"], answer.json
+    assert site.store.recent(10) == []

@@ -2,8 +2,10 @@
 waitress), over HTTP and in a real browser (Debian's chromium and chromium-driver, driven
 by selenium) as a person uses it: log in, pick the example CSV, untick all but three
 instructors, send, watch the progress modal reach 3/3 against a local SMTP server, and find
-exactly those three deliveries in the store. A screenshot of each page is saved in the
-test's tmp dir (not committed) for a person to look at."""
+exactly those three deliveries in the store. A screenshot of each page, at a desktop's
+width and a phone's, is saved in $BULKMAIL_SCREENSHOTS or the test's tmp dir (not committed;
+the test prints where) for a person to look at; at the phone's width no page may be wider
+than the screen. An HTML template's preview must not run its script in the dashboard."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -24,6 +27,14 @@ from tests.dashboard_helpers import EXAMPLE_CSV, REPO, SENDER, SUBJECT, wait_fin
 from tests.smtp_sink import SmtpSink
 
 THREE = ["b.okafor@example.edu", "chen.wei@example.edu", "grace.nakamura@example.edu"]
+# read at import: the tests' isolated environment drops every BULKMAIL_* variable
+SCREENSHOTS = os.environ.get("BULKMAIL_SCREENSHOTS")
+BROWSER_REQUIRED = bool(os.environ.get("BULKMAIL_TEST_BROWSER_REQUIRED"))
+DESKTOP, PHONE = (1280, 900), (390, 844)
+HOSTILE = (
+    "<p>Hello {{ name }}</p><script>parent.document.title = 'pwned';</script>"
+    '<img src="x" onerror="parent.document.body.dataset.pwned = 1">'
+)
 
 
 @dataclass
@@ -43,6 +54,10 @@ def server(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[Server]:
     templates = tmp_path / "templates"
     templates.mkdir()
     shutil.copy(REPO / "examples" / "reminder.txt", templates / "reminder.txt")
+    shutil.copy(REPO / "examples" / "reminder.html", templates / "reminder.html")
+    attachments = tmp_path / "attachments"
+    attachments.mkdir()
+    (attachments / "grading-policy.pdf").write_bytes(b"%PDF-1.4 the grading policy\n")
     env = {
         **os.environ,
         "BULKMAIL_PROVIDER": "smtp",
@@ -55,7 +70,7 @@ def server(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[Server]:
     cmd = [
         sys.executable, "-m", "bulkmail.web.dashboard", "--port", "0",
         "--store", str(tmp_path / "jobs.db"), "--templates", str(templates),
-        "--source", f"instructors={EXAMPLE_CSV}",
+        "--source", f"instructors={EXAMPLE_CSV}", "--attachments", str(attachments),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     assert proc.stdout is not None
@@ -103,12 +118,40 @@ def chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+class Pages:
+    """Screenshots of each page at a desktop's and a phone's width, each checked for
+    horizontal overflow at the phone's."""
+
+    def __init__(self, driver: Any, folder: Path) -> None:
+        self.driver = driver
+        self.folder = folder
+        self.taken: list[str] = []
+
+    def shoot(self, name: str) -> None:
+        driver = self.driver
+        for label, (width, height) in (("desktop", DESKTOP), ("phone", PHONE)):
+            driver.set_window_size(width, height)
+            # the layout settles at the new width before the measure and the picture
+            wide, inner, tall = driver.execute_script(
+                "return [document.documentElement.scrollWidth, window.innerWidth,"
+                " document.documentElement.scrollHeight]"
+            )
+            if label == "phone":
+                assert wide <= inner, f"{name}: {wide} px wide at a {inner} px phone"
+            # the whole page, not only what the window shows
+            driver.set_window_size(width, min(max(height, tall + 140), 5000))
+            shot = self.folder / f"{len(self.taken) // 2 + 1:02d}-{name}-{label}.png"
+            driver.save_screenshot(str(shot))
+            self.taken.append(shot.name)
+        driver.set_window_size(*DESKTOP)
+
+
 def test_a_person_sends_to_three_instructors_in_a_browser(
     server: Server, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     found = chromium()
     if found is None:
-        if os.environ.get("BULKMAIL_TEST_BROWSER_REQUIRED"):
+        if BROWSER_REQUIRED:
             pytest.fail("chromium and chromium-driver are required here (apt-get install them)")
         pytest.skip("no chromium/chromedriver: apt-get install chromium chromium-driver")
     from selenium import webdriver
@@ -122,30 +165,65 @@ def test_a_person_sends_to_three_instructors_in_a_browser(
     for flag in (
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,900",
+        "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--window-size={DESKTOP[0]},{DESKTOP[1]}", "--hide-scrollbars",
     ):  # fmt: skip
         options.add_argument(flag)
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+    shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots: {shots}")
     driver = webdriver.Chrome(service=Service(found[1]), options=options)
     wait = WebDriverWait(driver, 30)
+    pages = Pages(driver, shots)
     try:
         driver.get(f"{server.base}/dashboard/")
         wait.until(ec.presence_of_element_located((By.ID, "token")))
-        driver.save_screenshot(str(shots / "1-login.png"))
+        pages.shoot("login")
+        driver.find_element(By.ID, "token").send_keys("bm_not-a-token")
+        driver.find_element(By.CSS_SELECTOR, "form.login button").click()
+        wait.until(
+            lambda d: "Unknown or revoked token." in d.find_element(By.TAG_NAME, "main").text
+        )
+        pages.shoot("login-error")
         driver.find_element(By.ID, "token").send_keys(server.sender)
         driver.find_element(By.CSS_SELECTOR, "form.login button").click()
         wait.until(ec.presence_of_element_located((By.ID, "jobs")))
-        driver.save_screenshot(str(shots / "2-jobs-empty.png"))
+        wait.until(lambda d: d.find_element(By.ID, "no-jobs").is_displayed())
+        pages.shoot("jobs-empty")
 
         driver.find_element(By.LINK_TEXT, "New reminder").click()
-        Select(wait.until(ec.presence_of_element_located((By.ID, "source")))).select_by_value(
-            "instructors"
-        )
+        source = Select(wait.until(ec.presence_of_element_located((By.ID, "source"))))
+        source.select_by_value("instructors")
+        # a mistake: the CLI's one line in the page
+        subject = driver.find_element(By.ID, "subject")
+        subject.clear()
+        subject.send_keys("Reminder: {{ cours }}")
+        driver.find_element(By.ID, "load").click()
+        wait.until(lambda d: "did you mean 'course'?" in d.find_element(By.ID, "error").text)
+        pages.shoot("new-reminder-error")
+        subject.clear()
+        subject.send_keys(SUBJECT)
+
+        # an HTML template that tries to script the dashboard: previewed in a sandbox
+        Select(driver.find_element(By.ID, "html_template")).select_by_value("-text")
+        driver.find_element(By.ID, "html_template_text").send_keys(HOSTILE)
         driver.find_element(By.ID, "load").click()
         rows = "#recipients tbody tr"
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, rows)) == 12)
+        frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe.html-part")))
+        assert frame.get_attribute("sandbox") == ""
+        driver.switch_to.frame(frame)
+        wait.until(lambda d: "Hello Ada Whitfield" in d.find_element(By.TAG_NAME, "body").text)
+        driver.switch_to.default_content()
+        assert driver.title == "New reminder · bulkmail"
+        assert driver.execute_script("return document.body.dataset.pwned") is None
+
+        # the configured HTML template and an attachment, then all but three unticked
+        Select(driver.find_element(By.ID, "html_template")).select_by_value("reminder.html")
+        driver.find_element(By.CSS_SELECTOR, 'input[name="attach"]').click()
+        driver.find_element(By.ID, "load").click()
         wait.until(lambda d: "Subject: Reminder: CS101" in d.find_element(By.ID, "message").text)
+        wait.until(lambda d: "grading-policy.pdf" in d.find_element(By.ID, "message").text)
         driver.find_element(By.ID, "none").click()
         for email in THREE:
             driver.find_element(By.CSS_SELECTOR, f'input[value="{email}"]').click()
@@ -154,10 +232,11 @@ def test_a_person_sends_to_three_instructors_in_a_browser(
         # the highlighted instructor's exact message
         driver.find_element(By.XPATH, "//td[text()='Chen Wei']").click()
         wait.until(lambda d: "CHEM110" in d.find_element(By.ID, "message").text)
-        driver.save_screenshot(str(shots / "3-new-reminder.png"))
-        driver.set_window_size(390, 844)  # a phone
-        driver.save_screenshot(str(shots / "3b-new-reminder-phone.png"))
-        driver.set_window_size(1280, 900)
+        frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe.html-part")))
+        driver.switch_to.frame(frame)
+        wait.until(lambda d: "Dear Chen Wei" in d.find_element(By.TAG_NAME, "body").text)
+        driver.switch_to.default_content()
+        pages.shoot("new-reminder")
 
         send.click()
         wait.until(lambda d: d.find_element(By.ID, "progress").get_attribute("open") is not None)
@@ -170,14 +249,14 @@ def test_a_person_sends_to_three_instructors_in_a_browser(
         wait.until(
             lambda d: (field("sent"), field("sendable"), field("state")) == ("3", "3", "completed")
         )
-        driver.save_screenshot(str(shots / "4-progress.png"))
+        pages.shoot("progress")
         # reopening the page finds the job again
         driver.get(f"{server.base}/dashboard/new")
         wait.until(lambda d: d.find_element(By.ID, "progress").get_attribute("open") is not None)
         driver.find_element(By.ID, "close-progress").click()
         driver.get(f"{server.base}/dashboard/")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 1)
-        driver.save_screenshot(str(shots / "5-jobs.png"))
+        pages.shoot("jobs")
     finally:
         driver.quit()
     jobs = server.store.recent(10)
@@ -186,4 +265,9 @@ def test_a_person_sends_to_three_instructors_in_a_browser(
     assert sorted((d.email, d.state) for d in deliveries) == [(e, "sent") for e in sorted(THREE)]
     assert sorted(r for m in smtp_sink.messages for r in m.rcpt_tos) == sorted(THREE)
     assert jobs[0].job.created_by == "office"
-    print(f"screenshots: {shots}")
+    for received in smtp_sink.messages:
+        message = received.parse()
+        assert message.get_body(("html",)) is not None
+        assert [p.get_filename() for p in message.iter_attachments()] == ["grading-policy.pdf"]
+    assert len(pages.taken) == 14
+    print(f"screenshots: {shots}: {', '.join(pages.taken)}")

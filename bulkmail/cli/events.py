@@ -86,6 +86,14 @@ def serve(
             help="Folder whose files are the templates a dashboard request may name.",
         ),
     ] = None,
+    attachments: Annotated[
+        Path | None,
+        typer.Option(
+            "--attachments",
+            metavar="DIR",
+            help="Folder whose files a dashboard request may attach, by name.",
+        ),
+    ] = None,
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -101,7 +109,7 @@ def serve(
     if ctx.invoked_subcommand is not None:
         return  # `bulkmail serve token ...`
     from bulkmail import web
-    from bulkmail.web.dashboard.core import DashboardConfig, NamedSource
+    from bulkmail.web.dashboard.core import from_settings
 
     web.check_address(host, behind_proxy=behind_proxy)
     settings = load_config(config)
@@ -111,20 +119,16 @@ def serve(
             "no webhook signing secret: set BULKMAIL_MAILTRAP_WEBHOOK_SECRET "
             "(or webhook_secret under [mailtrap] in the config file)"
         )
-    sources: dict[str, NamedSource] = {}
-    for item in source or ():
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError(f"--source: expected NAME=PATH, got {item!r}")
-        kind = "xlsx" if path.lower().endswith(".xlsx") else "csv"
-        sources[name] = NamedSource(**{kind: str(Path(path).absolute())})
     db = open_store_for(store, settings)
     try:
-        dashboard = DashboardConfig(
-            store=db,
+        # [dashboard] of the config file, the options on top
+        dashboard = from_settings(
+            settings,
+            db,
             config_path=config,
-            sources=sources,
-            templates_dir=templates.absolute() if templates else None,
+            sources=source or (),
+            templates=templates,
+            attachments=attachments,
         )
         flask_app = web.create_app(
             web.WebConfig(store=db, mailtrap_webhook_secret=secret, dashboard=dashboard)

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="the bulkmail config file")
     parser.add_argument("--source", action="append", default=[], metavar="NAME=CSV")
     parser.add_argument("--templates", type=Path, help="the folder of templates")
+    parser.add_argument("--attachments", type=Path, help="the folder of attachments")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             config_path=args.config,
             sources=sources,
             templates_dir=args.templates.absolute() if args.templates else None,
+            attachments_dir=args.attachments.absolute() if args.attachments else None,
         )
     )
     server = waitress.create_server(app, host=args.host, port=args.port, threads=4)

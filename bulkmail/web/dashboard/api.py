@@ -99,6 +99,13 @@ def preview() -> Any:
     return jsonify(core.preview(config(), form, upload))
 
 
+@blueprint.get(f"{PREFIX}/sources")
+@api("viewer")
+def sources() -> Any:
+    """The sources, templates and attachments configured on the server, by name."""
+    return jsonify(core.choices(config()))
+
+
 @blueprint.get(f"{PREFIX}/job-status/<int:job_id>")
 @api("viewer")
 def job_status(job_id: int) -> Any:

@@ -11,6 +11,7 @@ with the temporary paths replaced by the names the user knows.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
@@ -52,7 +53,9 @@ class DashboardConfig:
 
     ``config_path``: the bulkmail config file the server was started with (the provider,
     sender and secrets; the workers it starts read it too). ``templates_dir``: the folder
-    whose files are the templates a request may name. ``secret_key``: signs the session
+    whose files are the templates (text or HTML) a request may name. ``attachments_dir``:
+    the folder whose files a request may attach, by name (or by a pattern such as
+    ``{{ course }}.pdf`` that must render to a file inside it). ``secret_key``: signs the session
     cookie; when neither it nor the host app's ``SECRET_KEY`` is set, a random key per
     process is made (sessions then end when the server restarts)."""
 
@@ -60,6 +63,7 @@ class DashboardConfig:
     config_path: str | None = None
     sources: Mapping[str, NamedSource] = field(default_factory=dict)
     templates_dir: Path | None = None
+    attachments_dir: Path | None = None
     secret_key: str | None = None
     max_body: int = MAX_BODY
     settings: Callable[[], Settings] | None = None  # tests; default: load_settings
@@ -70,10 +74,54 @@ class DashboardConfig:
         return load_settings(config=self.config_path)
 
     def template_names(self) -> list[str]:
-        folder = self.templates_dir
-        if folder is None or not folder.is_dir():
-            return []
-        return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name[:1] != ".")
+        return _file_names(self.templates_dir)
+
+    def attachment_names(self) -> list[str]:
+        return _file_names(self.attachments_dir)
+
+
+def _file_names(folder: Path | None) -> list[str]:
+    """The files directly in ``folder`` (hidden ones apart): what a request may name."""
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name[:1] != ".")
+
+
+def from_settings(
+    settings: Settings,
+    store: JobStore,
+    *,
+    config_path: str | None = None,
+    sources: Sequence[str] = (),
+    templates: Path | None = None,
+    attachments: Path | None = None,
+) -> DashboardConfig:
+    """``bulkmail serve``'s dashboard: the config file's ``[dashboard]`` section (and its
+    BULKMAIL_DASHBOARD_* variables), with the command line on top: ``--source NAME=PATH``
+    (repeatable) adds a source or replaces the file's of that name, ``--templates`` and
+    ``--attachments`` replace the file's folders."""
+    section = settings.dashboard
+    named = {name: NamedSource(**keys) for name, keys in section.sources.items()}
+    for item in sources:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--source: expected NAME=PATH, got {item!r}")
+        kind = "xlsx" if path.lower().endswith(".xlsx") else "csv"
+        named[name] = NamedSource(**{kind: str(Path(path).absolute())})
+
+    def folder(flag: Path | None, configured: str) -> Path | None:
+        if flag is not None:
+            return flag.absolute()
+        return Path(configured) if configured else None
+
+    return DashboardConfig(
+        store=store,
+        config_path=config_path,
+        sources=named,
+        templates_dir=folder(templates, section.templates),
+        attachments_dir=folder(attachments, section.attachments),
+        secret_key=section.secret_key or None,
+    )
 
 
 @dataclass(frozen=True)
@@ -154,18 +202,15 @@ def _options(
     template, text = _one(form, "template"), _one(form, "template_text")
     if (template is None) == (text is None):
         raise InputError("give exactly one template: template (a configured name) or template_text")
-    if template is not None:
-        if template not in cfg.template_names():
-            known = ", ".join(cfg.template_names()) or "none configured"
-            raise InputError(f"template {template!r}: no such template (known: {known})")
-        assert cfg.templates_dir is not None
-        template_path = str(cfg.templates_dir / template)
-    else:
-        assert text is not None
-        path = tmp / "template_text"
-        path.write_text(text, encoding="utf-8")
-        shown[str(path)] = "template_text"
-        template_path = str(path)
+    template_path = _template(cfg, "template", template, text, tmp, shown)
+    assert template_path is not None
+    html, html_text = _one(form, "html_template") or None, _one(form, "html_template_text") or None
+    if html is not None and html_text is not None:
+        raise InputError(
+            "give at most one HTML template: html_template (a configured name) "
+            "or html_template_text"
+        )
+    html_path = _template(cfg, "html_template", html, html_text, tmp, shown)
     subject = _one(form, "subject")
     if subject is None or not subject.strip():
         raise InputError("--subject: missing; give the subject (a template)")
@@ -176,6 +221,8 @@ def _options(
         db=src.db,
         query=src.query,
         template=template_path,
+        html_template=html_path,
+        attach=_attachments(cfg, form, shown),
         subject=subject,
         on_empty=_one(form, "on_empty"),
         only=selected(form) or (),
@@ -183,7 +230,7 @@ def _options(
     send = SendOptions(
         rate=_number(form, "rate", float),
         burst=_number(form, "burst", int),
-        max_retries=_number(form, "max_retries", int) or 3,
+        max_retries=_given_or(_number(form, "max_retries", int), 3),
         dedupe_key=(_one(form, "dedupe_key") or "").strip() or None,
         windows=tuple(w for w in _many(form, "window") or () if w.strip()),
         tz=_one(form, "tz") or None,
@@ -191,8 +238,68 @@ def _options(
         not_after=_one(form, "not_after") or None,
         per_hour=_number(form, "per_hour", int),
         per_day=_number(form, "per_day", int),
+        name=_one(form, "name") or None,
     )
     return opts, send
+
+
+def _given_or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _template(
+    cfg: DashboardConfig,
+    field: str,
+    name: str | None,
+    text: str | None,
+    tmp: Path,
+    shown: dict[str, str],
+) -> str | None:
+    """The path of a template a request gives by ``field`` (a configured template's name) or
+    ``field_text`` (the text itself, written to the request's temporary folder)."""
+    if name is not None:
+        names = cfg.template_names()
+        if name not in names:
+            known = ", ".join(names) or "none configured"
+            raise InputError(f"{field} {name!r}: no such template (known: {known})")
+        assert cfg.templates_dir is not None
+        return str(cfg.templates_dir / name)
+    if text is None:
+        return None
+    path = tmp / f"{field}_text"
+    path.write_text(text, encoding="utf-8")
+    shown[str(path)] = f"{field}_text"
+    return str(path)
+
+
+def _attachments(cfg: DashboardConfig, form: Form, shown: dict[str, str]) -> tuple[str, ...]:
+    """``attach``: names of files in the configured attachments folder, never a client's
+    path. A name with template syntax (``{{ course }}.pdf``) is a pattern as ``--attach``
+    takes it: rendered for each recipient, and refused when it leads out of the folder."""
+    given = [a.strip() for a in _many(form, "attach") or () if a.strip()]
+    if not given:
+        return ()
+    folder = cfg.attachments_dir
+    if folder is None:
+        raise InputError("attach: no attachments folder is configured on the server")
+    names = cfg.attachment_names()
+    base = os.path.join(str(folder.absolute()), "")
+    if any(d in base for d in ("{{", "{%", "{#")):
+        base = "{% raw %}" + base + "{% endraw %}"
+    # an error names an attachment as the request did, not by the server's folder (which
+    # the CLI's message shows relative to the current directory when it is under it)
+    cwd = os.path.join(os.getcwd(), "")
+    for folder_shown in {base, base.removeprefix(cwd)} - {""}:
+        for quote in "'\"":
+            shown[f"the folder {quote}{folder_shown}{quote}"] = "the attachments folder"
+            shown[quote + folder_shown] = quote
+    patterns: list[str] = []
+    for name in given:
+        if not any(d in name for d in ("{{", "{%", "{#")) and name not in names:
+            known = ", ".join(names) or "none in the folder"
+            raise InputError(f"attach {name!r}: no such attachment (known: {known})")
+        patterns.append(base + name)
+    return tuple(patterns)
 
 
 @contextmanager
@@ -207,6 +314,8 @@ def planned(cfg: DashboardConfig, form: Form, upload: Upload | None) -> Iterator
             plan = jobs.plan(opts, send, cfg.load_settings())
             if "template_text" in shown.values():
                 plan.templates = replace(plan.templates, text_name="template_text")
+            if "html_template_text" in shown.values():
+                plan.templates = replace(plan.templates, html_name="html_template_text")
             for path, name in shown.items():
                 if plan.source.description == path:
                     plan.source.description = f"upload {name}"
@@ -330,6 +439,15 @@ def preview(cfg: DashboardConfig, form: Form, upload: Upload | None) -> dict[str
         "html": message.html,
         "attachments": [a.filename for a in message.attachments],
         "skipped": None,
+    }
+
+
+def choices(cfg: DashboardConfig) -> dict[str, list[str]]:
+    """What a request may name: the configured sources, templates and attachments."""
+    return {
+        "sources": sorted(cfg.sources),
+        "templates": cfg.template_names(),
+        "attachments": cfg.attachment_names(),
     }
 
 

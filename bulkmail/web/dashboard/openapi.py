@@ -72,6 +72,20 @@ _SOURCE_FIELDS: dict[str, Any] = {
     "source": {"type": "string", "description": "a source configured on the server"},
     "template": {"type": "string", "description": "a template configured on the server"},
     "template_text": {"type": "string", "description": "the text template itself (Jinja2)"},
+    "html_template": {
+        "type": "string",
+        "description": "an HTML template configured on the server (as --html-template)",
+    },
+    "html_template_text": {
+        "type": "string",
+        "description": "the HTML template itself (Jinja2, autoescaped)",
+    },
+    "attach": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "files in the server's attachments folder, by name or by a pattern "
+        "such as {{ course }}.pdf (as --attach); never a path",
+    },
     "subject": {"type": "string", "description": "the subject template (Jinja2)"},
     "selected": {
         "type": "array",
@@ -84,7 +98,7 @@ _SEND_FIELDS: dict[str, Any] = {
     "rate": {"type": "number"},
     "burst": {"type": "integer"},
     "max_retries": {"type": "integer"},
-    "name": {"type": "string"},
+    "name": {"type": "string", "description": "the job's name (as --name)"},
     "dedupe_key": {"type": "string"},
     "per_hour": {"type": "integer"},
     "per_day": {"type": "integer"},
@@ -155,6 +169,14 @@ def document() -> dict[str, Any]:
                         },
                     },
                 },
+                "Choices": {
+                    "type": "object",
+                    "required": ["sources", "templates", "attachments"],
+                    "properties": {
+                        name: {"type": "array", "items": {"type": "string"}}
+                        for name in ("sources", "templates", "attachments")
+                    },
+                },
                 "Preview": {
                     "type": "object",
                     "required": ["to", "skipped"],
@@ -164,6 +186,7 @@ def document() -> dict[str, Any]:
                         "subject": {"type": "string"},
                         "text": {"type": "string"},
                         "html": {"type": ["string", "null"]},
+                        "attachments": {"type": "array", "items": {"type": "string"}},
                         "skipped": {"type": ["string", "null"]},
                     },
                 },
@@ -205,6 +228,12 @@ def document() -> dict[str, Any]:
                         "400": _error("bad input"),
                         **_AUTH,
                     },
+                }
+            },
+            "/api/bulk-email/sources": {
+                "get": {
+                    "summary": "The sources, templates and attachments a request may name (viewer)",
+                    "responses": {"200": _json("Choices", "the configured names"), **_AUTH},
                 }
             },
             "/api/bulk-email/job-status/{job_id}": {

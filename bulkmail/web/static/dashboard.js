@@ -111,7 +111,7 @@
         row.dataset.job = doc.id;
         const sendable = doc.total - doc.skipped - doc.cancelled;
         const percent = sendable > 0 ? Math.round((100 * (doc.sent + doc.failed)) / sendable) : 100;
-        const cells = [doc.id, doc.state, null, doc.subject, doc.source, doc.created_by || "cli", (doc.created_at || "").replace("T", " ").replace("Z", "")];
+        const cells = [doc.id, doc.state, null, doc.name || doc.subject, doc.source, doc.created_by || "cli", (doc.created_at || "").replace("T", " ").replace("Z", "")];
         cells.forEach((value, n) => {
           const cell = row.insertCell();
           if (n === 2) {
@@ -132,14 +132,17 @@
   const form = $("#reminder");
   if (!form) return;
   const source = $("#source"), csvInput = $("#csv"), template = $("#template"), templateText = $("#template_text");
+  const htmlTemplate = $("#html_template"), htmlText = $("#html_template_text");
   let plan = null, highlighted = null;
 
   function syncInputs() {
     csvInput.hidden = source.value !== "";
     templateText.hidden = template.value !== "";
+    htmlText.hidden = htmlTemplate.value !== "-text";
   }
   source.addEventListener("change", syncInputs);
   template.addEventListener("change", syncInputs);
+  htmlTemplate.addEventListener("change", syncInputs);
   syncInputs();
 
   function baseForm() {
@@ -148,7 +151,10 @@
     else if (csvInput.files.length) data.append("csv", csvInput.files[0]);
     if (template.value) data.append("template", template.value);
     else data.append("template_text", templateText.value);
-    for (const name of ["subject", "rate", "per_hour", "per_day", "window", "dedupe_key"]) {
+    if (htmlTemplate.value === "-text") data.append("html_template_text", htmlText.value);
+    else if (htmlTemplate.value) data.append("html_template", htmlTemplate.value);
+    for (const box of form.querySelectorAll('input[name="attach"]:checked')) data.append("attach", box.value);
+    for (const name of ["subject", "name", "rate", "per_hour", "per_day", "window", "dedupe_key"]) {
       const value = form.elements[name].value.trim();
       if (value) data.append(name, value);
     }
@@ -196,10 +202,29 @@
         line.textContent = label + ": " + value;
         head.append(line);
       }
+      if (message.attachments && message.attachments.length) {
+        const line = document.createElement("div");
+        line.className = "attached";
+        line.textContent = "Attachments: " + message.attachments.join(", ");
+        head.append(line);
+      }
       const body = document.createElement("div");
       body.className = "body";
       body.textContent = message.text;
       box.append(head, body);
+      if (message.html !== null && message.html !== undefined) {
+        // the HTML part in a sandbox: no scripts, an opaque origin (never this page's)
+        const label = document.createElement("div");
+        label.className = "part";
+        label.textContent = "HTML part";
+        const frame = document.createElement("iframe");
+        frame.className = "html-part";
+        frame.setAttribute("sandbox", "");
+        frame.setAttribute("referrerpolicy", "no-referrer");
+        frame.title = "HTML part of the message";
+        frame.srcdoc = message.html;
+        box.append(label, frame);
+      }
     } catch (error) { box.textContent = error.message; }
   }
 
