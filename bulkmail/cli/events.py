@@ -69,6 +69,19 @@ def serve(
             help="A TLS proxy is in front: allow a non-loopback --host.",
         ),
     ] = False,
+    cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--cert",
+            metavar="FILE",
+            help="Serve HTTPS with this PEM certificate (chain), with --key; allows a "
+            "non-loopback --host.",
+        ),
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", metavar="FILE", help="The certificate's PEM private key."),
+    ] = None,
     source: Annotated[
         list[str] | None,
         typer.Option(
@@ -91,19 +104,25 @@ def serve(
 ) -> None:
     """Receive Mailtrap webhooks at POST /webhooks/mailtrap (signed with
     BULKMAIL_MAILTRAP_WEBHOOK_SECRET) and serve the dashboard at / and its API at
-    /api/bulk-email/ (log in with a token from `bulkmail serve token add`).
+    /api/bulk-email/ (log in with a token from `bulkmail serve token add`). Loopback only,
+    unless over HTTPS (--cert/--key) or behind a TLS proxy (--behind-proxy).
 
     Example:
 
     \b
       bulkmail serve --source instructors=examples/instructors.csv --templates examples
+      bulkmail serve --host 0.0.0.0 --port 8443 --cert server.pem --key server.key
     """
     if ctx.invoked_subcommand is not None:
         return  # `bulkmail serve token ...`
     from bulkmail import web
     from bulkmail.web.dashboard.core import DashboardConfig, NamedSource
 
-    web.check_address(host, behind_proxy=behind_proxy)
+    if (cert is None) != (key is None):
+        given, missing = ("--cert", "--key") if key is None else ("--key", "--cert")
+        raise InputError(f"{given} needs {missing} too: HTTPS takes a certificate and its key")
+    web.check_address(host, behind_proxy=behind_proxy, tls=cert is not None)
+    tls = web.load_tls(cert, key) if cert is not None and key is not None else None
     settings = load_config(config)
     secret = settings.mailtrap.webhook_secret
     if not secret:
@@ -127,13 +146,19 @@ def serve(
             templates_dir=templates.absolute() if templates else None,
         )
         flask_app = web.create_app(
-            web.WebConfig(store=db, mailtrap_webhook_secret=secret, dashboard=dashboard)
+            web.WebConfig(
+                store=db,
+                mailtrap_webhook_secret=secret,
+                dashboard=dashboard,
+                https=tls is not None or behind_proxy,
+            )
         )
+        scheme = "https" if tls is not None else "http"
         environment().note(
-            f"bulkmail: serving on http://{host}:{port}/ (webhooks at /webhooks/mailtrap; "
+            f"bulkmail: serving on {scheme}://{host}:{port}/ (webhooks at /webhooks/mailtrap; "
             "Ctrl-C to stop)"
         )
-        web.serve(flask_app, host=host, port=port, behind_proxy=behind_proxy)
+        web.serve(flask_app, host=host, port=port, behind_proxy=behind_proxy, tls=tls)
     finally:
         db.close()
 
