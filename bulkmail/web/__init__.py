@@ -11,10 +11,11 @@ waitress has no TLS at all.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bulkmail.errors import ConfigError, InputError, file_error
 from bulkmail.providers.tls import is_loopback
@@ -175,21 +176,22 @@ def serve(
 
 
 def _serve_tls(app: Flask, *, host: str, port: int, tls: Tls, threads: int) -> None:
-    """HTTPS with cheroot's WSGI server and its adapter for the standard ``ssl`` module,
-    given our context (TLS 1.2+, default ciphers). Ctrl-C or SIGTERM (a KeyboardInterrupt in
+    """HTTPS with cheroot's WSGI server and our context (TLS 1.2+, default ciphers), the
+    handshake on a worker thread (``_tls_classes``). Ctrl-C or SIGTERM (a KeyboardInterrupt in
     this, the main thread) stops it: the listening socket closed, the workers joined."""
     try:
         from cheroot import wsgi
-        from cheroot.ssl.builtin import BuiltinSSLAdapter
     except ImportError:
         raise _missing_server("cheroot for --cert/--key") from None
+    adapter_class, connection_class = _tls_classes()
     server = wsgi.Server((host, port), app, numthreads=threads, server_name="bulkmail")
     # the same limits as waitress: Flask answers 413 past MAX_CONTENT_LENGTH
     server.max_request_body_size = int(app.config["MAX_CONTENT_LENGTH"]) + 1
     server.max_request_header_size = 256 * 1024
-    adapter = BuiltinSSLAdapter(str(tls.cert), str(tls.key))
+    adapter = adapter_class(str(tls.cert), str(tls.key))
     adapter.context = tls.context
     server.ssl_adapter = adapter
+    server.ConnectionClass = connection_class
     try:
         try:
             server.prepare()
@@ -198,3 +200,36 @@ def _serve_tls(app: Flask, *, host: str, port: int, tls: Tls, threads: int) -> N
         server.serve()
     finally:
         server.stop()
+
+
+def _tls_classes() -> tuple[type[Any], type[Any]]:
+    """cheroot's TLS adapter and connection, changed so the TLS handshake happens on the
+    worker thread that serves the connection. cheroot's own adapter shakes hands in the one
+    thread that accepts connections, so a client that connects and sends nothing stalled
+    every other client for the socket timeout (10 s). Here ``wrap`` only wraps, and the
+    connection shakes hands before its first request; a failed handshake (plain HTTP, a
+    client that does not trust the certificate, a timeout) just closes the connection."""
+    from cheroot.server import HTTPConnection
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+    class Adapter(BuiltinSSLAdapter):
+        def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, str]]:
+            wrapped = self.context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+            return wrapped, {"wsgi.url_scheme": "https", "HTTPS": "on"}
+
+    class Connection(HTTPConnection):
+        handshaken = False
+
+        def communicate(self) -> bool:
+            if not self.handshaken:
+                try:
+                    self.socket.do_handshake()
+                except OSError:  # ssl.SSLError and timeouts included
+                    return False
+                self.handshaken = True
+            keep_open: bool = super().communicate()  # type: ignore[no-untyped-call]
+            return keep_open
+
+    return Adapter, Connection
