@@ -29,6 +29,7 @@ from bulkmail.providers.settings import (
     SmtpSettings,
     is_path,
     is_secret,
+    local_path,
     public_settings,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "SMTP_SECURITY",
     "MailtrapSettings",
     "OutboxSettings",
+    "ServeSettings",
     "Settings",
     "SmtpSettings",
     "find_config",
@@ -47,6 +49,15 @@ __all__ = [
 
 OUTBOX_FALLBACK_SENDER = "bulkmail@localhost"
 """The sender of a provider that needs none configured (the outbox) when none is."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``[serve]``: the certificate and key ``bulkmail serve`` serves HTTPS with, when no
+    ``--cert/--key`` is given (env BULKMAIL_SERVE_CERT, BULKMAIL_SERVE_KEY)."""
+
+    cert: str = local_path()
+    key: str = local_path()
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Settings:
     mailtrap: MailtrapSettings = field(default_factory=MailtrapSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     imap: ImapSettings = field(default_factory=ImapSettings)  # `bulkmail bounces --imap`
+    serve: ServeSettings = field(default_factory=ServeSettings)  # `bulkmail serve` HTTPS
     warnings: tuple[str, ...] = ()
     config_path: str = ""
 
@@ -119,7 +131,7 @@ _DEFAULT_KEYS = {
 }
 _DEFAULT_TYPES = {"rate": "float", "burst": "int", "cc": "list", "bcc": "list"}
 # config sections that are not providers: name -> settings class (a Settings attribute)
-_OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings}
+_OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings, "serve": ServeSettings}
 
 
 def user_config_path() -> Path:

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from bulkmail import web
-from bulkmail.errors import InputError
+from bulkmail.errors import ConfigError, InputError
 from bulkmail.store import open_store
 from bulkmail.web.auth import add_token
 from tests.test_serve import SECRET, free_port, wait_for_port
@@ -258,3 +258,30 @@ def test_the_session_cookie_is_secure_only_when_the_browser_sees_https(
             assert ("; Secure" in cookie) is https, cookie
     finally:
         s.close()
+
+
+def test_serve_section_of_the_config_file_gives_the_certificate(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bulkmail.config import ServeSettings, load_settings
+
+    for var in ("BULKMAIL_SERVE_CERT", "BULKMAIL_SERVE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    config = pki.cert.parent / "bulkmail.toml"
+    config.write_text('[serve]\ncert = "server.pem"\nkey = "server.key"\n', encoding="utf-8")
+    serve = load_settings(config=str(config), env={}).serve
+    assert (serve.cert, serve.key) == (str(pki.cert), str(pki.key))  # beside the file
+    tls = web.choose_tls(None, None, serve)
+    assert tls is not None and (tls.cert, tls.key) == (pki.cert, pki.key)
+    # the options win over the file; none anywhere is plain HTTP
+    other = tmp_path / "other.pem"
+    with pytest.raises(InputError, match=r"other\.pem: no such file"):
+        web.choose_tls(other, pki.key, serve)
+    assert web.choose_tls(None, None, ServeSettings()) is None
+    with pytest.raises(InputError, match=r"^--key needs --cert too"):
+        web.choose_tls(None, pki.key, serve)
+    with pytest.raises(ConfigError, match=r"^\[serve\] cert and key go together"):
+        web.choose_tls(None, None, ServeSettings(cert=str(pki.cert)))
+    env = {"BULKMAIL_SERVE_CERT": str(pki.cert), "BULKMAIL_SERVE_KEY": str(pki.other_key)}
+    with pytest.raises(InputError, match="does not match the certificate"):
+        web.choose_tls(None, None, load_settings(config=None, env=env).serve)

@@ -75,7 +75,7 @@ def serve(
             "--cert",
             metavar="FILE",
             help="Serve HTTPS with this PEM certificate (chain), with --key; allows a "
-            "non-loopback --host.",
+            "non-loopback --host (default: cert under [serve] in the config file).",
         ),
     ] = None,
     key: Annotated[
@@ -118,12 +118,9 @@ def serve(
     from bulkmail import web
     from bulkmail.web.dashboard.core import DashboardConfig, NamedSource
 
-    if (cert is None) != (key is None):
-        given, missing = ("--cert", "--key") if key is None else ("--key", "--cert")
-        raise InputError(f"{given} needs {missing} too: HTTPS takes a certificate and its key")
-    web.check_address(host, behind_proxy=behind_proxy, tls=cert is not None)
-    tls = web.load_tls(cert, key) if cert is not None and key is not None else None
     settings = load_config(config)
+    tls = web.choose_tls(cert, key, settings.serve)  # --cert/--key, else [serve]
+    web.check_address(host, behind_proxy=behind_proxy, tls=tls is not None)
     secret = settings.mailtrap.webhook_secret
     if not secret:
         raise ConfigError(

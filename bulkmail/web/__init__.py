@@ -23,10 +23,20 @@ from bulkmail.providers.tls import is_loopback
 if TYPE_CHECKING:
     from flask import Flask
 
+    from bulkmail.config import ServeSettings
     from bulkmail.store.contract import JobStore
     from bulkmail.web.dashboard.core import DashboardConfig
 
-__all__ = ["MAX_BODY", "Tls", "WebConfig", "check_address", "create_app", "load_tls", "serve"]
+__all__ = [
+    "MAX_BODY",
+    "Tls",
+    "WebConfig",
+    "check_address",
+    "choose_tls",
+    "create_app",
+    "load_tls",
+    "serve",
+]
 
 MAX_BODY = 5 * 1024 * 1024  # a webhook body larger than this is refused (413)
 
@@ -119,6 +129,24 @@ def load_tls(cert: Path, key: Path) -> Tls:
             ) from None
         raise InputError(f"{_shown(key)}: not a PEM private key") from None
     return Tls(cert=cert, key=key, context=context)
+
+
+def choose_tls(cert: Path | None, key: Path | None, configured: ServeSettings) -> Tls | None:
+    """The TLS of ``serve``: ``--cert/--key`` (both or neither), else ``[serve]`` cert and
+    key of the config file (both or neither), else none (plain HTTP)."""
+    if cert is not None or key is not None:
+        if cert is None or key is None:
+            given, missing = ("--cert", "--key") if key is None else ("--key", "--cert")
+            raise InputError(f"{given} needs {missing} too: HTTPS takes a certificate and its key")
+        return load_tls(cert, key)
+    if configured.cert or configured.key:
+        if not (configured.cert and configured.key):
+            raise ConfigError(
+                "[serve] cert and key go together (or BULKMAIL_SERVE_CERT and "
+                "BULKMAIL_SERVE_KEY): HTTPS takes a certificate and its key"
+            )
+        return load_tls(Path(configured.cert), Path(configured.key))
+    return None
 
 
 def _shown(path: Path) -> str:
