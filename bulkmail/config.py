@@ -41,6 +41,7 @@ __all__ = [
     "DashboardSettings",
     "MailtrapSettings",
     "OutboxSettings",
+    "ServeSettings",
     "Settings",
     "SmtpSettings",
     "find_config",
@@ -72,6 +73,15 @@ class DashboardSettings:
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    """``[serve]``: the certificate and key ``bulkmail serve`` serves HTTPS with, when no
+    ``--cert/--key`` is given (env BULKMAIL_SERVE_CERT, BULKMAIL_SERVE_KEY)."""
+
+    cert: str = local_path()
+    key: str = local_path()
+
+
+@dataclass(frozen=True)
 class Settings:
     provider: str = ""  # empty: nothing configured -> outbox
     sender: str = ""  # the "from" key
@@ -92,6 +102,7 @@ class Settings:
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     imap: ImapSettings = field(default_factory=ImapSettings)  # `bulkmail bounces --imap`
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)  # `bulkmail serve`
+    serve: ServeSettings = field(default_factory=ServeSettings)  # `bulkmail serve` HTTPS
     warnings: tuple[str, ...] = ()
     config_path: str = ""
 
@@ -156,7 +167,11 @@ _DEFAULT_TYPES = {
     "throttle_pause": "float",
 }
 # config sections that are not providers: name -> settings class (a Settings attribute)
-_OTHER_SECTIONS: dict[str, type[Any]] = {"imap": ImapSettings, "dashboard": DashboardSettings}
+_OTHER_SECTIONS: dict[str, type[Any]] = {
+    "imap": ImapSettings,
+    "dashboard": DashboardSettings,
+    "serve": ServeSettings,
+}
 
 
 def user_config_path() -> Path:

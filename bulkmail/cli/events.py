@@ -69,6 +69,19 @@ def serve(
             help="A TLS proxy is in front: allow a non-loopback --host.",
         ),
     ] = False,
+    cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--cert",
+            metavar="FILE",
+            help="Serve HTTPS with this PEM certificate (chain), with --key; allows a "
+            "non-loopback --host (default: cert under [serve] in the config file).",
+        ),
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", metavar="FILE", help="The certificate's PEM private key."),
+    ] = None,
     source: Annotated[
         list[str] | None,
         typer.Option(
@@ -99,20 +112,23 @@ def serve(
 ) -> None:
     """Receive Mailtrap webhooks at POST /webhooks/mailtrap (signed with
     BULKMAIL_MAILTRAP_WEBHOOK_SECRET) and serve the dashboard at / and its API at
-    /api/bulk-email/ (log in with a token from `bulkmail serve token add`).
+    /api/bulk-email/ (log in with a token from `bulkmail serve token add`). Loopback only,
+    unless over HTTPS (--cert/--key) or behind a TLS proxy (--behind-proxy).
 
     Example:
 
     \b
       bulkmail serve --source instructors=examples/instructors.csv --templates examples
+      bulkmail serve --host 0.0.0.0 --port 8443 --cert server.pem --key server.key
     """
     if ctx.invoked_subcommand is not None:
         return  # `bulkmail serve token ...`
     from bulkmail import web
     from bulkmail.web.dashboard.core import from_settings
 
-    web.check_address(host, behind_proxy=behind_proxy)
     settings = load_config(config)
+    tls = web.choose_tls(cert, key, settings.serve)  # --cert/--key, else [serve]
+    web.check_address(host, behind_proxy=behind_proxy, tls=tls is not None)
     secret = settings.mailtrap.webhook_secret
     if not secret:
         raise ConfigError(
@@ -131,13 +147,19 @@ def serve(
             attachments=attachments,
         )
         flask_app = web.create_app(
-            web.WebConfig(store=db, mailtrap_webhook_secret=secret, dashboard=dashboard)
+            web.WebConfig(
+                store=db,
+                mailtrap_webhook_secret=secret,
+                dashboard=dashboard,
+                https=tls is not None or behind_proxy,
+            )
         )
+        scheme = "https" if tls is not None else "http"
         environment().note(
-            f"bulkmail: serving on http://{host}:{port}/ (webhooks at /webhooks/mailtrap; "
+            f"bulkmail: serving on {scheme}://{host}:{port}/ (webhooks at /webhooks/mailtrap; "
             "Ctrl-C to stop)"
         )
-        web.serve(flask_app, host=host, port=port, behind_proxy=behind_proxy)
+        web.serve(flask_app, host=host, port=port, behind_proxy=behind_proxy, tls=tls)
     finally:
         db.close()
 
