@@ -22,7 +22,7 @@ from bulkmail.cli.common import (
 )
 from bulkmail.cli.env import environment
 from bulkmail.cli.tokens import tokens
-from bulkmail.errors import ConfigError, InputError
+from bulkmail.errors import InputError
 
 if TYPE_CHECKING:
     from bulkmail.store.records import EventSummary, Suppression
@@ -110,9 +110,9 @@ def serve(
     store: StoreOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Receive Mailtrap webhooks at POST /webhooks/mailtrap (signed with
-    BULKMAIL_MAILTRAP_WEBHOOK_SECRET) and serve the dashboard at / and its API at
-    /api/bulk-email/ (log in with a token from `bulkmail serve token add`). Loopback only,
+    """Serve the dashboard at / and its API at /api/bulk-email/ (log in with a token from
+    `bulkmail serve token add`), and receive Mailtrap webhooks at POST /webhooks/mailtrap
+    when their signing secret is set (BULKMAIL_MAILTRAP_WEBHOOK_SECRET). Loopback only,
     unless over HTTPS (--cert/--key) or behind a TLS proxy (--behind-proxy).
 
     Example:
@@ -129,12 +129,7 @@ def serve(
     settings = load_config(config)
     tls = web.choose_tls(cert, key, settings.serve)  # --cert/--key, else [serve]
     web.check_address(host, behind_proxy=behind_proxy, tls=tls is not None)
-    secret = settings.mailtrap.webhook_secret
-    if not secret:
-        raise ConfigError(
-            "no webhook signing secret: set BULKMAIL_MAILTRAP_WEBHOOK_SECRET "
-            "(or webhook_secret under [mailtrap] in the config file)"
-        )
+    secret = settings.mailtrap.webhook_secret or None  # None: no webhook route
     db = open_store_for(store, settings)
     try:
         # [dashboard] of the config file, the options on top
@@ -155,9 +150,13 @@ def serve(
             )
         )
         scheme = "https" if tls is not None else "http"
+        hooks = (
+            "webhooks at /webhooks/mailtrap"
+            if secret
+            else "no webhooks: set BULKMAIL_MAILTRAP_WEBHOOK_SECRET to receive them"
+        )
         environment().note(
-            f"bulkmail: serving on {scheme}://{host}:{port}/ (webhooks at /webhooks/mailtrap; "
-            "Ctrl-C to stop)"
+            f"bulkmail: serving on {scheme}://{host}:{port}/ ({hooks}; Ctrl-C to stop)"
         )
         web.serve(flask_app, host=host, port=port, behind_proxy=behind_proxy, tls=tls)
     finally:

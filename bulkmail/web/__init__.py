@@ -44,7 +44,8 @@ MAX_BODY = 5 * 1024 * 1024  # a webhook body larger than this is refused (413)
 @dataclass(frozen=True)
 class WebConfig:
     store: JobStore
-    mailtrap_webhook_secret: str
+    # None: no signing secret configured, so no webhook route (a dashboard-only server)
+    mailtrap_webhook_secret: str | None
     max_body: int = MAX_BODY
     # the dashboard and its HTTP API (bulkmail.web.dashboard), served beside the webhooks
     dashboard: DashboardConfig | None = None
@@ -70,7 +71,8 @@ def create_app(config: WebConfig) -> Flask:
     app = _flask()(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.extensions["bulkmail"] = config
-    app.register_blueprint(blueprint, url_prefix="/webhooks")
+    if config.mailtrap_webhook_secret:
+        app.register_blueprint(blueprint, url_prefix="/webhooks")
     if config.dashboard is not None:
         from bulkmail.web.dashboard import init_app
 

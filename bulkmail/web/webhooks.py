@@ -33,6 +33,7 @@ def _error(status: int, message: str) -> ResponseReturnValue:
 @blueprint.post("/mailtrap")
 def mailtrap() -> ResponseReturnValue:
     config = _config()
+    assert config.mailtrap_webhook_secret  # the blueprint is registered only with one
     body = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH
     if not events.signature_ok(
         config.mailtrap_webhook_secret, body, request.headers.get("Mailtrap-Signature")
