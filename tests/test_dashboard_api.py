@@ -704,3 +704,96 @@ def test_a_template_from_a_request_cannot_reach_python(site: Site, client: Flask
         assert answer.status_code == 400, answer.json
         assert answer.json is not None and "unsafe" in answer.json["error"], answer.json
     assert site.store.recent(10) == []
+
+
+def _course_db(tmp_path: Path) -> str:
+    path = tmp_path / "course.db"
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / "make_course_db.py"), str(path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return f"sqlite:///{path}"
+
+
+def test_recheck_from_the_api_records_the_query_and_its_worker_sends(
+    tmp_path: Path, smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`recheck` (as --recheck) with a configured course-database source: the job records
+    the server's query, a real worker runs it again and sends; with a CSV source it is the
+    CLI's one line and nothing is created; a value that is not yes/no is named."""
+    from bulkmail.web.dashboard.core import NamedSource
+
+    smtp_environment(monkeypatch, smtp_sink)
+    query = (
+        "SELECT i.name, i.email, c.code AS course, c.starts_on AS due_date FROM instructors i"
+        " JOIN courses c ON c.instructor_id = i.id WHERE i.id <= 2"
+    )
+    site = make_site(tmp_path)
+    site.config.sources = {
+        **site.config.sources,
+        "course": NamedSource(db=_course_db(tmp_path), query=query),
+    }
+    client = site.app.test_client()
+    try:
+        sender = site.bearer(site.sender)
+        form = {**send_form(), "source": "course", "recheck": True}
+        answer = client.post(f"{API}/send-instructor-reminders", json=form, headers=sender)
+        assert answer.status_code == 202, answer.json
+        assert answer.json is not None
+        job = site.store.get_job(answer.json["job_id"])
+        assert job.recheck_query == query
+        assert job.recheck_url == f"sqlite:///{tmp_path / 'course.db'}"
+        assert wait_finished(site.store, job.id) == "completed"
+        assert sorted(r for m in smtp_sink.messages for r in m.rcpt_tos) == [
+            "ada.whitfield@example.edu",
+            "b.okafor@example.edu",
+        ]
+        csv_form = {**send_form(), "recheck": "on"}
+        refused = client.post(f"{API}/send-instructor-reminders", json=csv_form, headers=sender)
+        assert refused.status_code == 400 and refused.json is not None
+        assert "--recheck" in refused.json["error"] and "\n" not in refused.json["error"]
+        odd = client.post(
+            f"{API}/send-instructor-reminders",
+            json={**form, "recheck": "maybe"},
+            headers=sender,
+        )
+        assert odd.status_code == 400 and odd.json is not None
+        assert odd.json["error"] == "--recheck: must be true or false, got 'maybe'"
+        assert [v.job.id for v in site.store.recent(10)] == [job.id]
+    finally:
+        site.store.close()
+
+
+def test_a_worker_for_a_recheck_job_gets_the_password_from_the_configured_source(
+    tmp_path: Path,
+) -> None:
+    """The job keeps the URL without its password; the worker the dashboard starts gets
+    the configured source's URL (with it) in its environment, never a foreign one."""
+    from bulkmail.web.dashboard.core import NamedSource, _worker_env
+    from tests.test_store import new_job, people
+
+    site = make_site(tmp_path)
+    try:
+        job_id = site.store.create_job(
+            new_job(
+                recheck_url="postgresql://reader:***@db.example.edu/courses",
+                recheck_query="SELECT name, email FROM due",
+            ),
+            people(1),
+            now=1.0,
+            domain="example.edu",
+        )
+        site.config.sources = {
+            "other": NamedSource(db="postgresql://reader:x@elsewhere/courses", query="q"),
+            "courses": NamedSource(
+                db="postgresql://reader:s3cret@db.example.edu/courses", query="q"
+            ),
+        }
+        env = _worker_env(site.config, job_id)
+        assert env["BULKMAIL_DB"] == "postgresql://reader:s3cret@db.example.edu/courses"
+        site.config.sources = {"other": site.config.sources["other"]}
+        assert "BULKMAIL_DB" not in _worker_env(site.config, job_id)
+    finally:
+        site.store.close()

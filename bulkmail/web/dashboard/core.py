@@ -239,8 +239,34 @@ def _options(
         per_hour=_number(form, "per_hour", int),
         per_day=_number(form, "per_day", int),
         name=_one(form, "name") or None,
+        recheck=_flag(form, "recheck"),
     )
     return opts, send
+
+
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("", "0", "false", "off", "no")
+
+
+def _flag(form: Form, name: str) -> bool:
+    """A yes/no field (a ticked checkbox sends "on"; JSON true arrives as "True")."""
+    text = (_one(form, name) or "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InputError(f"--{name.replace('_', '-')}: must be true or false, got {text!r}")
+
+
+def _worker_env(cfg: DashboardConfig, job_id: int) -> dict[str, str]:
+    """The environment a worker for the job needs (``jobs.worker_env``): with --recheck,
+    the course database URL with its password, from the configured source naming the
+    database the job records (the job keeps it without the password)."""
+    from bulkmail.recheck import runtime_url
+
+    recorded = cfg.store.get_job(job_id).recheck_url
+    candidates = [s.db for s in cfg.sources.values() if s.db]
+    db_url = runtime_url(recorded, candidates) if recorded is not None else None
+    return jobs.worker_env(cfg.load_settings(), db_url)
 
 
 def _given_or(value: Any, default: Any) -> Any:
@@ -356,7 +382,9 @@ def send(cfg: DashboardConfig, form: Form, upload: Upload | None, who: Identity)
     with planned(cfg, form, upload) as plan:
         _checked_summary(cfg.store, plan)
         job_id = jobs.create_job(cfg.store, plan, created_by=who.name)
-    started = jobs.start_detached(cfg.store, job_id, config=cfg.config_path)
+    started = jobs.start_detached(
+        cfg.store, job_id, config=cfg.config_path, env=_worker_env(cfg, job_id)
+    )
     return Started(job_id, _detached_document(cfg.store, started))
 
 
@@ -476,7 +504,9 @@ def resume(cfg: DashboardConfig, job_id: int) -> tuple[bool, documents.JobDocume
     nothing = jobs.check_resume(cfg.store, job_id)
     if nothing is not None:
         return False, documents.job_document(nothing.view)
-    started = jobs.start_detached(cfg.store, job_id, config=cfg.config_path)
+    started = jobs.start_detached(
+        cfg.store, job_id, config=cfg.config_path, env=_worker_env(cfg, job_id)
+    )
     return True, _detached_document(cfg.store, started)
 
 
@@ -484,5 +514,7 @@ def retry(cfg: DashboardConfig, job_id: int) -> tuple[bool, documents.JobDocumen
     count = jobs.prepare_retry(cfg.store, job_id)
     if not isinstance(count, int):
         return False, documents.job_document(count.view)
-    started = jobs.start_detached(cfg.store, job_id, config=cfg.config_path)
+    started = jobs.start_detached(
+        cfg.store, job_id, config=cfg.config_path, env=_worker_env(cfg, job_id)
+    )
     return True, _detached_document(cfg.store, started)

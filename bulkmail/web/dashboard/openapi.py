@@ -106,6 +106,11 @@ _SEND_FIELDS: dict[str, Any] = {
     "tz": {"type": "string"},
     "not_before": {"type": "string"},
     "not_after": {"type": "string"},
+    "recheck": {
+        "type": "boolean",
+        "description": "with a course-database source: run its query again before each send "
+        "and skip who it no longer returns (as --recheck)",
+    },
 }
 
 

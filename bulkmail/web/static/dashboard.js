@@ -158,6 +158,7 @@
       const value = form.elements[name].value.trim();
       if (value) data.append(name, value);
     }
+    if (form.elements.recheck.checked) data.append("recheck", "on");
     return data;
   }
 
