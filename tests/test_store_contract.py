@@ -735,3 +735,24 @@ class TestWhatCountsTowardsTheCaps:
         assert {"delivery_id", "worker_id"} <= columns and "ix_sends_delivery" in indexes
         assert [tuple(r) for r in old] == [(None, None)]  # an older row counts as before
         s.close()
+
+
+def test_the_account_sends_the_caps_count_are_read_for_a_calendar(reads: Reads) -> None:
+    store = reads.store
+    job_id = store.create_job(new_job(per_day=9), people(3), now=1.0, domain="d")
+    other = store.create_job(new_job(account="smtp:else"), people(1), now=1.0, domain="d")
+    start(store, job_id, now=100.0)
+    start(store, other, worker="w2", now=100.0)
+    clock = [0.0]
+    store.clock = lambda: clock[0]  # the store's time (the database's clock otherwise)
+    try:
+        for now in (150.0, 250.0):
+            clock[0] = now
+            assert isinstance(store.claim(job_id, "w1", now=now), Claimed)
+        clock[0] = 260.0
+        assert isinstance(store.claim(other, "w2", now=260.0), Claimed)
+    finally:
+        store.clock = None
+    assert reads.reader.account_sends("outbox:/tmp/x", since=0.0) == [150.0, 250.0]
+    assert reads.reader.account_sends("outbox:/tmp/x", since=150.0) == [250.0]
+    assert reads.reader.account_sends("nobody", since=0.0) == []

@@ -106,6 +106,12 @@ class StoreReader(Protocol):
         """The suppression list's entry for ``email`` (any case), or None."""
         ...
 
+    def account_sends(self, account: str, *, since: float) -> list[float]:
+        """When the account's messages counted by its caps (the ``sends`` log: sent, in
+        flight, in doubt or refused, by any job) went out after ``since``, oldest first:
+        what a new job's calendar starts from."""
+        ...
+
 
 class JobStore(StoreReader, Protocol):
     """The whole job store: job lifecycle, worker leases, claims, rate slots and reads."""
