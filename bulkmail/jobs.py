@@ -46,6 +46,7 @@ from bulkmail.store import (
     JobView,
     NewDelivery,
     NewJob,
+    StoreReader,
     dedupe_reason,
 )
 from bulkmail.store.records import Suppression, creating_refusal, suppression_reason
@@ -514,6 +515,7 @@ def dry_run(
     taken: Mapping[str, tuple[int, str]] | None = None,
     now: float | None = None,
     suppressed: Mapping[str, Suppression] | None = None,
+    history: Sequence[float] = (),
 ) -> DryRun:
     """Validate and render everything as ``create_job`` would, and create nothing.
 
@@ -523,8 +525,8 @@ def dry_run(
     refuses are listed in ``refused`` rather than raised, so that the whole list is seen;
     the caller fails (exit 2) when there is one.
     With any of the caps, windows, --not-before or --not-after, the result has the job's
-    calendar from ``now`` (default: the clock), assuming the account sent nothing in the last
-    day."""
+    calendar from ``now`` (default: the clock), counting ``history``: the account's sends of
+    the last day by other jobs (``account_history``), which the caps count too."""
     result = DryRun(plan.source.description, plan.provider, plan.rate, plan.burst)
     key = plan.send.dedupe_key
     count = 0
@@ -552,14 +554,25 @@ def dry_run(
     if count == 0:
         raise InputError(f"{plan.source.description}: no recipients")
     if plan.timing.active:
-        result.calendar = calendar(plan, result.to_send, now=time.time() if now is None else now)
+        at = time.time() if now is None else now
+        result.calendar = calendar(plan, result.to_send, now=at, history=history)
     return result
+
+
+def account_history(reader: StoreReader, plan: Plan, *, now: float | None = None) -> list[float]:
+    """The plan's account's sends of the last day in the store (any job), which its caps
+    count: what the dry run's calendar starts from. Empty when the plan has no caps."""
+    if not (plan.timing.per_hour or plan.timing.per_day):
+        return []
+    at = time.time() if now is None else now
+    account = account_key(plan.provider, plan.settings)
+    return reader.account_sends(account, since=at - 86400.0)
 
 
 def calendar(plan: Plan, count: int, *, now: float, history: Sequence[float] = ()) -> Calendar:
     """When ``count`` messages of the plan go out, starting at ``now`` or --not-before,
-    under its rate, caps, windows and --not-after; ``history``: the account's recent sends
-    (the store's, once it records them per account)."""
+    under its rate, caps, windows and --not-after; ``history``: the account's sends before
+    ``now`` that its rolling caps still count (``account_history``)."""
     t = plan.timing
     return plan_calendar(
         count,

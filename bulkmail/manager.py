@@ -682,6 +682,7 @@ class EmailManager:
                 d.email,
             )
             self._stop.set()
+            self.store.release(d.id, self.worker_id)  # untried: out of the caps' log
             return None  # no longer ours: the worker that took it over sends it
         try:
             provider_id = provider.send(message)
@@ -794,6 +795,7 @@ class EmailManager:
                 len(ready),
             )
             self._stop.set()
+            self._release(d for d, _ in ready)  # untried: out of the caps' log
             return []  # no longer ours: the worker that took them over sends them
         try:
             results = provider.send_batch([m for _, m in ready])

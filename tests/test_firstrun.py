@@ -31,6 +31,7 @@ from bulkmail.models import Message, Recipient
 from bulkmail.providers.mailtrap import MailtrapProvider
 from bulkmail.providers.settings import MailtrapSettings
 from bulkmail.store import open_store
+from bulkmail.store.records import SCHEMA_VERSION
 from bulkmail.ui import RunDisplay
 from tests.e2e import EXAMPLES, bulkmail, data_dir, default_store
 from tests.smtp_sink import Rule, SmtpSink, free_port
@@ -326,7 +327,7 @@ def test_a_schema_3_store_gains_job_names(tmp_path: Path) -> None:
             assert "name" in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
             version = conn.execute(sa.text("SELECT value FROM meta")).scalar()
         engine.dispose()
-        assert version == "7"  # 3 -> 4 -> every step since
+        assert version == str(SCHEMA_VERSION)  # 3 -> 4 -> every step since
     finally:
         store.close()
     docs = json.loads(bulkmail("recent", "--json", "--store", str(path)).stdout)

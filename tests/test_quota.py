@@ -27,7 +27,14 @@ from bulkmail.documents import job_document
 from bulkmail.errors import ExitCode
 from bulkmail.manager import EmailManager, Event
 from bulkmail.store import Store, open_store
-from bulkmail.store.records import ClaimedBatch, NewDelivery, NewJob, Stop, Wait
+from bulkmail.store.records import (
+    SCHEMA_VERSION,
+    ClaimedBatch,
+    NewDelivery,
+    NewJob,
+    Stop,
+    Wait,
+)
 from tests.e2e import bulkmail
 from tests.smtp_sink import SmtpSink, free_port
 from tests.test_manager import FakeClock, settings_for
@@ -431,6 +438,6 @@ def test_a_store_of_schema_3_is_upgraded(tmp_path: Path) -> None:
     record = store.get_job(job)
     assert (record.per_day, record.windows, record.tz) == (9, ("Mon 08:00-09:00",), "UTC")
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta").fetchone() == ("7",)
+        assert db.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
         assert db.execute("SELECT count(*) FROM sends").fetchone() == (0,)
     store.close()

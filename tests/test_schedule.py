@@ -425,6 +425,30 @@ def test_caps_come_from_the_environment_and_the_providers_section(
     assert bad.exit_code == 2 and "per_day ([outbox] in the config file" in bad.stderr
 
 
+def test_the_dry_run_calendar_counts_what_the_account_sent_today(
+    thousand: list[str], tmp_path: Path
+) -> None:
+    """120 of a 150/day cap already went out on the account (another job, just now): the
+    next job's calendar says 30 today, not 150; the rest as the rolling day frees up."""
+    before = bulkmail(*thousand, "--per-day", "150", "--rate", "0", "--dry-run", "--json")
+    assert before.exit_code == 0, before.output
+    assert json.loads(before.stdout)["calendar"]["days"][0]["count"] == 150  # nothing sent yet
+    rows = "".join(f"Q{i},q{i}@example.edu\n" for i in range(120))
+    (tmp_path / "earlier.csv").write_text("name,email\n" + rows, encoding="utf-8")
+    earlier = bulkmail("send-reminders", "--csv", "earlier.csv", "--template", "t.txt",
+                       "--subject", "x", "--store", str(tmp_path / "s.db"), "--rate", "0",
+                       "--yes")  # fmt: skip
+    assert earlier.exit_code == 0, earlier.output
+    after = bulkmail(*thousand, "--per-day", "150", "--rate", "0", "--dry-run", "--json")
+    assert after.exit_code == 0, after.output
+    cal = json.loads(after.stdout)["calendar"]
+    counts = [d["count"] for d in cal["days"]]
+    assert counts[:2] == [30, 150] and sum(counts) == 1000, counts
+    assert cal["text"].startswith("30 today"), cal["text"]
+    text = bulkmail(*thousand, "--per-day", "150", "--rate", "0", "--dry-run")
+    assert "calendar: 30 today" in " ".join(text.stdout.split()), text.stdout
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

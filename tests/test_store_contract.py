@@ -603,3 +603,156 @@ def test_a_store_of_schema_3_gains_tokens_and_created_by(store_url: str) -> None
     s.add_token("office", "a" * 64, "sender", now=2.0)
     assert [t.name for t in s.tokens()] == ["office"]
     s.close()
+
+
+# --------------------------------------------------------------------------- the caps' log
+
+
+class TestWhatCountsTowardsTheCaps:
+    """The hourly and daily caps count what the provider may have counted: every claim in
+    flight, in doubt, sent or refused; never a claim given back untried (issue 12)."""
+
+    T0 = 1_800_000_000.0
+
+    @pytest.fixture
+    def clock(self, store: Store) -> Iterator[list[float]]:
+        now = [self.T0]
+        store.clock = lambda: now[0]  # the store's time (the database's clock otherwise)
+        yield now
+        store.clock = None
+
+    def capped(self, store: Store, n: int, per_hour: int) -> int:
+        job_id = store.create_job(new_job(per_hour=per_hour), people(n), now=1.0, domain="d")
+        start(store, job_id, now=self.T0)
+        return job_id
+
+    @staticmethod
+    def now(store: Store) -> float:
+        assert store.clock is not None
+        return store.clock()
+
+    def take(self, store: Store, job_id: int, worker: str = "w1") -> int:
+        got = store.claim(job_id, worker, now=self.now(store))
+        assert isinstance(got, Claimed), got
+        return got.delivery.id
+
+    def held(self, store: Store, job_id: int, worker: str = "w1") -> str:
+        got = store.claim(job_id, worker, now=self.now(store))
+        assert isinstance(got, Wait), got
+        return got.why or ""
+
+    def test_a_released_claim_leaves_room(self, store: Store, clock: list[float]) -> None:
+        job_id = self.capped(store, 5, per_hour=2)
+        first = self.take(store, job_id)
+        assert store.release(first, "w1")  # e.g. Ctrl-C while it waited for its rate slot
+        again = self.take(store, job_id)
+        assert again == first  # the same delivery, claimed afresh
+        self.take(store, job_id)
+        assert self.held(store, job_id) == "hourly cap 2/2 on outbox:/tmp/x"
+
+    def test_sent_refused_and_in_doubt_count_given_back_does_not(
+        self, store: Store, clock: list[float]
+    ) -> None:
+        job_id = self.capped(store, 8, per_hour=4)
+        sent, refused, retried, in_doubt = (self.take(store, job_id) for _ in range(4))
+        store.record(Outcome.sent(sent, "p1", self.T0), "w1")
+        store.record(Outcome.failed(refused, "550 5.1.1 no such user"), "w1")  # a 5xx counts
+        store.record(Outcome.retry(retried, "451 4.3.0 try later", self.T0 + 1), "w1")
+        store.record(Outcome.retry(in_doubt, "lost after DATA", self.T0, in_doubt=True), "w1")
+        assert self.held(store, job_id) == "hourly cap 4/4 on outbox:/tmp/x"
+        # a retried one again, then refused as too fast (or the server unreachable): the
+        # attempt is given back (``attempts``) and so is its place in the hour
+        clock[0] = self.T0 + 3600.5  # the first four left the hour
+        again = self.take(store, job_id)
+        throttled = Outcome.retry(again, "450 4.7.1 slow down", clock[0], attempts=0)
+        assert throttled.given_back
+        assert store.record(throttled, "w1")  # so four more fit, not three
+        ids = {self.take(store, job_id) for _ in range(4)}
+        assert len(ids) == 4
+        assert self.held(store, job_id) == "hourly cap 4/4 on outbox:/tmp/x"
+
+    def test_an_in_doubt_throttling_reply_still_counts(
+        self, store: Store, clock: list[float]
+    ) -> None:
+        job_id = self.capped(store, 3, per_hour=1)
+        d = self.take(store, job_id)
+        outcome = Outcome.retry(d, "429 after the body was sent", self.T0, True, attempts=0)
+        assert not outcome.given_back
+        store.record(outcome, "w1")
+        assert self.held(store, job_id) == "hourly cap 1/1 on outbox:/tmp/x"
+
+    def test_a_sent_message_counts_from_when_it_went_out(
+        self, store: Store, clock: list[float]
+    ) -> None:
+        """Claimed at T0, sent at T0 + 100 (a slow connection): the hour it fills ends at
+        T0 + 3700, so a message claimed at T0 + 3650 cannot reach the server within an
+        hour of it."""
+        job_id = self.capped(store, 3, per_hour=1)
+        d = self.take(store, job_id)
+        clock[0] = self.T0 + 100
+        store.record(Outcome.sent(d, "p1", clock[0]), "w1")
+        clock[0] = self.T0 + 3650
+        got = store.claim(job_id, "w1", now=clock[0])
+        assert isinstance(got, Wait) and got.seconds == pytest.approx(50)
+        clock[0] = self.T0 + 3700.5
+        assert isinstance(store.claim(job_id, "w1", now=clock[0]), Claimed)
+
+    def test_a_fenced_worker_takes_its_claim_out_not_the_new_owners(
+        self, store: Store, clock: list[float]
+    ) -> None:
+        """w1 froze past its lease holding a delivery; w2 took it over (in doubt) and
+        claimed it again. w1's fence stops it before the send, and its release changes
+        nothing of the delivery but takes w1's claim out of the hour: w2's stays."""
+        job_id = self.capped(store, 4, per_hour=2)
+        d = self.take(store, job_id, "w1")
+        store.register_worker(
+            job_id, worker_id="w2", host="h2", pid=2, now=self.T0, alive=never_alive,
+            exclusive=False,
+        )  # fmt: skip
+        assert self.take(store, job_id, "w2") == d  # in doubt, w2's now
+        assert self.held(store, job_id, "w2") == "hourly cap 2/2 on outbox:/tmp/x"
+        assert not store.release(d, "w1")  # not w1's any more
+        [mine] = [x for x in store.deliveries(job_id) if x.id == d]
+        assert (mine.state, mine.worker_id, mine.in_doubt) == ("sending", "w2", True)
+        self.take(store, job_id, "w2")  # the room w1's claim held
+        assert self.held(store, job_id, "w2") == "hourly cap 2/2 on outbox:/tmp/x"
+
+    def test_a_schema_7_store_gains_the_claims_columns(self, store_url: str) -> None:
+        s = open_store(store_url)
+        with s.engine.begin() as conn:  # what schema 7 looked like
+            conn.execute(sa.text("DROP INDEX ix_sends_delivery"))
+            conn.execute(sa.text("ALTER TABLE sends DROP COLUMN delivery_id"))
+            conn.execute(sa.text("ALTER TABLE sends DROP COLUMN worker_id"))
+            conn.execute(sa.text("INSERT INTO sends (account, at) VALUES ('a', 5.0)"))
+            conn.execute(sa.text("UPDATE meta SET value = '7' WHERE key = 'schema_version'"))
+        s.close()
+        s = open_store(store_url)
+        assert _version(s) == schema_module.SCHEMA_VERSION
+        with s.engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("sends")}
+            indexes = {i["name"] for i in sa.inspect(conn).get_indexes("sends")}
+            old = conn.execute(sa.text("SELECT delivery_id, worker_id FROM sends")).all()
+        assert {"delivery_id", "worker_id"} <= columns and "ix_sends_delivery" in indexes
+        assert [tuple(r) for r in old] == [(None, None)]  # an older row counts as before
+        s.close()
+
+
+def test_the_account_sends_the_caps_count_are_read_for_a_calendar(reads: Reads) -> None:
+    store = reads.store
+    job_id = store.create_job(new_job(per_day=9), people(3), now=1.0, domain="d")
+    other = store.create_job(new_job(account="smtp:else"), people(1), now=1.0, domain="d")
+    start(store, job_id, now=100.0)
+    start(store, other, worker="w2", now=100.0)
+    clock = [0.0]
+    store.clock = lambda: clock[0]  # the store's time (the database's clock otherwise)
+    try:
+        for now in (150.0, 250.0):
+            clock[0] = now
+            assert isinstance(store.claim(job_id, "w1", now=now), Claimed)
+        clock[0] = 260.0
+        assert isinstance(store.claim(other, "w2", now=260.0), Claimed)
+    finally:
+        store.clock = None
+    assert reads.reader.account_sends("outbox:/tmp/x", since=0.0) == [150.0, 250.0]
+    assert reads.reader.account_sends("outbox:/tmp/x", since=150.0) == [250.0]
+    assert reads.reader.account_sends("nobody", since=0.0) == []

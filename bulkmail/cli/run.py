@@ -476,7 +476,8 @@ def send_reminders(
         suppressed = None
         if not include_suppressed:
             suppressed = {s.email.lower(): s for s in reader.suppressions()}
-        summary = jobs.dry_run(plan, taken=taken, suppressed=suppressed)
+        history = jobs.account_history(reader, plan)
+        summary = jobs.dry_run(plan, taken=taken, suppressed=suppressed, history=history)
         if dry_run:
             if as_json:
                 print_json(ui.dry_run_document(summary))

@@ -106,6 +106,12 @@ class StoreReader(Protocol):
         """The suppression list's entry for ``email`` (any case), or None."""
         ...
 
+    def account_sends(self, account: str, *, since: float) -> list[float]:
+        """When the account's messages counted by its caps (the ``sends`` log: sent, in
+        flight, in doubt or refused, by any job) went out after ``since``, oldest first:
+        what a new job's calendar starts from."""
+        ...
+
 
 class JobStore(StoreReader, Protocol):
     """The whole job store: job lifecycle, worker leases, claims, rate slots and reads."""
@@ -241,7 +247,11 @@ class JobStore(StoreReader, Protocol):
         every claim on the account (any job, process or host) is logged with the store's
         time, and with the job's ``per_hour``/``per_day`` reached in the rolling hour/day
         (or the account paused by ``throttle``) the answer is ``Wait`` until the oldest
-        send leaves the window, with ``why``."""
+        send leaves the window, with ``why``. A claim stays in that log while in flight, in
+        doubt, sent (re-timed to when it went out) or refused (failed, retried after a
+        server's error: anything the provider may have counted), and leaves it only when
+        given back untried: ``release``, or an outcome ``given_back`` (the server was not
+        reached, or refused it as too fast)."""
         ...
 
     def claim_batch(
@@ -274,7 +284,10 @@ class JobStore(StoreReader, Protocol):
 
     def release(self, delivery_id: int, worker_id: str) -> bool:
         """Give a claimed delivery back untried (``pending``, the attempt not counted; or
-        ``cancelled`` in a cancelled job). False when it is no longer this worker's."""
+        ``cancelled`` in a cancelled job). False when it is no longer this worker's. Either
+        way the worker's claim of it leaves the account's caps log (the caller never handed
+        it to the provider): a worker fenced off after others took the delivery over calls
+        this too."""
         ...
 
     # -- the calendar, the caps and throttling (issue 12)

@@ -110,6 +110,7 @@ SQL_JOB_EVENTS = (
 )
 SQL_SUPPRESSIONS = "SELECT * FROM suppressions ORDER BY at, email_key"
 SQL_SUPPRESSION = "SELECT * FROM suppressions WHERE email_key = :key"
+SQL_ACCOUNT_SENDS = "SELECT at FROM sends WHERE account = :account AND at > :since ORDER BY at"
 
 # every delivery to one address across jobs (the (email_key, state) index), oldest job first
 SQL_HISTORY = (
@@ -200,6 +201,12 @@ class StoreReads:
         """The suppression list, oldest first."""
         with self._reading() as query:
             return [suppression_from_row(row) for row in query(SQL_SUPPRESSIONS, {})]
+
+    def account_sends(self, account: str, *, since: float) -> list[float]:
+        """When the account's sends the caps count went out after ``since``, oldest first."""
+        with self._reading() as query:
+            rows = query(SQL_ACCOUNT_SENDS, {"account": account, "since": since})
+            return [float(row["at"]) for row in rows]
 
     def suppression(self, email: str) -> Suppression | None:
         """Whether (and why) ``email`` is on the suppression list."""

@@ -58,10 +58,11 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 7  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+SCHEMA_VERSION = 8  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
 # 4: the job's calendar, caps and waiting columns, the per-account ``sends`` log, throttling
 # columns on ``rate_buckets``; 5: events, suppressions, processed (delivery events, bounces,
-# the suppression list); 6: jobs.created_by and the api_tokens table; 7: jobs.name
+# the suppression list); 6: jobs.created_by and the api_tokens table; 7: jobs.name;
+# 8: ``sends.delivery_id``/``worker_id`` (a claim given back untried leaves the caps' log)
 
 
 class JobState(StrEnum):
@@ -359,6 +360,9 @@ class Outcome:
     delivery_id: int
     values: tuple[tuple[str, Any], ...]
     is_sent: bool = False
+    # the message never reached the provider as one it might take (unreachable server, a
+    # throttling refusal): the attempt is given back and the claim leaves the caps' log
+    given_back: bool = False
 
     @classmethod
     def sent(cls, delivery_id: int, provider_message_id: str | None, now: float) -> Outcome:
@@ -385,7 +389,7 @@ class Outcome:
     ) -> Outcome:
         """Back to pending until ``next_attempt_at``; ``attempts``: the count to record
         instead of the claimed one (an attempt that never reached the server is given
-        back)."""
+        back, and, unless ``in_doubt``, so is its place in the account's caps)."""
         values: tuple[tuple[str, Any], ...] = (
             ("state", DeliveryState.PENDING),
             ("last_error", error),
@@ -395,7 +399,7 @@ class Outcome:
             values += (("in_doubt", True),)
         if attempts is not None:
             values += (("attempts", attempts),)
-        return cls(delivery_id, values)
+        return cls(delivery_id, values, given_back=attempts is not None and not in_doubt)
 
 
 @dataclass(frozen=True)

@@ -202,14 +202,19 @@ rate_buckets = sa.Table(
 )
 
 # schema 4: one row per message claimed on an account (sent or in flight), written in the
-# claim's transaction and pruned after a day: the hourly and daily caps count these
+# claim's transaction and pruned after a day: the hourly and daily caps count these. Schema 8:
+# which delivery and worker the claim was, so a claim given back untried (released, fenced,
+# refused as too fast) is taken out again and a sent one is re-timed to when it went out
 sends = sa.Table(
     "sends",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("account", _text(255), nullable=False),
     sa.Column("at", sa.Float, nullable=False),
+    sa.Column("delivery_id", sa.Integer, nullable=True),  # NULL: logged before schema 8
+    sa.Column("worker_id", sa.String(32), nullable=True),
     sa.Index("ix_sends_account_at", "account", "at"),
+    sa.Index("ix_sends_delivery", "delivery_id"),
 )
 
 
@@ -312,6 +317,22 @@ def _job_name(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN name TEXT"))
 
 
+def _sends_claims(conn: Connection) -> None:
+    """Schema 8: ``sends.delivery_id`` and ``sends.worker_id`` with an index on the first
+    (self-contained: a store older than schema 4 gets the whole table here). Rows logged
+    before have neither: they count until they leave the day, as before."""
+    if "sends" not in sa.inspect(conn).get_table_names():
+        sends.create(conn)
+        return
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("sends")}
+    if "delivery_id" not in columns:
+        conn.execute(sa.text("ALTER TABLE sends ADD COLUMN delivery_id INTEGER"))
+    if "worker_id" not in columns:
+        conn.execute(sa.text("ALTER TABLE sends ADD COLUMN worker_id VARCHAR(32)"))
+    ix = next(i for i in sends.indexes if i.name == "ix_sends_delivery")
+    ix.create(conn, checkfirst=True)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     0: _record_version,
     1: _index_in_doubt,
@@ -320,6 +341,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     4: _events_and_suppressions,
     5: _api_tokens,
     6: _job_name,
+    7: _sends_claims,
 }
 
 

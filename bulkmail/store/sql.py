@@ -214,7 +214,43 @@ def _stmt_worker_sent() -> sa.Update:
 
 @functools.cache
 def _stmt_send_log() -> sa.Insert:
-    return sends.insert().values(account=sa.bindparam("b_account"), at=sa.bindparam("b_at"))
+    return sends.insert().values(
+        account=sa.bindparam("b_account"),
+        at=sa.bindparam("b_at"),
+        delivery_id=sa.bindparam("b_id"),
+        worker_id=sa.bindparam("b_worker"),
+    )
+
+
+def _this_claims_send() -> sa.ScalarSelect[Any]:
+    """The ``sends`` row of the worker's current claim of a delivery: its latest one (a
+    worker holds one claim of a delivery at a time; earlier rows are earlier attempts)."""
+    return (
+        sa.select(sa.func.max(sends.c.id))
+        .where(
+            sends.c.delivery_id == sa.bindparam("s_id"),
+            sends.c.worker_id == sa.bindparam("s_worker"),
+        )
+        .scalar_subquery()
+    )
+
+
+@functools.cache
+def _stmt_send_untried() -> sa.Delete:
+    """A claim given back untried leaves the caps' log: it never reached the provider."""
+    return sends.delete().where(sends.c.id == _this_claims_send())
+
+
+@functools.cache
+def _stmt_send_sent() -> sa.Update:
+    """A sent message's log row moves from its claim's time to when the send ended (never
+    earlier): the message reached the server between the two, so each window the caps count
+    from then on holds every message the server saw in it."""
+    return (
+        sends.update()
+        .where(sends.c.id == _this_claims_send(), sends.c.at < sa.bindparam("s_at"))
+        .values(at=sa.bindparam("s_at"))
+    )
 
 
 @functools.cache
@@ -1088,8 +1124,15 @@ class Store(StoreReads):
             if len(rows) < wanted or len(fresh) == len(rows):
                 break  # no more due, or all taken: the next select would find nothing new
         if claimed:
-            # the caps count these messages from now on, whatever becomes of them
-            conn.execute(_stmt_send_log(), [{"b_account": account, "b_at": at} for _ in claimed])
+            # the caps count these messages from now on, unless one is given back untried
+            # (release, or an outcome ``given_back``): sent, failed, in flight or in doubt
+            conn.execute(
+                _stmt_send_log(),
+                [
+                    {"b_account": account, "b_at": at, "b_id": v["id"], "b_worker": worker_id}
+                    for v in claimed
+                ],
+            )
             conn.execute(_stmt_send_prune(), {"b_account": account, "b_before": at - DAY})
             if waiting is not None:
                 conn.execute(
@@ -1155,8 +1198,10 @@ class Store(StoreReads):
             ]
             # both drivers sum an executemany's rowcount over its parameter sets
             updated = int(conn.execute(_stmt_outcome(keys), params).rowcount)
-            if updated and group[0].is_sent:
-                conn.execute(_stmt_worker_sent_n(), {"b_worker": worker_id, "b_n": updated})
+            if group[0].is_sent:
+                if updated:
+                    conn.execute(_stmt_worker_sent_n(), {"b_worker": worker_id, "b_n": updated})
+                self._log_sent(conn, group, worker_id)
             changed += updated
         return changed
 
@@ -1164,11 +1209,37 @@ class Store(StoreReads):
         params = {f"v_{k}": v for k, v in outcome.values}
         params.update(o_id=outcome.delivery_id, o_worker=worker_id)
         updated = conn.execute(_stmt_outcome(tuple(k for k, _ in outcome.values)), params)
-        if updated.rowcount and outcome.is_sent:
-            conn.execute(_stmt_worker_sent(), {"b_worker": worker_id})
+        if outcome.is_sent:
+            # (sent even when another worker took the delivery over meanwhile: it counts)
+            self._log_sent(conn, [outcome], worker_id)
+            if updated.rowcount:
+                conn.execute(_stmt_worker_sent(), {"b_worker": worker_id})
         elif updated.rowcount and dict(outcome.values).get("state") == _PENDING:
+            if outcome.given_back:
+                self._log_untried(conn, outcome.delivery_id, worker_id)
             self._cancel_if_job_cancelled(conn, outcome.delivery_id)
         return bool(updated.rowcount)
+
+    def _log_sent(self, conn: Connection, sent: Sequence[Outcome], worker_id: str) -> None:
+        """Re-time the caps' log rows of sent messages to when they went out: the sender's
+        ``sent_at`` on SQLite (the clock its claims use), the store's clock on a server."""
+        at = self._time(conn, None) if self.server else None
+        conn.execute(
+            _stmt_send_sent(),
+            [
+                {
+                    "s_id": o.delivery_id,
+                    "s_worker": worker_id,
+                    "s_at": at if at is not None else dict(o.values)["sent_at"],
+                }
+                for o in sent
+            ],
+        )
+
+    @staticmethod
+    def _log_untried(conn: Connection, delivery_id: int, worker_id: str) -> None:
+        """Take the worker's claim of the delivery out of the caps' log (given back untried)."""
+        conn.execute(_stmt_send_untried(), {"s_id": delivery_id, "s_worker": worker_id})
 
     def _cancel_if_job_cancelled(self, conn: Connection, delivery_id: int) -> None:
         """A delivery handed back to ``pending`` (retry later, or released untried) after
@@ -1185,8 +1256,11 @@ class Store(StoreReads):
         )
 
     def release(self, delivery_id: int, worker_id: str) -> bool:
-        """Give a claimed delivery back untried (the job stopped before it was sent)."""
+        """Give a claimed delivery back untried (the job stopped before it was sent, or the
+        worker found at its fence that others took it over): the claim leaves the caps' log
+        either way, and the delivery goes back to ``pending`` if it is still this worker's."""
         with self._write() as conn:
+            self._log_untried(conn, delivery_id, worker_id)
             updated = conn.execute(
                 deliveries.update()
                 .where(

@@ -361,7 +361,8 @@ def _checked_summary(store: JobStore, plan: Plan) -> jobs.DryRun:
     """The dry run ``send-reminders`` makes before it asks, and its refusals (exit 2 there,
     400 here), with the same messages."""
     key = plan.send.dedupe_key
-    summary = jobs.dry_run(plan, taken=store.taken_under(key) if key else None)
+    taken = store.taken_under(key) if key else None
+    summary = jobs.dry_run(plan, taken=taken, history=jobs.account_history(store, plan))
     if summary.refused:
         more = len(summary.refused) - 1
         raise InputError(summary.refused[0][2] + (f" (and {more} more rows)" if more else ""))
@@ -424,7 +425,8 @@ def inspect(cfg: DashboardConfig, form: Form, upload: Upload | None) -> dict[str
                 )
         if total == 0:
             raise InputError(f"{plan.source.description}: no recipients")
-        summary = jobs.dry_run(plan, taken=taken or None)
+        history = jobs.account_history(cfg.store, plan)
+        summary = jobs.dry_run(plan, taken=taken or None, history=history)
         from bulkmail import ui
 
         calendar = ui.calendar_line(summary.calendar) if summary.calendar else None
