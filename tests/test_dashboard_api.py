@@ -465,6 +465,9 @@ def test_token_add_prints_the_token_once_list_and_remove(tmp_path: Path) -> None
     store = str(tmp_path / "t.db")
     missing = runner.invoke(app, ["serve", "token", "add", "office", "--store", store])
     assert missing.exit_code == 2 and "no job store" in missing.output
+    assert "to start one there, add --new-store" in missing.output
+    serving = runner.invoke(app, ["serve", "--store", store])  # a new server says how to begin
+    assert serving.exit_code == 2 and "--role sender --new-store" in serving.output
     made = runner.invoke(
         app,
         ["serve", "token", "add", "office", "--role", "sender", "--new-store", "--store", store],

@@ -26,8 +26,8 @@ _HINT = "(a mistyped --store or BULKMAIL_STORE?)"
 class NoJobStore(StoreError):
     """There is no job store at ``location`` (nothing was created there)."""
 
-    def __init__(self, location: str, detail: str = "") -> None:
-        super().__init__(f"no job store at {location}{detail} {_HINT}")
+    def __init__(self, location: str, detail: str = "", then: str = "") -> None:
+        super().__init__(f"no job store at {location}{detail} {_HINT}{then}")
         self.location = location
 
 
