@@ -104,6 +104,11 @@ class JobDocument(TypedDict):
     not_before: str | None
     not_after: str | None
     tz: str | None
+    windows: list[str]  # --window, as given (in tz)
+    account: str  # the provider account whose caps the job obeys, shared with other jobs
+    per_hour: int | None  # the account's caps in force when the job was created
+    per_day: int | None
+    recheck: bool  # --recheck: the database query runs again before each send
     workers: list[WorkerDocument]
     failures: NotRequired[list[FailureDocument]]
     skips: NotRequired[list[SkipDocument]]
@@ -192,6 +197,11 @@ def job_document(
         "not_before": iso(job.not_before),
         "not_after": iso(job.not_after),
         "tz": job.tz,
+        "windows": list(job.windows),
+        "account": job.account,
+        "per_hour": job.per_hour,
+        "per_day": job.per_day,
+        "recheck": job.recheck_query is not None,
         "workers": [
             {
                 "id": w.id,

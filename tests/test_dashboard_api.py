@@ -510,11 +510,11 @@ FUTURE = {"not_before": "2099-01-05T08:00", "tz": "UTC"}  # the worker waits: ca
         ({"name": "Autumn grades"}, {"name": "Autumn grades"}, {"name": "Autumn grades"}),
         ({"dedupe_key": "autumn-2025"}, {"dedupe_key": "autumn-2025"}, {}),
         ({"rate": "2.5", "burst": "4"}, {"rate": 2.5, "burst": 4}, {}),
-        ({"per_hour": "30", **FUTURE}, {}, {"per_hour": 30}),
-        ({"per_day": "100", **FUTURE}, {}, {"per_day": 100}),
+        ({"per_hour": "30", **FUTURE}, {"per_hour": 30}, {"per_hour": 30}),
+        ({"per_day": "100", **FUTURE}, {"per_day": 100}, {"per_day": 100}),
         (
             {"window": ["Mon-Fri 08:00-18:00", "Sat 09:00-12:00"], **FUTURE},
-            {"tz": "UTC"},
+            {"tz": "UTC", "windows": ["Mon-Fri 08:00-18:00", "Sat 09:00-12:00"]},
             {"windows": ("Mon-Fri 08:00-18:00", "Sat 09:00-12:00")},
         ),
         (
@@ -745,6 +745,7 @@ def test_recheck_from_the_api_records_the_query_and_its_worker_sends(
         answer = client.post(f"{API}/send-instructor-reminders", json=form, headers=sender)
         assert answer.status_code == 202, answer.json
         assert answer.json is not None
+        assert answer.json["job"]["recheck"] is True
         job = site.store.get_job(answer.json["job_id"])
         assert job.recheck_query == query
         assert job.recheck_url == f"sqlite:///{tmp_path / 'course.db'}"
