@@ -34,7 +34,7 @@ from email_validator import EmailNotValidError, validate_email
 from jinja2 import meta
 
 from bulkmail.errors import InputError, file_error
-from bulkmail.headersafe import header_safe_problem
+from bulkmail.headersafe import header_safe_problem, plainly_safe
 from bulkmail.models import Attachment, Message, Recipient
 
 __all__ = [
@@ -115,10 +115,12 @@ def template_names(columns: tuple[str, ...]) -> TemplateNames:
     return TemplateNames(aliases, {k: tuple(v) for k, v in clashes.items()})
 
 
-def _context(fields: Mapping[str, str]) -> dict[str, Any]:
-    """A row's template variables: its columns, their snake_case names, ``columns``."""
+def _context(fields: Mapping[str, str], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A row's template variables: its columns, their snake_case names, ``columns``; on top
+    of ``base`` (the templates' globals), which every one of those hides."""
     names = template_names(tuple(fields))
-    context: dict[str, Any] = {COLUMNS_VARIABLE: dict(fields)}
+    context: dict[str, Any] = {} if base is None else dict(base)
+    context[COLUMNS_VARIABLE] = dict(fields)
     for name, column in names.aliases.items():
         context[name] = fields[column]
     context.update(fields)
@@ -505,6 +507,12 @@ class Composer:
         text_env = _environment(html=False)
         html_env = _environment(html=True)
         self._globals = frozenset(text_env.globals)
+        # the globals of every template (jinja2's defaults, the same in both environments),
+        # as one plain dict: each row's context is built on top of it once and rendered by
+        # every template as is (see _render)
+        self._base: dict[str, Any] = dict(text_env.globals)
+        if dict(html_env.globals) != self._base:
+            raise AssertionError("the text and HTML environments have different globals")
         self._asts: list[jinja2.nodes.Template] = []
         self._subject = self._compile(text_env, templates.subject, "--subject", lines=False)
         self._text = self._compile(text_env, templates.text, templates.text_name, lines=True)
@@ -529,7 +537,12 @@ class Composer:
         self, env: jinja2.Environment, source: str, label: str, *, lines: bool
     ) -> jinja2.Template:
         self._asts.append(_parse(env, source, label, lines=lines))
-        return env.from_string(source)
+        template = env.from_string(source)
+        # the same globals as a plain dict instead of jinja2's ChainMap over the
+        # environment's (slow to copy; the environment is this composer's own and never
+        # changes): what each row's context is built on
+        template.globals = self._base
+        return template
 
     @property
     def variables(self) -> set[str]:
@@ -700,16 +713,17 @@ class Composer:
 
     def _render(self, recipient: Recipient, origin: str | None) -> Rendered:
         where = _where(origin, recipient)
-        for what, value in (("name", recipient.name), ("email", recipient.email)):
-            problem = header_safe_problem(value)
-            if problem is not None:
-                raise InputError(f"{where}: {what} {problem}")
-        context = _context(recipient.fields)
+        if not plainly_safe(f"{recipient.name} {recipient.email}"):
+            for what, value in (("name", recipient.name), ("email", recipient.email)):
+                problem = header_safe_problem(value)
+                if problem is not None:
+                    raise InputError(f"{where}: {what} {problem}")
+        context = _context(recipient.fields, self._base)
         context["name"] = recipient.name
         context["email"] = recipient.email
         context["row"] = recipient.row
         subject = _render(self._subject, context, where, "--subject")
-        problem = header_safe_problem(subject)
+        problem = None if plainly_safe(subject) else header_safe_problem(subject)
         if problem is not None:
             raise InputError(f"{where}: subject {problem} after rendering")
         text = _render(self._text, context, where, f"template {self.templates.text_name}")
@@ -769,8 +783,12 @@ def _where(origin: str | None, recipient: Recipient) -> str:
 
 
 def _render(template: jinja2.Template, context: dict[str, Any], where: str, label: str) -> str:
+    """``template.render(context)`` for a ``context`` that already holds the template's
+    globals (``_context``'s ``base``): rendered as is, not copied twice per template as
+    ``render`` would. A template changes only its own ``Context``'s variables (``{% set
+    %}``), never the dict it was given, so one context serves every template of a row."""
     try:
-        return template.render(context)
+        return "".join(template.root_render_func(template.new_context(context, shared=True)))
     except jinja2.UndefinedError as exc:
         found = _UNDEFINED.fullmatch(exc.message or "")
         if found is not None:

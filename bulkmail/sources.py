@@ -38,7 +38,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.pool import NullPool
 
 from bulkmail.errors import InputError, file_error
-from bulkmail.headersafe import header_safe_problem
+from bulkmail.headersafe import header_safe_problem, plainly_safe
 from bulkmail.models import Recipient
 
 __all__ = [
@@ -257,19 +257,31 @@ class _Builder:
             self.checks = [
                 header_safe_problem if key in header else _body_safe_problem for key in layout.keys
             ]
+        # every column of the row is kept, in order (no unnamed column)
+        self.every_column = layout.positions == list(range(layout.width))
+
+    def _problem(self, raw: Sequence[str]) -> str | None:
+        """The first unsafe value of the row, checked column by column as it needs."""
+        layout = self.layout
+        for label, pos, check in zip(layout.labels, layout.positions, self.checks, strict=True):
+            problem = check(raw[pos])
+            if problem is not None:
+                return f"column {_quote(label)} {problem}"
+        return None
 
     def build(self, row: int, raw: Sequence[str]) -> Recipient:
-        fields: dict[str, str] = {}
-        reason: str | None = None
-        for label, key, pos, check in zip(
-            self.layout.labels, self.layout.keys, self.layout.positions, self.checks, strict=True
-        ):
-            value = raw[pos] if pos < len(raw) else ""
-            if reason is None:
-                problem = check(value)
-                if problem is not None:
-                    reason = f"column {_quote(label)} {problem}"
-            fields[key] = value.strip()
+        layout = self.layout
+        if len(raw) < layout.width:  # missing trailing fields are empty
+            raw = [*raw, *[""] * (layout.width - len(raw))]
+        # the common row: every value plainly safe, checked at once (extra fields and
+        # unnamed columns included: anything unusual anywhere takes the full check)
+        reason = None if plainly_safe(" ".join(raw)) else self._problem(raw)
+        if self.every_column:
+            # values beyond the last column are ignored (zip stops there)
+            fields = dict(zip(layout.keys, map(str.strip, raw), strict=False))
+        else:
+            kept = zip(layout.keys, layout.positions, strict=True)
+            fields = {key: raw[pos].strip() for key, pos in kept}
         email = fields["email"]
         if reason is None:
             if not email:
@@ -348,9 +360,13 @@ class _Lines:
             data = self._stream.readline()
             if not data:
                 raise StopIteration
+            if b"\r" not in data or (data.endswith(b"\r\n") and b"\r" not in data[:-2]):
+                return self._decode(data)  # one line: no bare CR in it
             self._pending = [piece for piece in _BARE_CR.split(data) if piece]
             self._pending.reverse()
-        data = self._pending.pop()
+        return self._decode(self._pending.pop())
+
+    def _decode(self, data: bytes) -> str:
         self.count += 1
         encoding = "utf-8-sig" if self._utf8 and self.count == 1 else self._encoding
         try:
@@ -414,7 +430,8 @@ def _sniff_delimiter(line: str) -> str:
 
 
 def _is_blank(record: Sequence[str]) -> bool:
-    return all(not value.strip() for value in record)
+    """Whether every value is empty or white space (so is their concatenation)."""
+    return not "".join(record).strip()
 
 
 def _not_decodable(origin: str, where: str, encoding: str | None) -> InputError:

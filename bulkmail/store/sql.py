@@ -35,7 +35,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -279,6 +279,16 @@ _SQLITE_INSERT = (
     f"VALUES ({', '.join('?' for _ in _NEW_COLUMNS)})"
 )
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_JSON_STR = json.encoder.encode_basestring  # what _JSON writes a str as (ensure_ascii=False)
+
+
+def _fields_json(fields: Mapping[str, Any]) -> str:
+    """``_JSON.encode(dict(fields))``: a delivery's fields (text by text, as a source gives
+    them) written directly; anything else (a number, a key that is not text) by _JSON."""
+    try:
+        return "{" + ",".join([_JSON_STR(k) + ":" + _JSON_STR(v) for k, v in fields.items()]) + "}"
+    except TypeError:
+        return _JSON.encode(dict(fields))
 
 
 def _creating_failpoint() -> int:
@@ -470,7 +480,6 @@ class Store(StoreReads):
         outside any transaction (reading and rendering the list takes most of the time):
         each transaction holds the write lock only to insert it."""
         failpoint = _creating_failpoint()
-        dumps = _JSON.encode
         pending, skipped = str(_PENDING), str(DeliveryState.SKIPPED)
         batch: list[list[Any]] = []
         position = batches = 0
@@ -486,7 +495,7 @@ class Store(StoreReads):
                     email,
                     email.lower(),
                     rcpt.name,
-                    dumps(rcpt.fields if type(rcpt.fields) is dict else dict(rcpt.fields)),
+                    _fields_json(rcpt.fields),
                     skipped if reason else pending,
                     0,
                     reason,
