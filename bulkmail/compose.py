@@ -18,10 +18,11 @@ from __future__ import annotations
 import difflib
 import functools
 import mimetypes
+import operator
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parseaddr
@@ -497,6 +498,57 @@ class Rendered:
         return None
 
 
+# names jinja2 gives a meaning of its own (``self`` at the top level; the others in macros,
+# loops and blocks): never looked up in the context by the short cut
+_SPECIAL_NAMES = frozenset({"self", "super", "loop", "caller", "varargs", "kwargs"})
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """A text template that is nothing but literal text and ``{{ name }}``s (the common
+    subject and body), rendered without jinja2: jinja2 renders each literal part as it is
+    and each name as ``str()`` of its value in the context (no autoescape, no finalize, no
+    assignment that could hide a context value), which a %-format with a ``%s`` per name
+    does too."""
+
+    text: str  # the literal text ('%' doubled when there are names) with a '%s' per name
+    names: tuple[str, ...]
+    values: Callable[[Mapping[str, Any]], Any] | None  # itemgetter of the names, if any
+
+    @classmethod
+    def of(cls, ast: jinja2.nodes.Template) -> _Plain | None:
+        """The template as a %-format, or None when it is anything more than that."""
+        nodes = jinja2.nodes
+        parts: list[str | nodes.Name] = []
+        for node in ast.body:
+            if type(node) is not nodes.Output:
+                return None
+            for child in node.nodes:
+                if type(child) is nodes.TemplateData:
+                    parts.append(child.data)
+                elif (
+                    type(child) is nodes.Name
+                    and child.ctx == "load"
+                    and child.name not in _SPECIAL_NAMES
+                ):
+                    parts.append(child)
+                else:
+                    return None
+        names = tuple(p.name for p in parts if not isinstance(p, str))
+        if not names:
+            return cls("".join(p for p in parts if isinstance(p, str)), (), None)
+        text = "".join(p.replace("%", "%%") if isinstance(p, str) else "%s" for p in parts)
+        return cls(text, names, operator.itemgetter(*names))
+
+    def render(self, context: Mapping[str, Any]) -> str:
+        """The template rendered; KeyError when the context lacks a name (jinja2 then
+        says how the template fails)."""
+        if self.values is None:
+            return self.text
+        values = self.values(context)
+        return self.text % (values if len(self.names) > 1 else (values,))
+
+
 class Composer:
     """Renders one job's templates for each recipient; compiled once, reused for every row."""
 
@@ -514,8 +566,10 @@ class Composer:
         if dict(html_env.globals) != self._base:
             raise AssertionError("the text and HTML environments have different globals")
         self._asts: list[jinja2.nodes.Template] = []
+        self._plain: dict[jinja2.Template, _Plain] = {}  # the templates _Plain renders
         self._subject = self._compile(text_env, templates.subject, "--subject", lines=False)
         self._text = self._compile(text_env, templates.text, templates.text_name, lines=True)
+        self._text_label = f"template {templates.text_name}"
         self._html: jinja2.Template | None = None
         if templates.html is not None:
             html_name = templates.html_name or "HTML template"
@@ -536,8 +590,13 @@ class Composer:
     def _compile(
         self, env: jinja2.Environment, source: str, label: str, *, lines: bool
     ) -> jinja2.Template:
-        self._asts.append(_parse(env, source, label, lines=lines))
+        ast = _parse(env, source, label, lines=lines)
+        self._asts.append(ast)
         template = env.from_string(source)
+        if not env.autoescape:
+            plain = _Plain.of(ast)
+            if plain is not None:
+                self._plain[template] = plain
         # the same globals as a plain dict instead of jinja2's ChainMap over the
         # environment's (slow to copy; the environment is this composer's own and never
         # changes): what each row's context is built on
@@ -711,6 +770,18 @@ class Composer:
 
     # -- rendering
 
+    def _fill(
+        self, template: jinja2.Template, context: dict[str, Any], where: str, label: str
+    ) -> str:
+        """``_render``, by the short cut when the template is plain (``_Plain``)."""
+        plain = self._plain.get(template)
+        if plain is not None:
+            try:
+                return plain.render(context)
+            except KeyError:
+                pass  # jinja2 names the undefined variable
+        return _render(template, context, where, label)
+
     def _render(self, recipient: Recipient, origin: str | None) -> Rendered:
         where = _where(origin, recipient)
         if not plainly_safe(f"{recipient.name} {recipient.email}"):
@@ -722,11 +793,11 @@ class Composer:
         context["name"] = recipient.name
         context["email"] = recipient.email
         context["row"] = recipient.row
-        subject = _render(self._subject, context, where, "--subject")
+        subject = self._fill(self._subject, context, where, "--subject")
         problem = None if plainly_safe(subject) else header_safe_problem(subject)
         if problem is not None:
             raise InputError(f"{where}: subject {problem} after rendering")
-        text = _render(self._text, context, where, f"template {self.templates.text_name}")
+        text = self._fill(self._text, context, where, self._text_label)
         html: str | None = None
         if self._html is not None:
             label = f"template {self.templates.html_name or 'HTML'}"
@@ -735,7 +806,7 @@ class Composer:
         total = 0
         for pattern, template, folder, real_folder in self._attachments:
             label = f"--attach {_shown_path(pattern)!r}"
-            path = _render(template, context, where, label)
+            path = self._fill(template, context, where, label)
             item = _Attachment(path, path, None)
             if folder is not None and real_folder is not None:
                 shown_folder = _shown_path(os.path.join(folder, "")) or "./"

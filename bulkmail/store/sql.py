@@ -278,6 +278,7 @@ _SQLITE_INSERT = (
     f"INSERT INTO deliveries ({', '.join(_NEW_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _NEW_COLUMNS)})"
 )
+_SQL_ANY_SUPPRESSION = sa.text("SELECT 1 FROM suppressions LIMIT 1")
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _JSON_STR = json.encoder.encode_basestring  # what _JSON writes a str as (ensure_ascii=False)
 
@@ -548,6 +549,8 @@ class Store(StoreReads):
 
     def _mark_suppressed(self, conn: Connection, batch: list[list[Any]]) -> None:
         """Skip the batch's addresses on the suppression list, with why they are there."""
+        if conn.execute(_SQL_ANY_SUPPRESSION).first() is None:
+            return  # an empty list (the usual case): no need to look up every address
         keys = {row[_KEY] for row in batch if row[_STATE] == _PENDING}
         if not keys:
             return
