@@ -369,7 +369,7 @@ class _Lines:
                     count += 1
                     yield self._decode(piece, count)
                 continue
-            lines = _TEXT_LINE.findall(text)
+            lines = _TEXT_LINE.findall(text) or [text]  # a file of a BOM alone: one empty line
             count += len(lines)
             yield from lines
 
