@@ -132,9 +132,14 @@ class Plan:
     def screened(self) -> Iterator[Screened]:
         """Each recipient with the template variables it leaves empty and what --on-empty
         makes of them: the recipient skipped with the reason, or a ``fatal`` message."""
+        columns = tuple(self.printed)
+        blanks = ("",) * len(columns)
         for r in self._rows():
-            if r.skip_reason is not None or not self.printed:
+            if r.skip_reason is not None or not columns:
                 yield Screened(r)
+                continue
+            if "" not in map(str.strip, map(r.fields.get, columns, blanks)):
+                yield Screened(r)  # every printed value is there (the usual row)
                 continue
             empty = [
                 EmptyValue(name, parts)

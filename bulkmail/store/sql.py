@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import operator
 import os
 import secrets
 import signal
@@ -283,11 +284,21 @@ _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _JSON_STR = json.encoder.encode_basestring  # what _JSON writes a str as (ensure_ascii=False)
 
 
+_JSON_KEYS: dict[tuple[str, ...], list[str]] = {}  # the columns of a source -> '"key":'s
+
+
 def _fields_json(fields: Mapping[str, Any]) -> str:
     """``_JSON.encode(dict(fields))``: a delivery's fields (text by text, as a source gives
-    them) written directly; anything else (a number, a key that is not text) by _JSON."""
+    them) written directly, the keys (the same columns on every row) encoded once;
+    anything else (a number, a key that is not text) by _JSON."""
     try:
-        return "{" + ",".join([_JSON_STR(k) + ":" + _JSON_STR(v) for k, v in fields.items()]) + "}"
+        keys = tuple(fields)
+        prefixes = _JSON_KEYS.get(keys)
+        if prefixes is None:
+            prefixes = [_JSON_STR(k) + ":" for k in keys]
+            if len(_JSON_KEYS) < 64:
+                _JSON_KEYS[keys] = prefixes
+        return "{" + ",".join(map(operator.add, prefixes, map(_JSON_STR, fields.values()))) + "}"
     except TypeError:
         return _JSON.encode(dict(fields))
 
