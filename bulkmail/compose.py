@@ -771,7 +771,12 @@ class Composer:
     # -- rendering
 
     def _fill(
-        self, template: jinja2.Template, context: dict[str, Any], where: str, label: str
+        self,
+        template: jinja2.Template,
+        context: dict[str, Any],
+        origin: str | None,
+        recipient: Recipient,
+        label: str,
     ) -> str:
         """``_render``, by the short cut when the template is plain (``_Plain``)."""
         plain = self._plain.get(template)
@@ -780,33 +785,38 @@ class Composer:
                 return plain.render(context)
             except KeyError:
                 pass  # jinja2 names the undefined variable
-        return _render(template, context, where, label)
+        return _render(template, context, _where(origin, recipient), label)
 
     def _render(self, recipient: Recipient, origin: str | None) -> Rendered:
-        where = _where(origin, recipient)
-        if not plainly_safe(f"{recipient.name} {recipient.email}"):
-            for what, value in (("name", recipient.name), ("email", recipient.email)):
+        name, email = recipient.name, recipient.email
+        if not plainly_safe(f"{name} {email}"):
+            for what, value in (("name", name), ("email", email)):
                 problem = header_safe_problem(value)
                 if problem is not None:
-                    raise InputError(f"{where}: {what} {problem}")
+                    raise InputError(f"{_where(origin, recipient)}: {what} {problem}")
         context = _context(recipient.fields, self._base)
-        context["name"] = recipient.name
-        context["email"] = recipient.email
+        context["name"] = name
+        context["email"] = email
         context["row"] = recipient.row
-        subject = self._fill(self._subject, context, where, "--subject")
-        problem = None if plainly_safe(subject) else header_safe_problem(subject)
-        if problem is not None:
-            raise InputError(f"{where}: subject {problem} after rendering")
-        text = self._fill(self._text, context, where, self._text_label)
+        subject = self._fill(self._subject, context, origin, recipient, "--subject")
+        if not plainly_safe(subject):
+            problem = header_safe_problem(subject)
+            if problem is not None:
+                where = _where(origin, recipient)
+                raise InputError(f"{where}: subject {problem} after rendering")
+        text = self._fill(self._text, context, origin, recipient, self._text_label)
         html: str | None = None
         if self._html is not None:
             label = f"template {self.templates.html_name or 'HTML'}"
-            html = _render(self._html, context, where, label)
+            html = _render(self._html, context, _where(origin, recipient), label)
+        if not self._attachments:
+            return Rendered(subject, text, html, ())
+        where = _where(origin, recipient)
         paths: list[_Attachment] = []
         total = 0
         for pattern, template, folder, real_folder in self._attachments:
             label = f"--attach {_shown_path(pattern)!r}"
-            path = self._fill(template, context, where, label)
+            path = self._fill(template, context, origin, recipient, label)
             item = _Attachment(path, path, None)
             if folder is not None and real_folder is not None:
                 shown_folder = _shown_path(os.path.join(folder, "")) or "./"
