@@ -489,13 +489,17 @@ class Rendered:
     def blank(self) -> str | None:
         """'subject', 'text body' or 'HTML body' when that renders empty (or only
         whitespace): such a message is never sent."""
-        if not self.subject.strip():
-            return "subject"
-        if not self.text.strip():
-            return "text body"
-        if self.html is not None and not self.html.strip():
-            return "HTML body"
-        return None
+        return _blank(self.subject, self.text, self.html)
+
+
+def _blank(subject: str, text: str, html: str | None) -> str | None:
+    if not subject.strip():
+        return "subject"
+    if not text.strip():
+        return "text body"
+    if html is not None and not html.strip():
+        return "HTML body"
+    return None
 
 
 # names jinja2 gives a meaning of its own (``self`` at the top level; the others in macros,
@@ -547,6 +551,9 @@ class _Plain:
             return self.text
         values = self.values(context)
         return self.text % (values if len(self.names) > 1 else (values,))
+
+
+_Parts = tuple[str, str, str | None, tuple[_Attachment, ...]]  # a Rendered's fields
 
 
 class Composer:
@@ -629,7 +636,13 @@ class Composer:
         Skipped recipients are never rendered, so they are not checked (None)."""
         if recipient.skip_reason is not None:
             return None
-        return self._render(recipient, origin)
+        return Rendered(*self._render(recipient, origin))
+
+    def blank(self, recipient: Recipient, origin: str) -> str | None:
+        """``check(recipient, origin).blank`` for a recipient that is not skipped, without
+        keeping the message: what renders empty, or None; ``InputError`` as ``check``."""
+        subject, text, html, _ = self._render(recipient, origin)
+        return _blank(subject, text, html)
 
     # -- the variables the templates use, against a source's columns
 
@@ -745,7 +758,7 @@ class Composer:
         """The message for this recipient, attachments read from disk."""
         if recipient.skip_reason is not None:
             raise ValueError(f"row {recipient.row} is skipped: {recipient.skip_reason}")
-        rendered = self._render(recipient, origin)
+        rendered = Rendered(*self._render(recipient, origin))
         attachments: list[Attachment] = []
         for item in rendered.attachments:
             data = _read_attachment(item, _where(origin, recipient))
@@ -787,7 +800,8 @@ class Composer:
                 pass  # jinja2 names the undefined variable
         return _render(template, context, _where(origin, recipient), label)
 
-    def _render(self, recipient: Recipient, origin: str | None) -> Rendered:
+    def _render(self, recipient: Recipient, origin: str | None) -> _Parts:
+        """What ``Rendered`` holds, as a tuple (no object for a row only checked)."""
         name, email = recipient.name, recipient.email
         if not plainly_safe(f"{name} {email}"):
             for what, value in (("name", name), ("email", email)):
@@ -810,7 +824,7 @@ class Composer:
             label = f"template {self.templates.html_name or 'HTML'}"
             html = _render(self._html, context, _where(origin, recipient), label)
         if not self._attachments:
-            return Rendered(subject, text, html, ())
+            return subject, text, html, ()
         where = _where(origin, recipient)
         paths: list[_Attachment] = []
         total = 0
@@ -841,7 +855,7 @@ class Composer:
                 f"{where}: attachments total {_megabytes(total)}, over the "
                 f"{_megabytes(MAX_ATTACHMENT_BYTES)} limit per message"
             )
-        return Rendered(subject, text, html, tuple(paths))
+        return subject, text, html, tuple(paths)
 
 
 def _clash_warning(origin: str, use: VariableUse, clash: tuple[str, ...]) -> str:
