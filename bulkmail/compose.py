@@ -18,10 +18,11 @@ from __future__ import annotations
 import difflib
 import functools
 import mimetypes
+import operator
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parseaddr
@@ -35,7 +36,7 @@ from email_validator import EmailNotValidError, validate_email
 from jinja2 import meta
 
 from bulkmail.errors import InputError, file_error
-from bulkmail.headersafe import header_safe_problem
+from bulkmail.headersafe import header_safe_problem, plainly_safe
 from bulkmail.models import Attachment, Message, Recipient
 
 __all__ = [
@@ -116,10 +117,12 @@ def template_names(columns: tuple[str, ...]) -> TemplateNames:
     return TemplateNames(aliases, {k: tuple(v) for k, v in clashes.items()})
 
 
-def _context(fields: Mapping[str, str]) -> dict[str, Any]:
-    """A row's template variables: its columns, their snake_case names, ``columns``."""
+def _context(fields: Mapping[str, str], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A row's template variables: its columns, their snake_case names, ``columns``; on top
+    of ``base`` (the templates' globals), which every one of those hides."""
     names = template_names(tuple(fields))
-    context: dict[str, Any] = {COLUMNS_VARIABLE: dict(fields)}
+    context: dict[str, Any] = {} if base is None else dict(base)
+    context[COLUMNS_VARIABLE] = dict(fields)
     for name, column in names.aliases.items():
         context[name] = fields[column]
     context.update(fields)
@@ -489,13 +492,71 @@ class Rendered:
     def blank(self) -> str | None:
         """'subject', 'text body' or 'HTML body' when that renders empty (or only
         whitespace): such a message is never sent."""
-        if not self.subject.strip():
-            return "subject"
-        if not self.text.strip():
-            return "text body"
-        if self.html is not None and not self.html.strip():
-            return "HTML body"
-        return None
+        return _blank(self.subject, self.text, self.html)
+
+
+def _blank(subject: str, text: str, html: str | None) -> str | None:
+    if not subject.strip():
+        return "subject"
+    if not text.strip():
+        return "text body"
+    if html is not None and not html.strip():
+        return "HTML body"
+    return None
+
+
+# names jinja2 gives a meaning of its own (``self`` at the top level; the others in macros,
+# loops and blocks): never looked up in the context by the short cut
+_SPECIAL_NAMES = frozenset({"self", "super", "loop", "caller", "varargs", "kwargs"})
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """A text template that is nothing but literal text and ``{{ name }}``s (the common
+    subject and body), rendered without jinja2: jinja2 renders each literal part as it is
+    and each name as ``str()`` of its value in the context (no autoescape, no finalize, no
+    assignment that could hide a context value), which a %-format with a ``%s`` per name
+    does too."""
+
+    text: str  # the literal text ('%' doubled when there are names) with a '%s' per name
+    names: tuple[str, ...]
+    values: Callable[[Mapping[str, Any]], Any] | None  # itemgetter of the names, if any
+
+    @classmethod
+    def of(cls, ast: jinja2.nodes.Template) -> _Plain | None:
+        """The template as a %-format, or None when it is anything more than that."""
+        nodes = jinja2.nodes
+        parts: list[str | nodes.Name] = []
+        for node in ast.body:
+            if type(node) is not nodes.Output:
+                return None
+            for child in node.nodes:
+                if type(child) is nodes.TemplateData:
+                    parts.append(child.data)
+                elif (
+                    type(child) is nodes.Name
+                    and child.ctx == "load"
+                    and child.name not in _SPECIAL_NAMES
+                ):
+                    parts.append(child)
+                else:
+                    return None
+        names = tuple(p.name for p in parts if not isinstance(p, str))
+        if not names:
+            return cls("".join(p for p in parts if isinstance(p, str)), (), None)
+        text = "".join(p.replace("%", "%%") if isinstance(p, str) else "%s" for p in parts)
+        return cls(text, names, operator.itemgetter(*names))
+
+    def render(self, context: Mapping[str, Any]) -> str:
+        """The template rendered; KeyError when the context lacks a name (jinja2 then
+        says how the template fails)."""
+        if self.values is None:
+            return self.text
+        values = self.values(context)
+        return self.text % (values if len(self.names) > 1 else (values,))
+
+
+_Parts = tuple[str, str, str | None, tuple[_Attachment, ...]]  # a Rendered's fields
 
 
 class Composer:
@@ -508,9 +569,17 @@ class Composer:
         text_env = _environment(html=False)
         html_env = _environment(html=True)
         self._globals = frozenset(text_env.globals)
+        # the globals of every template (jinja2's defaults, the same in both environments),
+        # as one plain dict: each row's context is built on top of it once and rendered by
+        # every template as is (see _render)
+        self._base: dict[str, Any] = dict(text_env.globals)
+        if dict(html_env.globals) != self._base:
+            raise AssertionError("the text and HTML environments have different globals")
         self._asts: list[jinja2.nodes.Template] = []
+        self._plain: dict[jinja2.Template, _Plain] = {}  # the templates _Plain renders
         self._subject = self._compile(text_env, templates.subject, "--subject", lines=False)
         self._text = self._compile(text_env, templates.text, templates.text_name, lines=True)
+        self._text_label = f"template {templates.text_name}"
         self._html: jinja2.Template | None = None
         if templates.html is not None:
             html_name = templates.html_name or "HTML template"
@@ -531,8 +600,18 @@ class Composer:
     def _compile(
         self, env: jinja2.Environment, source: str, label: str, *, lines: bool
     ) -> jinja2.Template:
-        self._asts.append(_parse(env, source, label, lines=lines))
-        return env.from_string(source)
+        ast = _parse(env, source, label, lines=lines)
+        self._asts.append(ast)
+        template = env.from_string(source)
+        if not env.autoescape:
+            plain = _Plain.of(ast)
+            if plain is not None:
+                self._plain[template] = plain
+        # the same globals as a plain dict instead of jinja2's ChainMap over the
+        # environment's (slow to copy; the environment is this composer's own and never
+        # changes): what each row's context is built on
+        template.globals = self._base
+        return template
 
     @property
     def variables(self) -> set[str]:
@@ -560,7 +639,13 @@ class Composer:
         Skipped recipients are never rendered, so they are not checked (None)."""
         if recipient.skip_reason is not None:
             return None
-        return self._render(recipient, origin)
+        return Rendered(*self._render(recipient, origin))
+
+    def blank(self, recipient: Recipient, origin: str) -> str | None:
+        """``check(recipient, origin).blank`` for a recipient that is not skipped, without
+        keeping the message: what renders empty, or None; ``InputError`` as ``check``."""
+        subject, text, html, _ = self._render(recipient, origin)
+        return _blank(subject, text, html)
 
     # -- the variables the templates use, against a source's columns
 
@@ -676,7 +761,7 @@ class Composer:
         """The message for this recipient, attachments read from disk."""
         if recipient.skip_reason is not None:
             raise ValueError(f"row {recipient.row} is skipped: {recipient.skip_reason}")
-        rendered = self._render(recipient, origin)
+        rendered = Rendered(*self._render(recipient, origin))
         attachments: list[Attachment] = []
         for item in rendered.attachments:
             data = _read_attachment(item, _where(origin, recipient))
@@ -701,30 +786,54 @@ class Composer:
 
     # -- rendering
 
-    def _render(self, recipient: Recipient, origin: str | None) -> Rendered:
-        where = _where(origin, recipient)
-        for what, value in (("name", recipient.name), ("email", recipient.email)):
-            problem = header_safe_problem(value)
-            if problem is not None:
-                raise InputError(f"{where}: {what} {problem}")
-        context = _context(recipient.fields)
-        context["name"] = recipient.name
-        context["email"] = recipient.email
+    def _fill(
+        self,
+        template: jinja2.Template,
+        context: dict[str, Any],
+        origin: str | None,
+        recipient: Recipient,
+        label: str,
+    ) -> str:
+        """``_render``, by the short cut when the template is plain (``_Plain``)."""
+        plain = self._plain.get(template)
+        if plain is not None:
+            try:
+                return plain.render(context)
+            except KeyError:
+                pass  # jinja2 names the undefined variable
+        return _render(template, context, _where(origin, recipient), label)
+
+    def _render(self, recipient: Recipient, origin: str | None) -> _Parts:
+        """What ``Rendered`` holds, as a tuple (no object for a row only checked)."""
+        name, email = recipient.name, recipient.email
+        if not plainly_safe(f"{name} {email}"):
+            for what, value in (("name", name), ("email", email)):
+                problem = header_safe_problem(value)
+                if problem is not None:
+                    raise InputError(f"{_where(origin, recipient)}: {what} {problem}")
+        context = _context(recipient.fields, self._base)
+        context["name"] = name
+        context["email"] = email
         context["row"] = recipient.row
-        subject = _render(self._subject, context, where, "--subject")
-        problem = header_safe_problem(subject)
-        if problem is not None:
-            raise InputError(f"{where}: subject {problem} after rendering")
-        text = _render(self._text, context, where, f"template {self.templates.text_name}")
+        subject = self._fill(self._subject, context, origin, recipient, "--subject")
+        if not plainly_safe(subject):
+            problem = header_safe_problem(subject)
+            if problem is not None:
+                where = _where(origin, recipient)
+                raise InputError(f"{where}: subject {problem} after rendering")
+        text = self._fill(self._text, context, origin, recipient, self._text_label)
         html: str | None = None
         if self._html is not None:
             label = f"template {self.templates.html_name or 'HTML'}"
-            html = _render(self._html, context, where, label)
+            html = _render(self._html, context, _where(origin, recipient), label)
+        if not self._attachments:
+            return subject, text, html, ()
+        where = _where(origin, recipient)
         paths: list[_Attachment] = []
         total = 0
         for pattern, template, folder, real_folder in self._attachments:
             label = f"--attach {_shown_path(pattern)!r}"
-            path = _render(template, context, where, label)
+            path = self._fill(template, context, origin, recipient, label)
             item = _Attachment(path, path, None)
             if folder is not None and real_folder is not None:
                 shown_folder = _shown_path(os.path.join(folder, "")) or "./"
@@ -749,7 +858,7 @@ class Composer:
                 f"{where}: attachments total {_megabytes(total)}, over the "
                 f"{_megabytes(MAX_ATTACHMENT_BYTES)} limit per message"
             )
-        return Rendered(subject, text, html, tuple(paths))
+        return subject, text, html, tuple(paths)
 
 
 def _clash_warning(origin: str, use: VariableUse, clash: tuple[str, ...]) -> str:
@@ -772,8 +881,12 @@ def _where(origin: str | None, recipient: Recipient) -> str:
 
 
 def _render(template: jinja2.Template, context: dict[str, Any], where: str, label: str) -> str:
+    """``template.render(context)`` for a ``context`` that already holds the template's
+    globals (``_context``'s ``base``): rendered as is, not copied twice per template as
+    ``render`` would. A template changes only its own ``Context``'s variables (``{% set
+    %}``), never the dict it was given, so one context serves every template of a row."""
     try:
-        return template.render(context)
+        return "".join(template.root_render_func(template.new_context(context, shared=True)))
     except jinja2.UndefinedError as exc:
         found = _UNDEFINED.fullmatch(exc.message or "")
         if found is not None:

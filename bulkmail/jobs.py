@@ -145,19 +145,27 @@ class Plan:
     def screened(self) -> Iterator[Screened]:
         """Each recipient with the template variables it leaves empty and what --on-empty
         makes of them: the recipient skipped with the reason, or a ``fatal`` message."""
+        for r, empty, fatal in self._screen():
+            yield Screened(r, empty, fatal)
+
+    def _screen(self) -> Iterator[_Row]:
+        """``screened`` as (recipient, empty values, fatal) tuples: no object per row."""
+        columns = tuple(self.printed)
+        blanks = ("",) * len(columns)
         for r in self._rows():
-            if r.skip_reason is not None or not self.printed:
-                yield Screened(r)
+            if r.skip_reason is not None or not columns:
+                yield r, (), None
+                continue
+            if "" not in map(str.strip, map(r.fields.get, columns, blanks)):
+                yield r, (), None  # every printed value is there (the usual row)
                 continue
             empty = [
                 EmptyValue(name, parts)
                 for column, (name, parts) in self.printed.items()
                 if not r.fields.get(column, "").strip()
             ]
-            if not empty:
-                yield Screened(r)
-                continue
-            yield self._decide(r, empty)
+            s = self._decide(r, empty)
+            yield s.recipient, s.empty, s.fatal
 
     def _decide(self, r: Recipient, empty: list[EmptyValue]) -> Screened:
         where = f"{self.source.description}: row {r.row}"
@@ -202,6 +210,9 @@ class Screened:
     recipient: Recipient
     empty: Sequence[EmptyValue] = ()
     fatal: str | None = None  # the error this row is under --on-empty (exit 2)
+
+
+_Row = tuple[Recipient, Sequence[EmptyValue], str | None]  # a Screened's fields, as a tuple
 
 
 def open_source(opts: SourceOptions) -> Source:
@@ -369,21 +380,24 @@ def _vetted(plan: Plan) -> Iterator[Screened]:
     """The plan's recipients screened for empty values, each sendable one rendered once as
     it will be sent (exit 2 on a template problem): a message whose subject or body renders
     empty is never sent, skipped with the reason (or fatal, as an empty value would be)."""
+    for r, empty, fatal in _vetted_rows(plan):
+        yield Screened(r, empty, fatal)
+
+
+def _vetted_rows(plan: Plan) -> Iterator[_Row]:
+    """``_vetted`` as (recipient, empty values, fatal) tuples: no object per row."""
     origin = plan.source.description
-    for s in plan.screened():
-        r = s.recipient
-        if r.skip_reason is None and s.fatal is None:
-            rendered = plan.composer.check(r, origin)
-            blank = rendered.blank if rendered is not None else None
+    for r, empty, fatal in plan._screen():
+        if r.skip_reason is None and fatal is None:
+            blank = plan.composer.blank(r, origin)
             if blank is not None:
                 reason = f"the {blank} renders empty"
-                fatal = plan.on_empty == "fail" or (plan.on_empty is None and blank == "subject")
-                if fatal:
+                if plan.on_empty == "fail" or (plan.on_empty is None and blank == "subject"):
                     hint = "" if plan.on_empty == "fail" else " (or pass --on-empty skip)"
-                    s = replace(s, fatal=f"{origin}: row {r.row}: {reason}; nothing sent{hint}")
+                    fatal = f"{origin}: row {r.row}: {reason}; nothing sent{hint}"
                 else:
-                    s = replace(s, recipient=replace(r, skip_reason=reason))
-        yield s
+                    r = replace(r, skip_reason=reason)
+        yield r, empty, fatal
 
 
 def vetted(plan: Plan) -> Iterator[Screened]:
@@ -401,10 +415,9 @@ def _checked(plan: Plan, *, require_sendable: bool = True) -> Iterator[Recipient
     reminded is fine.)"""
     count = sendable = 0
     first_skip: Recipient | None = None
-    for s in _vetted(plan):
-        if s.fatal is not None:
-            raise InputError(s.fatal)
-        r = s.recipient
+    for r, _, fatal in _vetted_rows(plan):
+        if fatal is not None:
+            raise InputError(fatal)
         if r.skip_reason is None:
             sendable += 1
         elif first_skip is None:

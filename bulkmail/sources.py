@@ -38,7 +38,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.pool import NullPool
 
 from bulkmail.errors import InputError, file_error
-from bulkmail.headersafe import header_safe_problem
+from bulkmail.headersafe import header_safe_problem, plainly_safe
 from bulkmail.models import Recipient
 
 __all__ = [
@@ -259,19 +259,31 @@ class _Builder:
             self.checks = [
                 header_safe_problem if key in header else _body_safe_problem for key in layout.keys
             ]
+        # every column of the row is kept, in order (no unnamed column)
+        self.every_column = layout.positions == list(range(layout.width))
+
+    def _problem(self, raw: Sequence[str]) -> str | None:
+        """The first unsafe value of the row, checked column by column as it needs."""
+        layout = self.layout
+        for label, pos, check in zip(layout.labels, layout.positions, self.checks, strict=True):
+            problem = check(raw[pos])
+            if problem is not None:
+                return f"column {_quote(label)} {problem}"
+        return None
 
     def build(self, row: int, raw: Sequence[str]) -> Recipient:
-        fields: dict[str, str] = {}
-        reason: str | None = None
-        for label, key, pos, check in zip(
-            self.layout.labels, self.layout.keys, self.layout.positions, self.checks, strict=True
-        ):
-            value = raw[pos] if pos < len(raw) else ""
-            if reason is None:
-                problem = check(value)
-                if problem is not None:
-                    reason = f"column {_quote(label)} {problem}"
-            fields[key] = value.strip()
+        layout = self.layout
+        if len(raw) < layout.width:  # missing trailing fields are empty
+            raw = [*raw, *[""] * (layout.width - len(raw))]
+        # the common row: every value plainly safe, checked at once (extra fields and
+        # unnamed columns included: anything unusual anywhere takes the full check)
+        reason = None if plainly_safe(" ".join(raw)) else self._problem(raw)
+        if self.every_column:
+            # values beyond the last column are ignored (zip stops there)
+            fields = dict(zip(layout.keys, map(str.strip, raw), strict=False))
+        else:
+            kept = zip(layout.keys, layout.positions, strict=True)
+            fields = {key: raw[pos].strip() for key, pos in kept}
         email = fields["email"]
         if reason is None:
             if not email:
@@ -310,24 +322,28 @@ _TEXT_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 
 class _Lines:
-    """The file's physical lines, decoded one at a time (a UTF-8 BOM is dropped).
+    """The file's physical lines, decoded (a UTF-8 BOM is dropped); iterate once.
 
     Lines end with LF, CRLF or a bare CR (old Mac exports), as in an editor; the csv module
-    joins the lines of a quoted multi-line value itself. An encoding in which CR and LF are
-    not single ASCII bytes (UTF-16, UTF-32: Excel's "Unicode text") is decoded whole first.
+    joins the lines of a quoted multi-line value itself. UTF-8 is decoded some 64 KiB of
+    whole lines at a time (a chunk that does not decode is decoded line by line, to name
+    the line at fault); other encodings in which CR and LF are single ASCII bytes a line
+    at a time; one in which they are not (UTF-16, UTF-32: Excel's "Unicode text") whole
+    first. A line that does not decode raises ``_NotDecodable`` with its number when it is
+    reached, after every line before it.
     """
 
     def __init__(self, stream: IO[bytes], encoding: str = "utf-8") -> None:
         self._stream = stream
         self._encoding = encoding
         self._utf8 = codecs.lookup(encoding).name == "utf-8"
-        self._whole: Iterator[str] | None = None
-        self._decode_first = not _ascii_lines(encoding)
-        self._pending: list[bytes] = []
-        self.count = 0  # physical lines read so far
 
     def __iter__(self) -> Iterator[str]:
-        return self
+        if not _ascii_lines(self._encoding):
+            return self._decode_whole()
+        if self._utf8:
+            return self._utf8_chunks()
+        return self._one_by_one()
 
     def _decode_whole(self) -> Iterator[str]:
         data = self._stream.read()
@@ -336,29 +352,52 @@ class _Lines:
         except UnicodeDecodeError as exc:
             before = data[: exc.start].decode(self._encoding, "replace")
             raise _NotDecodable(len(_LINE_END.findall(before)) + 1) from None
-        return iter(_TEXT_LINE.findall(text.removeprefix("\ufeff")))
+        yield from _TEXT_LINE.findall(text.removeprefix("\ufeff"))
 
-    def __next__(self) -> str:
-        if self._decode_first:
-            self._decode_first = False
-            self._whole = self._decode_whole()
-        if self._whole is not None:
-            line = next(self._whole)
-            self.count += 1
-            return line
-        if not self._pending:
+    def _utf8_chunks(self) -> Iterator[str]:
+        # a chunk ends with a LF (or the file): never between the CR and LF of a CRLF,
+        # nor inside a character; UTF-8 has no CR or LF byte inside a character, so the
+        # chunk's lines are the lines of its text
+        count = 0
+        while True:
+            chunk = self._stream.readlines(_CHUNK)
+            if not chunk:
+                return
+            data = b"".join(chunk)
+            try:
+                text = data.decode("utf-8-sig" if count == 0 else "utf-8")
+            except UnicodeDecodeError:
+                for piece in data.splitlines(keepends=True):  # at LF, CRLF and bare CR
+                    count += 1
+                    yield self._decode(piece, count)
+                continue
+            lines = _TEXT_LINE.findall(text) or [text]  # a file of a BOM alone: one empty line
+            count += len(lines)
+            yield from lines
+
+    def _one_by_one(self) -> Iterator[str]:
+        count = 0
+        while True:
             data = self._stream.readline()
             if not data:
-                raise StopIteration
-            self._pending = [piece for piece in _BARE_CR.split(data) if piece]
-            self._pending.reverse()
-        data = self._pending.pop()
-        self.count += 1
-        encoding = "utf-8-sig" if self._utf8 and self.count == 1 else self._encoding
+                return
+            if b"\r" not in data or (data.endswith(b"\r\n") and b"\r" not in data[:-2]):
+                pieces = [data]  # one line: no bare CR in it
+            else:
+                pieces = [piece for piece in _BARE_CR.split(data) if piece]
+            for piece in pieces:
+                count += 1
+                yield self._decode(piece, count)
+
+    def _decode(self, data: bytes, line: int) -> str:
+        encoding = "utf-8-sig" if self._utf8 and line == 1 else self._encoding
         try:
             return data.decode(encoding)
         except UnicodeDecodeError:
-            raise _NotDecodable(self.count) from None
+            raise _NotDecodable(line) from None
+
+
+_CHUNK = 1 << 16  # bytes of whole lines decoded at once
 
 
 @functools.lru_cache(maxsize=32)
@@ -416,7 +455,8 @@ def _sniff_delimiter(line: str) -> str:
 
 
 def _is_blank(record: Sequence[str]) -> bool:
-    return all(not value.strip() for value in record)
+    """Whether every value is empty or white space (so is their concatenation)."""
+    return not "".join(record).strip()
 
 
 def _not_decodable(origin: str, where: str, encoding: str | None) -> InputError:
@@ -446,7 +486,7 @@ def _records(
         lines = _Lines(stream, encoding or "utf-8")
         reader = csv.reader(lines, delimiter=delimiter, skipinitialspace=True, strict=True)
         while True:
-            start = lines.count + 1
+            start = reader.line_num + 1  # the physical lines read so far, plus one
             try:
                 record = next(reader)
             except StopIteration:

@@ -31,11 +31,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import operator
 import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -314,7 +315,28 @@ _SQLITE_INSERT = (
     f"INSERT INTO deliveries ({', '.join(_NEW_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _NEW_COLUMNS)})"
 )
+_SQL_ANY_SUPPRESSION = sa.text("SELECT 1 FROM suppressions LIMIT 1")
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_JSON_STR = json.encoder.encode_basestring  # what _JSON writes a str as (ensure_ascii=False)
+
+
+_JSON_KEYS: dict[tuple[str, ...], list[str]] = {}  # the columns of a source -> '"key":'s
+
+
+def _fields_json(fields: Mapping[str, Any]) -> str:
+    """``_JSON.encode(dict(fields))``: a delivery's fields (text by text, as a source gives
+    them) written directly, the keys (the same columns on every row) encoded once;
+    anything else (a number, a key that is not text) by _JSON."""
+    try:
+        keys = tuple(fields)
+        prefixes = _JSON_KEYS.get(keys)
+        if prefixes is None:
+            prefixes = [_JSON_STR(k) + ":" for k in keys]
+            if len(_JSON_KEYS) < 64:
+                _JSON_KEYS[keys] = prefixes
+        return "{" + ",".join(map(operator.add, prefixes, map(_JSON_STR, fields.values()))) + "}"
+    except TypeError:
+        return _JSON.encode(dict(fields))
 
 
 def _creating_failpoint() -> int:
@@ -506,7 +528,6 @@ class Store(StoreReads):
         outside any transaction (reading and rendering the list takes most of the time):
         each transaction holds the write lock only to insert it."""
         failpoint = _creating_failpoint()
-        dumps = _JSON.encode
         pending, skipped = str(_PENDING), str(DeliveryState.SKIPPED)
         batch: list[list[Any]] = []
         position = batches = 0
@@ -522,7 +543,7 @@ class Store(StoreReads):
                     email,
                     email.lower(),
                     rcpt.name,
-                    dumps(rcpt.fields if type(rcpt.fields) is dict else dict(rcpt.fields)),
+                    _fields_json(rcpt.fields),
                     skipped if reason else pending,
                     0,
                     reason,
@@ -575,6 +596,8 @@ class Store(StoreReads):
 
     def _mark_suppressed(self, conn: Connection, batch: list[list[Any]]) -> None:
         """Skip the batch's addresses on the suppression list, with why they are there."""
+        if conn.execute(_SQL_ANY_SUPPRESSION).first() is None:
+            return  # an empty list (the usual case): no need to look up every address
         keys = {row[_KEY] for row in batch if row[_STATE] == _PENDING}
         if not keys:
             return
