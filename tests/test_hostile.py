@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import csv
 import email
+import email.header
 import email.policy
 import io
 import json
+import re
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bulkmail.compose import Composer, Templates
@@ -234,6 +236,22 @@ def parse(data: bytes, *, utf8: bool = False) -> EmailMessage:
     return parsed
 
 
+_ENCODED_PHRASE = re.compile(r"(=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=\s*)+")
+
+
+def _display_name(data: bytes, parsed: str) -> str:
+    """The To header's display name as RFC 2047 reads it. A long name is folded into
+    several encoded words, and a reader ignores the white space between two adjacent ones
+    (section 6.2); Python 3.11's address parser keeps it (a name split inside a word gains
+    a space), so a name made only of encoded words is decoded here with the email.header
+    functions, which follow the RFC."""
+    raw = email.message_from_bytes(data, policy=email.policy.compat32)["To"]
+    phrase = re.sub(r"\r?\n[ \t]", " ", str(raw)).rpartition(" <")[0]
+    if not phrase or not _ENCODED_PHRASE.fullmatch(phrase):
+        return parsed
+    return str(email.header.make_header(email.header.decode_header(phrase)))
+
+
 @pytest.fixture(scope="module")
 def composer(tmp_path_factory: pytest.TempPathFactory) -> Composer:
     folder = tmp_path_factory.mktemp("templates")
@@ -255,6 +273,9 @@ def _message_id(n: int) -> str:
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(st.tuples(NAME, ADDRESS, NAME), min_size=1, max_size=5))
+# a long name folded inside a word into two encoded words (found by hypothesis)
+@example([("P,G\U00018cd6\x91000\xa7\xe1\xfe\U000512f8\U000e9bf1\x80\x80" + "\U00010000" * 4,
+           "0@A.COM", "")])  # fmt: skip
 def test_any_row_is_a_well_formed_message_or_skipped_with_a_reason(
     composer: Composer, rows: list[tuple[str, str, str]]
 ) -> None:
@@ -287,7 +308,7 @@ def test_any_row_is_a_well_formed_message_or_skipped_with_a_reason(
                 assert parsed["To"].defects == ()
             if "=?" not in recipient.name:  # a benign encoded word is decoded by the reader
                 # folding may turn a tab into a space: the same name to a reader
-                assert to.display_name.split() == recipient.name.split()
+                assert _display_name(data, to.display_name).split() == recipient.name.split()
             if "=?" not in message.subject:
                 assert parsed["Subject"].split() == message.subject.split()
             assert parsed["Message-ID"] == _message_id(n)
