@@ -154,3 +154,24 @@ def test_serve_without_a_webhook_secret_serves_the_dashboard_and_no_webhooks(
         _, err = proc.communicate(timeout=30)
     assert b"no webhooks: set BULKMAIL_MAILTRAP_WEBHOOK_SECRET" in err
     assert b"Traceback" not in err
+
+
+def test_serve_without_the_web_extra_is_one_line(tmp_path: Path) -> None:
+    """A plain `pip install bulkmail` has no Flask: `serve` says how to get it (exit 2),
+    never a traceback, and the token commands, which need no Flask, still work."""
+    path = tmp_path / "jobs.db"
+    open_store(path).close()
+    code = (
+        "import sys; sys.modules['flask'] = None; from bulkmail.cli import main; "
+        "sys.argv[0] = 'bulkmail'; main()"
+    )
+    base = [sys.executable, "-c", code]
+    served = subprocess.run([*base, "serve", "--store", str(path)], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert served.returncode == 2
+    assert served.stderr.strip().splitlines() == [
+        "bulkmail: bulkmail serve needs Flask and waitress: pip install 'bulkmail[web]'"
+    ]
+    listed = subprocess.run([*base, "serve", "token", "list", "--store", str(path)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr

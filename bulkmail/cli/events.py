@@ -124,6 +124,8 @@ def serve(
     if ctx.invoked_subcommand is not None:
         return  # `bulkmail serve token ...`
     from bulkmail import web
+
+    web.require_web()  # before the dashboard's modules, which import Flask
     from bulkmail.store.files import NoJobStore
     from bulkmail.web.dashboard.core import from_settings
 

@@ -55,6 +55,8 @@ class WebConfig:
 
 
 def _flask() -> type[Flask]:
+    """Flask, or the one line saying how to install the ``web`` extra (call this before
+    importing any module of this package that imports Flask)."""
     try:
         from flask import Flask
     except ImportError:
@@ -62,6 +64,11 @@ def _flask() -> type[Flask]:
             "bulkmail serve needs Flask and waitress: pip install 'bulkmail[web]'"
         ) from None
     return Flask
+
+
+def require_web() -> None:
+    """Exit 2 with the install line when the ``web`` extra is missing."""
+    _flask()
 
 
 def create_app(config: WebConfig) -> Flask:
