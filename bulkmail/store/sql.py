@@ -151,7 +151,27 @@ def _stmt_claim_context() -> sa.Select[Any]:
         jobs.c.per_hour,
         jobs.c.per_day,
         jobs.c.waiting_for,
+        jobs.c.include_suppressed,
     ).where(jobs.c.id == sa.bindparam("b_job"))
+
+
+@functools.cache
+def _stmt_suppressed_among() -> sa.Select[Any]:
+    """The suppression list's entries for some addresses (``b_keys``, lower-cased): one
+    lookup by the primary key per claimed batch."""
+    return sa.select(suppressions).where(
+        suppressions.c.email_key.in_(sa.bindparam("b_keys", expanding=True))
+    )
+
+
+@functools.cache
+def _stmt_skip() -> sa.Update:
+    """A claimed-for row that is not sent after all: ``skipped``, with the reason."""
+    return (
+        deliveries.update()
+        .where(deliveries.c.id == sa.bindparam("b_id"))
+        .values(state=DeliveryState.SKIPPED, last_error=sa.bindparam("b_reason"))
+    )
 
 
 @functools.cache
@@ -449,8 +469,11 @@ class Store(StoreReads):
 
         Addresses another job under the same ``dedupe_key`` has sent or still holds (earlier
         batches of this job are rows like any other) become ``skipped`` with the reason, and
-        so do addresses on the suppression list unless ``include_suppressed``.
+        so do addresses on the suppression list unless ``include_suppressed`` (or
+        ``new.include_suppressed``; the job records it: its claims skip an address
+        suppressed later unless it is set).
         """
+        include_suppressed = include_suppressed or new.include_suppressed
         token = secrets.token_hex(4)
         with self._write() as conn:
             inserted = conn.execute(
@@ -473,6 +496,7 @@ class Store(StoreReads):
                     dedupe_key=new.dedupe_key,
                     created_by=new.created_by,
                     name=new.name,
+                    include_suppressed=include_suppressed,
                     total=0,
                     created_at=now,
                     windows=_json(list(new.windows)) if new.windows else None,
@@ -1103,11 +1127,13 @@ class Store(StoreReads):
         """The claim, in the caller's write transaction: up to ``limit`` due pending
         deliveries become ``sending`` under ``worker_id`` (attempt counted), never more
         than the account's caps leave room for, each logged in the account's ``sends``; a
-        delivery another job under the dedupe key has sent or holds is skipped instead.
-        ``Stop`` when the job no longer runs or this worker was taken for gone; ``Wait``
-        when a cap, a throttling pause or the next retry holds it back."""
+        delivery whose address is on the suppression list (unless the job was created with
+        --include-suppressed), or that another job under the dedupe key has sent or holds,
+        is skipped instead, with the reason. ``Stop`` when the job no longer runs or this
+        worker was taken for gone; ``Wait`` when a cap, a throttling pause or the next retry
+        holds it back."""
         job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
-        state, dedupe_key, stopped_at, account, per_hour, per_day, waiting = job.one()
+        state, dedupe_key, stopped_at, account, per_hour, per_day, waiting, everyone = job.one()
         if state != JobState.RUNNING:
             return Stop(str(state))
         if stopped_at is not None:
@@ -1129,8 +1155,11 @@ class Store(StoreReads):
                 _stmt_next_due_rows(), {"b_job": job_id, "b_now": now, "b_limit": wanted}
             ).all()
             fresh: list[dict[str, Any]] = []
+            suppressed = set() if everyone or not rows else self._skip_suppressed(conn, rows)
             for row in rows:
                 values = row._asdict()
+                if values["id"] in suppressed:
+                    continue  # skipped: put on the suppression list since the job was made
                 if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
                     continue  # skipped: another job under the key sent it or is sending it
                 values.update(state=_SENDING, attempts=values["attempts"] + 1, worker_id=worker_id)
@@ -1168,6 +1197,24 @@ class Store(StoreReads):
         if due is not None:
             return Wait(max(0.0, float(due) - now))
         return Stop(JobState.RUNNING, finished=True)
+
+    def _skip_suppressed(self, conn: Connection, rows: Sequence[sa.Row[Any]]) -> set[int]:
+        """Make the rows whose address is on the suppression list (added after the job was
+        created: a complaint, an unsubscribe, a hard bounce, `suppress add`) ``skipped``
+        with the reason job creation gives, in the claim's transaction; their ids. One
+        lookup for the whole batch."""
+        keys = sorted({row.email_key for row in rows})
+        found = conn.execute(_stmt_suppressed_among(), {"b_keys": keys}).mappings().all()
+        if not found:
+            return set()
+        held = {entry["email_key"]: suppression_from_row(dict(entry)) for entry in found}
+        skipped = [
+            {"b_id": row.id, "b_reason": suppression_reason(held[row.email_key])}
+            for row in rows
+            if row.email_key in held
+        ]
+        conn.execute(_stmt_skip(), skipped)
+        return {int(s["b_id"]) for s in skipped}
 
     def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
         """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
