@@ -93,6 +93,7 @@ class JobDocument(TypedDict):
     burst: int
     concurrency: int
     dedupe_key: str | None
+    include_suppressed: bool  # --include-suppressed: it sends to suppressed addresses too
     created_by: str | None  # the API token that created it; None: the command line
     error: str | None
     worker_pid: int | None
@@ -186,6 +187,7 @@ def job_document(
         "burst": job.burst,
         "concurrency": job.concurrency,
         "dedupe_key": job.dedupe_key,
+        "include_suppressed": job.include_suppressed,
         "created_by": job.created_by,
         "error": job.error,
         "worker_pid": latest.pid if latest and latest.stopped_at is None else None,

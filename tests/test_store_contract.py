@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from bulkmail.errors import InputError, JobNotFound, JobStateError, StoreError
 from bulkmail.liveness import STALE_AFTER
 from bulkmail.store import (
     Claimed,
+    ClaimedBatch,
     DeliveryState,
     JobRecord,
     JobState,
@@ -756,3 +758,81 @@ def test_the_account_sends_the_caps_count_are_read_for_a_calendar(reads: Reads) 
     assert reads.reader.account_sends("outbox:/tmp/x", since=0.0) == [150.0, 250.0]
     assert reads.reader.account_sends("outbox:/tmp/x", since=150.0) == [250.0]
     assert reads.reader.account_sends("nobody", since=0.0) == []
+
+
+# --------------------------------------------------------------------------- suppressed later
+
+
+class TestSuppressedAtClaim:
+    """An address put on the suppression list after the job was created (a complaint, an
+    unsubscribe, a hard bounce, `suppress add` while it runs or waits) is skipped by the
+    claim, with the reason creation gives, unless the job includes suppressed addresses."""
+
+    DEC_1 = datetime(2026, 12, 1, 9, 30, tzinfo=UTC).timestamp()
+
+    def claim_all(self, store: Store, job_id: int, *, batch: int = 1) -> list[str]:
+        """Claim and send every due delivery; the addresses claimed, in order."""
+        got: list[str] = []
+        while True:
+            if batch == 1:
+                one = store.claim(job_id, "w1", now=200.0)
+                claimed = [one.delivery] if isinstance(one, Claimed) else []
+                end: object = one
+            else:
+                many = store.claim_batch(job_id, "w1", now=200.0, limit=batch)
+                claimed = list(many.deliveries) if isinstance(many, ClaimedBatch) else []
+                end = many
+            if not claimed:
+                assert isinstance(end, Stop) and end.finished
+                return got
+            for d in claimed:
+                store.record(Outcome.sent(d.id, f"p-{d.position}", 200.0), "w1")
+                got.append(d.email)
+
+    @pytest.mark.parametrize("batch", [1, 2])
+    def test_a_claim_skips_an_address_suppressed_since_creation(
+        self, store: Store, batch: int
+    ) -> None:
+        job_id = store.create_job(new_job(), people(3), now=1.0, domain="d")
+        start(store, job_id)
+        assert (
+            store.add_suppression("P1@Example.EDU", reason="complained", now=self.DEC_1, job_id=7)
+            is None
+        )
+        assert self.claim_all(store, job_id, batch=batch) == ["p0@example.edu", "p2@example.edu"]
+        states = {d.email: (d.state, d.last_error, d.attempts) for d in store.deliveries(job_id)}
+        assert states["p1@example.edu"] == (
+            "skipped",
+            "suppressed: complained 2026-12-01 in job 7",
+            0,
+        )
+        counts = store.counts(job_id)
+        assert (counts.sent, counts.skipped, counts.pending) == (2, 1, 0)
+        assert store.get_job(job_id).include_suppressed is False
+        assert store.finish_worker("w1", now=300.0, stop=None, error=None) == JobState.COMPLETED
+        assert store.get_job(job_id).state == JobState.COMPLETED
+
+    def test_a_job_made_with_include_suppressed_still_sends_to_it(self, store: Store) -> None:
+        job_id = store.create_job(
+            new_job(), people(3), now=1.0, domain="d", include_suppressed=True
+        )
+        assert store.get_job(job_id).include_suppressed is True
+        start(store, job_id)
+        store.add_suppression("p1@example.edu", reason="bounced", now=self.DEC_1)
+        assert self.claim_all(store, job_id) == [f"p{i}@example.edu" for i in range(3)]
+        assert store.counts(job_id).skipped == 0
+
+    def test_a_schema_8_store_gains_include_suppressed_false(self, store_url: str) -> None:
+        s = open_store(store_url)
+        job_id = s.create_job(new_job(), people(2), now=1.0, domain="d")
+        with s.engine.begin() as conn:  # what schema 8 looked like
+            conn.execute(sa.text("ALTER TABLE jobs DROP COLUMN include_suppressed"))
+            conn.execute(sa.text("UPDATE meta SET value = '8' WHERE key = 'schema_version'"))
+        s.close()
+        s = open_store(store_url)
+        assert _version(s) == schema_module.SCHEMA_VERSION
+        assert s.get_job(job_id).include_suppressed is False  # checked at creation: the safe side
+        start(s, job_id)
+        s.add_suppression("p0@example.edu", reason="unsubscribed", now=self.DEC_1)
+        assert self.claim_all(s, job_id) == ["p1@example.edu"]
+        s.close()

@@ -11,6 +11,8 @@
 - :mod:`bulkmail.store.engine`: opening a SQLite file (checks, WAL) or a PostgreSQL server.
 - :mod:`bulkmail.store.sql`: the store itself on SQLAlchemy 2 Core (SQLite or PostgreSQL):
   all writes, the send loop's claims and outcomes, workers, the rate-limit rows.
+- :mod:`bulkmail.store.aftersend`: the store's operations on events, the suppression list,
+  processed bounce messages and API tokens (a mixin of ``sql.Store``).
 - :mod:`bulkmail.store.readonly`: a read-only SQLite reader for ``status``, ``recent`` and
   ``report``, so those commands start without importing SQLAlchemy.
 

@@ -149,7 +149,8 @@ class JobStore(StoreReader, Protocol):
         ``skipped`` with its reason: the recipient's own ``skip_reason``, or an address
         taken under the job's dedupe key (see ``taken_under``), or an address on the
         suppression list (the reason says why it is there: ``records.suppression_reason``)
-        unless ``include_suppressed``. Returns the job's id."""
+        unless ``include_suppressed`` (or ``new.include_suppressed``), which the job records
+        for its claims. Returns the job's id."""
         ...
 
     def set_log_path(self, job_id: int, path: str) -> None:
@@ -239,8 +240,10 @@ class JobStore(StoreReader, Protocol):
     ) -> ClaimResult:
         """In one write transaction: commit ``settle`` (the worker's previous outcome, as
         ``record``), then claim the next due ``pending`` delivery: ``sending``, one attempt
-        more, under ``worker_id`` (skipping, as ``skipped``, an address another job under the
-        dedupe key has sent or is sending). ``Wait`` when nothing is due yet, ``Stop`` when
+        more, under ``worker_id`` (skipping, as ``skipped`` with the reason, an address put
+        on the suppression list since the job was created, unless the job includes
+        suppressed addresses, and an address another job under the dedupe key has sent or
+        is sending). ``Wait`` when nothing is due yet, ``Stop`` when
         the job is not running, the worker was taken for gone, or nothing is left.
 
         The account's caps hold in the same transaction, holding the account's bucket row:
@@ -267,7 +270,8 @@ class JobStore(StoreReader, Protocol):
         write transaction commit ``settle`` (the worker's previous outcomes), then claim up
         to ``limit`` due ``pending`` deliveries in the order ``claim`` takes them, each
         ``sending`` with one attempt more under ``worker_id`` before the request goes out
-        (addresses taken under the dedupe key become ``skipped``, as in ``claim``).
+        (suppressed addresses and those taken under the dedupe key become ``skipped``, as
+        in ``claim``).
         ``ClaimedBatch`` with at least one delivery, else ``Wait`` or ``Stop`` as ``claim``."""
         ...
 

@@ -58,11 +58,12 @@ __all__ = [
     "worker_from_row",
 ]
 
-SCHEMA_VERSION = 8  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
+SCHEMA_VERSION = 9  # 2: the partial index on deliveries.in_doubt; 3: workers.host_id;
 # 4: the job's calendar, caps and waiting columns, the per-account ``sends`` log, throttling
 # columns on ``rate_buckets``; 5: events, suppressions, processed (delivery events, bounces,
 # the suppression list); 6: jobs.created_by and the api_tokens table; 7: jobs.name;
-# 8: ``sends.delivery_id``/``worker_id`` (a claim given back untried leaves the caps' log)
+# 8: ``sends.delivery_id``/``worker_id`` (a claim given back untried leaves the caps' log);
+# 9: ``jobs.include_suppressed`` (the claim skips an address suppressed since creation)
 
 
 class JobState(StrEnum):
@@ -166,6 +167,9 @@ class NewJob:
     # the job's label (--name; default: the source and the subject); None for a job made
     # before schema 4
     name: str | None = None
+    # --include-suppressed: send to addresses on the suppression list too, at creation and at
+    # each claim (False for a job made before schema 9)
+    include_suppressed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -566,6 +570,8 @@ def job_from_row(row: Mapping[str, Any]) -> JobRecord:
     values["templates"] = json.loads(values["templates"])
     windows = values.get("windows")
     values["windows"] = tuple(json.loads(windows)) if windows else ()
+    if "include_suppressed" in values:  # 0/1 from SQLite
+        values["include_suppressed"] = bool(values["include_suppressed"])
     return JobRecord(**values)
 
 

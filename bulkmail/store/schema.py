@@ -95,6 +95,9 @@ jobs = sa.Table(
     # who created the job: an API token's name (the dashboard, the HTTP API); None: the CLI
     sa.Column("created_by", _text(255), nullable=True),
     sa.Column("name", sa.Text, nullable=True),  # the job's label (--name)
+    # schema 9: --include-suppressed, which the claim honours too (false: the list is checked
+    # at creation and again at each claim)
+    sa.Column("include_suppressed", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 workers = sa.Table(
@@ -333,6 +336,17 @@ def _sends_claims(conn: Connection) -> None:
     ix.create(conn, checkfirst=True)
 
 
+def _include_suppressed(conn: Connection) -> None:
+    """Schema 9: ``jobs.include_suppressed``, so the claim skips an address suppressed after
+    the job was created unless the job was made with --include-suppressed. Jobs made before
+    did not record it: false, the safe side (their addresses were checked at creation)."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    if "include_suppressed" not in columns:
+        conn.execute(
+            sa.text("ALTER TABLE jobs ADD COLUMN include_suppressed BOOLEAN NOT NULL DEFAULT false")
+        )
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     0: _record_version,
     1: _index_in_doubt,
@@ -342,6 +356,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     5: _api_tokens,
     6: _job_name,
     7: _sends_claims,
+    8: _include_suppressed,
 }
 
 

@@ -16,7 +16,8 @@ transactions never wait on each other in a circle. On SQLite there is no ``FOR U
 
 The reads, and the SQL of the store's shared knowledge (the job and worker reads, the dedupe
 predicate), are those of :mod:`bulkmail.store.reads`, run here on the transaction's
-connection.
+connection. What happens after the send (events, the suppression list, processed bounce
+messages) and the API tokens are :mod:`bulkmail.store.aftersend`'s, a mixin of ``Store``.
 
 Times are stored as POSIX seconds (floats). The worker leases (registration, heartbeats,
 staleness, take-overs) and the rate slots use the store's time, read inside the transaction
@@ -42,17 +43,15 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
-from bulkmail.errors import InputError, JobStateError, StoreError
+from bulkmail.errors import JobStateError, StoreError
 from bulkmail.ratelimit import gcra_reserve
+from bulkmail.store.aftersend import AfterSend
 from bulkmail.store.engine import open_engine
 from bulkmail.store.reads import (
     SQL_TAKEN_AMONG,
     SQL_TAKEN_AT_CLAIM,
-    SQL_TOKEN_BY_HASH,
-    SQL_TOKENS,
     Query,
     StoreReads,
     read_job,
@@ -60,8 +59,6 @@ from bulkmail.store.reads import (
     suppression_from_row,
 )
 from bulkmail.store.records import (
-    ROLES,
-    SUPPRESSING,
     WORKER_STOPPED,
     BatchClaimResult,
     Claimed,
@@ -69,19 +66,14 @@ from bulkmail.store.records import (
     ClaimResult,
     DeliveryRecord,
     DeliveryState,
-    EventKind,
-    EventSummary,
     JobRecord,
     JobState,
     NewDelivery,
-    NewEvent,
     NewJob,
     Outcome,
     Reclaimed,
     Registration,
     Stop,
-    Suppression,
-    TokenRecord,
     Wait,
     WorkerAlive,
     WorkerRecord,
@@ -90,17 +82,13 @@ from bulkmail.store.records import (
     dedupe_reason,
     delivery_from_row,
     message_id,
-    parse_message_id,
     pick_dedupe,
     suppression_reason,
 )
 from bulkmail.store.schema import (
-    api_tokens,
     create_schema,
     deliveries,
-    events,
     jobs,
-    processed,
     rate_buckets,
     sends,
     suppressions,
@@ -151,7 +139,27 @@ def _stmt_claim_context() -> sa.Select[Any]:
         jobs.c.per_hour,
         jobs.c.per_day,
         jobs.c.waiting_for,
+        jobs.c.include_suppressed,
     ).where(jobs.c.id == sa.bindparam("b_job"))
+
+
+@functools.cache
+def _stmt_suppressed_among() -> sa.Select[Any]:
+    """The suppression list's entries for some addresses (``b_keys``, lower-cased): one
+    lookup by the primary key per claimed batch."""
+    return sa.select(suppressions).where(
+        suppressions.c.email_key.in_(sa.bindparam("b_keys", expanding=True))
+    )
+
+
+@functools.cache
+def _stmt_skip() -> sa.Update:
+    """A claimed-for row that is not sent after all: ``skipped``, with the reason."""
+    return (
+        deliveries.update()
+        .where(deliveries.c.id == sa.bindparam("b_id"))
+        .values(state=DeliveryState.SKIPPED, last_error=sa.bindparam("b_reason"))
+    )
 
 
 @functools.cache
@@ -354,7 +362,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-class Store(StoreReads):
+class Store(StoreReads, AfterSend):
     """Every read and write of the job store. Thread-safe: each call takes its own
     connection from the pool and holds a transaction only for its own duration."""
 
@@ -449,8 +457,11 @@ class Store(StoreReads):
 
         Addresses another job under the same ``dedupe_key`` has sent or still holds (earlier
         batches of this job are rows like any other) become ``skipped`` with the reason, and
-        so do addresses on the suppression list unless ``include_suppressed``.
+        so do addresses on the suppression list unless ``include_suppressed`` (or
+        ``new.include_suppressed``; the job records it: its claims skip an address
+        suppressed later unless it is set).
         """
+        include_suppressed = include_suppressed or new.include_suppressed
         token = secrets.token_hex(4)
         with self._write() as conn:
             inserted = conn.execute(
@@ -473,6 +484,7 @@ class Store(StoreReads):
                     dedupe_key=new.dedupe_key,
                     created_by=new.created_by,
                     name=new.name,
+                    include_suppressed=include_suppressed,
                     total=0,
                     created_at=now,
                     windows=_json(list(new.windows)) if new.windows else None,
@@ -1103,11 +1115,13 @@ class Store(StoreReads):
         """The claim, in the caller's write transaction: up to ``limit`` due pending
         deliveries become ``sending`` under ``worker_id`` (attempt counted), never more
         than the account's caps leave room for, each logged in the account's ``sends``; a
-        delivery another job under the dedupe key has sent or holds is skipped instead.
-        ``Stop`` when the job no longer runs or this worker was taken for gone; ``Wait``
-        when a cap, a throttling pause or the next retry holds it back."""
+        delivery whose address is on the suppression list (unless the job was created with
+        --include-suppressed), or that another job under the dedupe key has sent or holds,
+        is skipped instead, with the reason. ``Stop`` when the job no longer runs or this
+        worker was taken for gone; ``Wait`` when a cap, a throttling pause or the next retry
+        holds it back."""
         job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
-        state, dedupe_key, stopped_at, account, per_hour, per_day, waiting = job.one()
+        state, dedupe_key, stopped_at, account, per_hour, per_day, waiting, everyone = job.one()
         if state != JobState.RUNNING:
             return Stop(str(state))
         if stopped_at is not None:
@@ -1129,8 +1143,11 @@ class Store(StoreReads):
                 _stmt_next_due_rows(), {"b_job": job_id, "b_now": now, "b_limit": wanted}
             ).all()
             fresh: list[dict[str, Any]] = []
+            suppressed = set() if everyone or not rows else self._skip_suppressed(conn, rows)
             for row in rows:
                 values = row._asdict()
+                if values["id"] in suppressed:
+                    continue  # skipped: put on the suppression list since the job was made
                 if dedupe_key is not None and self._taken_elsewhere(conn, values, dedupe_key):
                     continue  # skipped: another job under the key sent it or is sending it
                 values.update(state=_SENDING, attempts=values["attempts"] + 1, worker_id=worker_id)
@@ -1168,6 +1185,24 @@ class Store(StoreReads):
         if due is not None:
             return Wait(max(0.0, float(due) - now))
         return Stop(JobState.RUNNING, finished=True)
+
+    def _skip_suppressed(self, conn: Connection, rows: Sequence[sa.Row[Any]]) -> set[int]:
+        """Make the rows whose address is on the suppression list (added after the job was
+        created: a complaint, an unsubscribe, a hard bounce, `suppress add`) ``skipped``
+        with the reason job creation gives, in the claim's transaction; their ids. One
+        lookup for the whole batch."""
+        keys = sorted({row.email_key for row in rows})
+        found = conn.execute(_stmt_suppressed_among(), {"b_keys": keys}).mappings().all()
+        if not found:
+            return set()
+        held = {entry["email_key"]: suppression_from_row(dict(entry)) for entry in found}
+        skipped = [
+            {"b_id": row.id, "b_reason": suppression_reason(held[row.email_key])}
+            for row in rows
+            if row.email_key in held
+        ]
+        conn.execute(_stmt_skip(), skipped)
+        return {int(s["b_id"]) for s in skipped}
 
     def _taken_elsewhere(self, conn: Connection, d: dict[str, Any], dedupe_key: str) -> bool:
         """Whether another job under ``dedupe_key`` has sent, or is sending, this delivery's
@@ -1346,227 +1381,6 @@ class Store(StoreReads):
                     .values(state=JobState.QUEUED, finished_at=None)
                 )
         return int(count)
-
-    # -- after the send: events, the suppression list, processed bounce messages
-
-    def _insert_ignore(self, table: sa.Table, key: str) -> Any:
-        """An INSERT that does nothing when the row's ``key`` is taken (both backends); it
-        returns the key when it inserted (``_inserted``: the drivers' rowcounts of such an
-        insert are not reliable)."""
-        insert = pg_insert if self.server else sqlite_insert
-        return (
-            insert(table)
-            .on_conflict_do_nothing(index_elements=[table.c[key]])
-            .returning(table.c[key])
-        )
-
-    @staticmethod
-    def _inserted(conn: Connection, statement: Any) -> int:
-        """1 when ``statement`` (an ``_insert_ignore``) inserted its row, else 0."""
-        return 0 if conn.execute(statement).first() is None else 1
-
-    def record_events(
-        self,
-        new_events: Sequence[NewEvent],
-        *,
-        now: float,
-        processed_keys: Sequence[str] = (),
-        note: str | None = None,
-    ) -> EventSummary:
-        """Record events in ONE write transaction (with ``processed_keys`` marked processed
-        in it, for a bounce message: it is read once, whatever happens). Each event is
-        matched to its delivery; one whose ``event_id`` is recorded already changes
-        nothing. A ``delivery`` event for a delivery in doubt that is not in flight
-        (``pending`` or ``failed``) marks it ``sent``: it is not sent again. Hard bounces,
-        spam complaints and unsubscribes put the address on the suppression list."""
-        summary = EventSummary()
-        with self._write() as conn:
-            for ev in new_events:
-                self._record_event(conn, ev, now, summary)
-            for key in processed_keys:
-                self._inserted(
-                    conn, self._insert_ignore(processed, "key").values(key=key, at=now, note=note)
-                )
-        return summary
-
-    def _record_event(
-        self, conn: Connection, ev: NewEvent, now: float, summary: EventSummary
-    ) -> None:
-        match = self._match_delivery(conn, ev)
-        job_id, delivery_id, email = match if match else (None, None, ev.email)
-        inserted = self._inserted(
-            conn,
-            self._insert_ignore(events, "event_id").values(
-                event_id=ev.event_id,
-                job_id=job_id,
-                delivery_id=delivery_id,
-                kind=ev.kind,
-                email=email,
-                at=ev.at,
-                recorded_at=now,
-                source=ev.source,
-                detail=ev.detail,
-            ),
-        )
-        if not inserted:
-            summary.duplicates += 1
-            return
-        summary.recorded += 1
-        if match is None:
-            summary.unmatched += 1
-        if delivery_id is not None and ev.kind == EventKind.DELIVERY:
-            confirmed = conn.execute(
-                deliveries.update()
-                .where(
-                    deliveries.c.id == delivery_id,
-                    deliveries.c.in_doubt,
-                    deliveries.c.state.in_((_PENDING, DeliveryState.FAILED)),
-                )
-                .values(
-                    state=DeliveryState.SENT,
-                    sent_at=ev.at,
-                    last_error=None,
-                    provider_message_id=sa.func.coalesce(
-                        deliveries.c.provider_message_id, ev.provider_message_id
-                    ),
-                )
-            ).rowcount
-            summary.confirmed += confirmed
-        reason = SUPPRESSING.get(ev.kind)  # type: ignore[call-overload]
-        if reason is not None and email:
-            summary.suppressed += self._inserted(
-                conn,
-                self._insert_ignore(suppressions, "email_key").values(
-                    email_key=email.lower(),
-                    email=email,
-                    reason=reason,
-                    at=ev.at,
-                    job_id=job_id,
-                    detail=ev.detail,
-                ),
-            )
-
-    def _match_delivery(self, conn: Connection, ev: NewEvent) -> tuple[int, int, str] | None:
-        """(job, delivery, address) of the delivery ``ev`` is about: by its delivery id
-        (in its job), else its Message-ID, else the provider's message id; the address
-        must be the delivery's when the event names one."""
-        cols = (deliveries.c.job_id, deliveries.c.id, deliveries.c.email)
-        wanted = ev.email.strip().lower()
-        candidates: list[sa.Select[Any]] = []
-        if ev.delivery_id is not None:
-            q = sa.select(*cols).where(deliveries.c.id == ev.delivery_id)
-            if ev.job_id is not None:
-                q = q.where(deliveries.c.job_id == ev.job_id)
-            candidates.append(q)
-        parsed = parse_message_id(ev.message_id) if ev.message_id else None
-        if parsed is not None:
-            # by job and position (the unique index), then the job's token must agree: a
-            # VERP token gives job.position.token without the Message-ID's domain
-            job_id, position, token = parsed
-            found = conn.execute(
-                sa.select(*cols, deliveries.c.message_id).where(
-                    deliveries.c.job_id == job_id, deliveries.c.position == position
-                )
-            ).first()
-            stored = parse_message_id(str(found[3])) if found is not None else None
-            if (
-                found is not None
-                and stored is not None
-                and stored[2] == token
-                and (not wanted or str(found[2]).lower() == wanted)
-            ):
-                return int(found[0]), int(found[1]), str(found[2])
-        if ev.provider_message_id:
-            candidates.append(
-                sa.select(*cols)
-                .where(deliveries.c.provider_message_id == ev.provider_message_id)
-                .order_by(deliveries.c.id.desc())
-                .limit(1)
-            )
-        for q in candidates:
-            row = conn.execute(q).first()
-            if row is not None and (not wanted or str(row[2]).lower() == wanted):
-                return int(row[0]), int(row[1]), str(row[2])
-        return None
-
-    def processed_among(self, keys: Sequence[str]) -> set[str]:
-        """Which of ``keys`` (bounce messages) were processed already."""
-        if not keys:
-            return set()
-        with self._read() as conn:
-            rows = conn.execute(sa.select(processed.c.key).where(processed.c.key.in_(keys)))
-            return {str(k) for (k,) in rows}
-
-    def add_suppression(
-        self,
-        email: str,
-        *,
-        reason: str,
-        now: float,
-        job_id: int | None = None,
-        detail: str | None = None,
-    ) -> Suppression | None:
-        """Put ``email`` on the suppression list; None when it was added, else the entry
-        already there (unchanged)."""
-        key = email.strip().lower()
-        with self._write() as conn:
-            added = self._inserted(
-                conn,
-                self._insert_ignore(suppressions, "email_key").values(
-                    email_key=key,
-                    email=email.strip(),
-                    reason=reason,
-                    at=now,
-                    job_id=job_id,
-                    detail=detail,
-                ),
-            )
-            if added:
-                return None
-            row = conn.execute(sa.select(suppressions).where(suppressions.c.email_key == key))
-            return suppression_from_row(dict(row.mappings().one()))
-
-    def remove_suppression(self, email: str) -> bool:
-        """Take ``email`` off the suppression list; False when it was not on it."""
-        with self._write() as conn:
-            removed = conn.execute(
-                suppressions.delete().where(suppressions.c.email_key == email.strip().lower())
-            ).rowcount
-        return bool(removed)
-
-    # -- API tokens
-
-    def add_token(self, name: str, token_hash: str, role: str, *, now: float) -> None:
-        if role not in ROLES:
-            raise InputError(f"--role: must be one of {', '.join(ROLES)}, got {role!r}")
-        with self._write() as conn:
-            taken = conn.execute(
-                sa.select(api_tokens.c.name).where(api_tokens.c.name == name)
-            ).first()
-            if taken is not None:
-                raise InputError(
-                    f"a token named {name!r} exists already; remove it first "
-                    f"(bulkmail token remove {name})"
-                )
-            conn.execute(
-                api_tokens.insert().values(
-                    name=name, token_hash=token_hash, role=role, created_at=now
-                )
-            )
-
-    def remove_token(self, name: str) -> bool:
-        with self._write() as conn:
-            removed = conn.execute(api_tokens.delete().where(api_tokens.c.name == name))
-            return bool(removed.rowcount)
-
-    def tokens(self) -> list[TokenRecord]:
-        with self._reading() as query:
-            return [TokenRecord(**row) for row in query(SQL_TOKENS, {})]
-
-    def token_by_hash(self, token_hash: str) -> TokenRecord | None:
-        with self._reading() as query:
-            rows = query(SQL_TOKEN_BY_HASH, {"hash": token_hash})
-        return TokenRecord(**rows[0]) if rows else None
 
     # -- the shared rate limit
 
