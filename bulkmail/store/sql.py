@@ -128,8 +128,10 @@ def _query(conn: Connection) -> Query:
 
 @functools.cache
 def _stmt_claim_context() -> sa.Select[Any]:
-    """The job's state and dedupe key, whether the claiming worker was stopped, and what the
-    caps need: the account, the job's caps, and whether the job says it is waiting."""
+    """The job's state and dedupe key, whether the claiming worker was stopped, what the
+    caps need (the account, the job's caps, whether the job says it is waiting), and what
+    the suppression check needs (the job's --include-suppressed, whether any address is
+    on the list)."""
     worker = sa.select(workers.c.stopped_at).where(workers.c.id == sa.bindparam("b_worker"))
     return sa.select(
         jobs.c.state,
@@ -140,6 +142,8 @@ def _stmt_claim_context() -> sa.Select[Any]:
         jobs.c.per_day,
         jobs.c.waiting_for,
         jobs.c.include_suppressed,
+        # an empty suppression list (most stores, most days) spares each claim its lookup
+        sa.exists(sa.select(suppressions.c.email_key)).label("any_suppressed"),
     ).where(jobs.c.id == sa.bindparam("b_job"))
 
 
@@ -1121,7 +1125,9 @@ class Store(StoreReads, AfterSend):
         worker was taken for gone; ``Wait`` when a cap, a throttling pause or the next retry
         holds it back."""
         job = conn.execute(_stmt_claim_context(), {"b_job": job_id, "b_worker": worker_id})
-        state, dedupe_key, stopped_at, account, per_hour, per_day, waiting, everyone = job.one()
+        state, dedupe_key, stopped_at, account, per_hour, per_day, waiting, everyone, listed = (
+            job.one()
+        )
         if state != JobState.RUNNING:
             return Stop(str(state))
         if stopped_at is not None:
@@ -1143,7 +1149,8 @@ class Store(StoreReads, AfterSend):
                 _stmt_next_due_rows(), {"b_job": job_id, "b_now": now, "b_limit": wanted}
             ).all()
             fresh: list[dict[str, Any]] = []
-            suppressed = set() if everyone or not rows else self._skip_suppressed(conn, rows)
+            check = listed and not everyone and rows
+            suppressed = self._skip_suppressed(conn, rows) if check else set()
             for row in rows:
                 values = row._asdict()
                 if values["id"] in suppressed:
