@@ -233,11 +233,12 @@ def _local_path(value: str, base: Path) -> str:
 
 
 def _has_password(url: str) -> bool:
-    """Whether a database URL holds a password (user:password@host)."""
-    from urllib.parse import urlsplit
+    """Whether a database URL holds a password (user:password@host, or ?password=)."""
+    from urllib.parse import parse_qs, urlsplit
 
     try:
-        return bool(url) and urlsplit(url).password is not None
+        parts = urlsplit(url)
+        return bool(url) and (parts.password is not None or "password" in parse_qs(parts.query))
     except ValueError:
         return False
 
@@ -329,8 +330,9 @@ def load_settings(*, config: str | None = None, env: Mapping[str, str] | None = 
                 value = _local_path(value, path.absolute().parent)
             sections[name][key] = value
             has_secret = has_secret or (is_secret(declared[key]) and bool(value))
-    db_url = str(top.get("db", "") or "")
-    has_secret = has_secret or _has_password(db_url)
+    db_urls = [str(top.get("db", "") or "")]
+    db_urls += [src.get("db", "") for src in sections["dashboard"].get("sources", {}).values()]
+    has_secret = has_secret or any(_has_password(url) for url in db_urls)
     unknown = set(data) - {"defaults", *classes}
     if unknown:
         raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}]")

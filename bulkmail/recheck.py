@@ -75,7 +75,9 @@ def runtime_url(stored: str, candidates: Iterable[str | None]) -> str | None:
         return stored
     for candidate in candidates:
         parsed = _parse(candidate) if candidate else None
-        if parsed is not None and parsed.password and _same_database(recorded, parsed):
+        if parsed is None or not _same_database(recorded, parsed):
+            continue
+        if parsed.password or parsed.query.get("password"):
             return candidate
     return None
 

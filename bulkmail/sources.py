@@ -1102,6 +1102,8 @@ def recheck_location(url: str) -> str:
         and not database.startswith("file:")
     ):
         parsed = parsed.set(database=str(Path(database).absolute()))
+    if "password" in parsed.query:  # libpq takes one there too: recorded as user:***@ instead
+        parsed = parsed.difference_update_query(["password"]).set(password="***")
     return parsed.render_as_string(hide_password=True)
 
 

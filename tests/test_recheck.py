@@ -301,6 +301,16 @@ def test_a_sqlite_course_database_is_recorded_by_its_absolute_path(tmp_path: Pat
     assert recheck_location("postgresql://a:b@h/d") == "postgresql://a:***@h/d"
 
 
+def test_a_password_in_the_query_string_is_not_recorded_either() -> None:
+    """libpq also takes ``?password=``: the job records user:***@ instead, and a worker
+    finds the URL with it as it finds one with user:password@ (found in review)."""
+    given = "postgresql://ann@db.example.edu/courses?password=s3cret&sslmode=require"
+    stored = recheck_location(given)
+    assert "s3cret" not in stored
+    assert stored == "postgresql://ann:***@db.example.edu/courses?sslmode=require"
+    assert runtime_url(stored, ["postgresql://ann@db.example.edu/courses", given]) == given
+
+
 # --------------------------------------------------------------------------- the command line
 
 

@@ -563,3 +563,13 @@ def test_a_readable_secret_still_only_warns() -> None:
     write_config('[smtp]\npassword = "hunter2"\n', 0o600)
     result = bulkmail(*dry_run, env=WIDE)
     assert result.exit_code == 0 and "chmod" not in result.stderr
+    # a database password in a dashboard source's URL, or in a URL's query, is one too
+    for config in (
+        '[dashboard.sources]\ncourses = { db = "postgresql://r:hunter2@h/c", query = "SELECT 1" }'
+        "\n",
+        '[defaults]\ndb = "postgresql://r@h/c?password=hunter2"\n',
+    ):
+        write_config(config, 0o644)
+        result = bulkmail(*dry_run, env=WIDE)
+        assert result.exit_code == 0, result.output
+        assert "holds a secret and other users can read it" in result.stderr, config

@@ -321,10 +321,24 @@ def _attachments(cfg: DashboardConfig, form: Form, shown: dict[str, str]) -> tup
             shown[quote + folder_shown] = quote
     patterns: list[str] = []
     for name in given:
-        if not any(d in name for d in ("{{", "{%", "{#")) and name not in names:
+        if "/" in name or "\\" in name or name.startswith("."):
+            # a name is a file of the folder, never a path: '..' or a hidden file would lead
+            # out of what the folder offers
+            raise InputError(
+                f"attach {name!r}: a file name of the attachments folder, not a path "
+                "(no '/', no leading '.')"
+            )
+        if any(d in name for d in ("{{", "{%", "{#")):
+            patterns.append(base + name)  # rendered per recipient, kept inside the folder
+            continue
+        if name not in names:
             known = ", ".join(names) or "none in the folder"
             raise InputError(f"attach {name!r}: no such attachment (known: {known})")
-        patterns.append(base + name)
+        # as a pattern whose literal part is the folder, so the composer keeps it inside
+        # the folder with every link followed (a link planted there cannot lead out)
+        quoted = "{% raw %}" + name + "{% endraw %}"
+        shown[quoted] = name
+        patterns.append(base + quoted)
     return tuple(patterns)
 
 
