@@ -34,6 +34,7 @@ import jinja2.nodes
 import jinja2.sandbox
 from email_validator import EmailNotValidError, validate_email
 from jinja2 import meta
+from jinja2.exceptions import SecurityError
 
 from bulkmail.errors import InputError, file_error
 from bulkmail.headersafe import header_safe_problem, plainly_safe
@@ -204,10 +205,44 @@ def _walk_uses(node: jinja2.nodes.Node, guarded: frozenset[str], found: _Found) 
 # --------------------------------------------------------------------------- templates
 
 
+MAX_PRODUCT = 1_000_000
+"""The longest text or list a template's ``*`` may make (``'x' * 10**10`` would take the
+server's memory: a template may come from a web request)."""
+
+
+MAX_RENDERED = 10_000_000
+"""The most characters one template may render for one recipient."""
+
+
+class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
+    """Jinja2's sandbox (no way to Python's internals), whose ``*`` and ``**`` also refuse
+    a result too large to be a reminder's (``range`` is already limited by the sandbox)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(
+        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
+    ) -> Any:
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > 64:
+                raise SecurityError(f"'**' with an exponent of {right} is refused")
+        elif operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, str | list | tuple)
+                    and isinstance(n, int)
+                    and len(seq) * n > MAX_PRODUCT
+                ):
+                    raise SecurityError(
+                        f"'*' would make {len(seq) * n:,} items (at most {MAX_PRODUCT:,})"
+                    )
+        return super().call_binop(context, operator, left, right)
+
+
 def _environment(*, html: bool) -> jinja2.Environment:
     # sandboxed: a template may come from a web request (the dashboard's template_text), and
     # Jinja2 otherwise lets one reach Python's internals (``cycler.__init__.__globals__``)
-    return jinja2.sandbox.SandboxedEnvironment(
+    return _Sandbox(
         undefined=jinja2.StrictUndefined,
         autoescape=html,
         keep_trailing_newline=True,
@@ -886,7 +921,16 @@ def _render(template: jinja2.Template, context: dict[str, Any], where: str, labe
     ``render`` would. A template changes only its own ``Context``'s variables (``{% set
     %}``), never the dict it was given, so one context serves every template of a row."""
     try:
-        return "".join(template.root_render_func(template.new_context(context, shared=True)))
+        parts: list[str] = []
+        size = 0
+        for part in template.root_render_func(template.new_context(context, shared=True)):
+            size += len(part)
+            if size > MAX_RENDERED:  # a loop that would fill the server's memory
+                raise InputError(f"{where}: {label} renders over {MAX_RENDERED:,} characters")
+            parts.append(part)
+        return "".join(parts)
+    except InputError:
+        raise
     except jinja2.UndefinedError as exc:
         found = _UNDEFINED.fullmatch(exc.message or "")
         if found is not None:

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -713,6 +714,33 @@ def test_a_template_from_a_request_cannot_reach_python(site: Site, client: Flask
         assert answer.status_code == 400, answer.json
         assert answer.json is not None and "unsafe" in answer.json["error"], answer.json
     assert site.store.recent(10) == []
+
+
+def test_a_template_from_a_request_cannot_take_the_servers_memory(
+    site: Site, client: FlaskClient
+) -> None:
+    """Found in review: the sandbox blocked Python's internals but not `'x' * 10**10`;
+    a request (even a viewer's preview) could take the server's memory. Each is refused
+    at once with the CLI's one line; a reasonable * or ** still works."""
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+    for text, message in (
+        ("{{ 'x' * 10**10 }}", "'*' would make 10,000,000,000 items (at most 1,000,000)"),
+        ("{{ [0] * 2000000 }}", "'*' would make 2,000,000 items"),
+        ("{{ 9 ** 9999 }}", "'**' with an exponent of 9999 is refused"),
+        (loops, "template_text renders over 10,000,000 characters"),
+    ):
+        fields = send_form(template=None, template_text=text, email=THREE[0])
+        form = {k: v for k, v in fields.items() if v}
+        started = time.monotonic()
+        answer = client.post(f"{API}/preview", json=form, headers=site.bearer(site.viewer))
+        assert time.monotonic() - started < 20
+        assert answer.status_code == 400 and answer.json is not None, answer.json
+        assert message in answer.json["error"] and "\n" not in answer.json["error"]
+    fields = send_form(template=None, template_text="{{ '-' * 20 }} {{ 2 ** 10 }}", email=THREE[0])
+    form = {k: v for k, v in fields.items() if v}
+    answer = client.post(f"{API}/preview", json=form, headers=site.bearer(site.viewer))
+    assert answer.status_code == 200, answer.json
+    assert answer.json is not None and "-------------------- 1024" in answer.json["text"]
 
 
 def _course_db(tmp_path: Path) -> str:
