@@ -239,6 +239,9 @@ def _serve_tls(app: Flask, *, host: str, port: int, tls: Tls, threads: int) -> N
         server.stop()
 
 
+HANDSHAKE_TIMEOUT = 5.0  # seconds a TLS client has to complete its handshake
+
+
 def _tls_classes() -> tuple[type[Any], type[Any]]:
     """cheroot's TLS adapter and connection, changed so the TLS handshake happens on the
     worker thread that serves the connection. cheroot's own adapter shakes hands in the one
@@ -261,8 +264,13 @@ def _tls_classes() -> tuple[type[Any], type[Any]]:
 
         def communicate(self) -> bool:
             if not self.handshaken:
+                before = self.socket.gettimeout()
                 try:
+                    # a client that stalls mid-handshake holds a worker thread this long
+                    # at most, not the whole socket timeout
+                    self.socket.settimeout(HANDSHAKE_TIMEOUT)
                     self.socket.do_handshake()
+                    self.socket.settimeout(before)
                 except OSError:  # ssl.SSLError and timeouts included
                     return False
                 self.handshaken = True
