@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,28 @@ def test_https_serves_the_api_with_a_secure_cookie_and_refuses_plain_http(
     assert f"serving on {base}/" in (out + err).decode()
     assert err.decode().rstrip().endswith("bulkmail: interrupted")
     assert "Traceback" not in err.decode()
+
+
+def test_a_client_stalling_mid_handshake_is_dropped_after_the_handshake_timeout(
+    served: tuple[str, subprocess.Popen[bytes], str], pki: Pki
+) -> None:
+    """A client that starts a TLS handshake and stalls holds one of the 4 worker threads
+    for HANDSHAKE_TIMEOUT (5 s), not the socket's 10 s (this test waits that long: the
+    timeout is the socket's, with no clock to inject)."""
+    from bulkmail.web import HANDSHAKE_TIMEOUT
+
+    base, _proc, _token = served
+    stalled = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+    try:
+        stalled.sendall(b"\x16\x03\x01")  # the first bytes of a TLS record, then nothing
+        stalled.settimeout(30)
+        started = time.monotonic()
+        assert stalled.recv(1024) == b""  # the server closed it
+        waited = time.monotonic() - started
+    finally:
+        stalled.close()
+    assert HANDSHAKE_TIMEOUT - 1 <= waited < HANDSHAKE_TIMEOUT + 3, waited
+    assert requests.get(f"{base}/dashboard/login", verify=str(pki.cert), timeout=30).ok
 
 
 def test_sigterm_stops_the_tls_server_with_exit_143(
