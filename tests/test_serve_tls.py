@@ -25,6 +25,7 @@ from bulkmail import web
 from bulkmail.errors import ConfigError, InputError
 from bulkmail.store import open_store
 from bulkmail.web.auth import add_token
+from tests.test_security import _openssl
 from tests.test_serve import SECRET, free_port, wait_for_port
 from tests.test_store import new_job, people
 
@@ -39,13 +40,6 @@ class Pki:
     cert: Path  # self-signed, for 127.0.0.1 and localhost
     key: Path  # its key
     other_key: Path  # a key of no certificate here
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    done = subprocess.run(
-        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture
