@@ -320,12 +320,21 @@ def load_config(config: str | None) -> Settings:
     return settings
 
 
-def open_store_for(store: str | None, settings: Settings | None = None) -> JobStore:
+def open_store_for(
+    store: str | None, settings: Settings | None = None, *, if_missing: str = ""
+) -> JobStore:
     """The store at ``--store`` (else the config's, else the default file). It must exist:
-    a missing store is exit 2 naming the path (``NoJobStore``), and nothing is created."""
+    a missing store is exit 2 naming the path (``NoJobStore``, ending with ``if_missing``:
+    how this command's user starts one), and nothing is created."""
+    from bulkmail.store.files import NoJobStore
     from bulkmail.store.sql import open_store
 
-    return open_store(_location(store, settings), create=False)
+    try:
+        return open_store(_location(store, settings), create=False)
+    except NoJobStore as exc:
+        if not if_missing:
+            raise
+        raise NoJobStore(exc.location, then=if_missing) from None
 
 
 def create_store_for(

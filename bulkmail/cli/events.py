@@ -126,21 +126,17 @@ def serve(
     from bulkmail import web
 
     web.require_web()  # before the dashboard's modules, which import Flask
-    from bulkmail.store.files import NoJobStore
     from bulkmail.web.dashboard.core import from_settings
 
     settings = load_config(config)
     tls = web.choose_tls(cert, key, settings.serve)  # --cert/--key, else [serve]
     web.check_address(host, behind_proxy=behind_proxy, tls=tls is not None)
     secret = settings.mailtrap.webhook_secret or None  # None: no webhook route
-    try:
-        db = open_store_for(store, settings)
-    except NoJobStore as exc:  # a new server: its first token makes the store
-        raise NoJobStore(
-            exc.location,
-            then="; make it with the first token: bulkmail serve token add NAME --role sender "
-            "--new-store",
-        ) from None
+    # a new server: its first token makes the store
+    first = (
+        "; make it with the first token: bulkmail serve token add NAME --role sender --new-store"
+    )
+    db = open_store_for(store, settings, if_missing=first)
     try:
         # [dashboard] of the config file, the options on top
         dashboard = from_settings(

@@ -51,17 +51,15 @@ def add(
 ) -> None:
     """Make a token and print it once (only its hash is kept).
     Example: bulkmail serve token add office --role sender"""
-    from bulkmail.store.files import NoJobStore
     from bulkmail.web.auth import add_token
 
     settings = load_config(config)
     if new_store:
         db, created = create_store_for(store, settings, dedupe_key=None, new_store=True)
     else:
-        try:
-            db, created = open_store_for(store, settings), False
-        except NoJobStore as exc:  # the first thing a dashboard's admin does on a new machine
-            raise NoJobStore(exc.location, then="; to start one there, add --new-store") from None
+        # the first thing a dashboard's admin does on a new machine
+        start = "; to start one there, add --new-store"
+        db, created = open_store_for(store, settings, if_missing=start), False
     token = add_token(db, name, role)
     if created:
         say_new_store(db.location)
